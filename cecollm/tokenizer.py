@@ -1,0 +1,100 @@
+"""The tokenizer, built with the `tokenizers` library from the vocabulary and merges in the model file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from .gguf_loader import TokenizerSpec
+
+# GGUF token types (llama.cpp's llama_token_type)
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+
+# Control tokens that end a generation in the chat formats cecollm knows, besides eos/eot.
+END_OF_GENERATION_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>")
+
+# llama.cpp's GPT-2 word splitting (used by 'gpt2', 'smollm' after its digit split)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def _pre_tokenizer(name: str):
+    """The pre-tokenizer llama.cpp names `name` (tokenizer.ggml.pre)."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name in ("default", "gpt2", "gpt-2"):
+        return byte_level
+    if name == "smollm":  # SmolLM's tokenizer.json: digits one by one, then GPT-2 byte-level splitting
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if name in ("llama3", "llama-bpe"):
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    raise ValueError(f"pre-tokenizer {name!r} is not supported (supported: default, gpt2, smollm, llama3)")
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+
+
+class TextTokenizer:
+    """Byte-level BPE from a model file's vocabulary; special tokens and chat template included.
+
+    >>> tok = TextTokenizer(spec)           # doctest: +SKIP
+    >>> tok.decode(tok.encode("Hi 42"))     # doctest: +SKIP
+    'Hi 42'
+    """
+
+    def __init__(self, spec: TokenizerSpec):
+        if spec.model != "gpt2":
+            raise ValueError(f"tokenizer model {spec.model!r} is not supported (only byte-level BPE 'gpt2')")
+        vocab = {token: i for i, token in enumerate(spec.tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in spec.merges]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = _pre_tokenizer(spec.pre)
+        tok.decoder = decoders.ByteLevel()
+        special = [t for t, kind in zip(spec.tokens, spec.token_types) if kind == TOKEN_CONTROL]
+        user = [t for t, kind in zip(spec.tokens, spec.token_types) if kind == TOKEN_USER_DEFINED]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+        self._tok = tok
+        self.spec = spec
+        self.bos_id = spec.bos_id
+        self.eos_id = spec.eos_id
+        ends = {spec.eos_id, spec.eot_id}
+        ends |= {vocab[t] for t in END_OF_GENERATION_TEXTS if t in vocab and t in special}
+        self.end_ids = frozenset(i for i in ends if i is not None)
+        self.vocab_size = len(spec.tokens)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of text; special tokens written in the text are recognised."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if (self.spec.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, rendered from the model's own template."""
+        if not self.spec.chat_template:
+            raise ValueError("this model has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        msgs = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
+        return env.from_string(self.spec.chat_template).render(
+            messages=msgs,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.spec.tokens[self.bos_id] if self.bos_id is not None else "",
+            eos_token=self.spec.tokens[self.eos_id] if self.eos_id is not None else "",
+        )

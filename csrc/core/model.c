@@ -1,0 +1,299 @@
+/* The decoder: validation, KV cache, matrix products and the layer-range forward pass. */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cecollm/cecollm.h"
+#include "util.h"
+
+/* Rows of a weight matrix dequantized at once for sgemm: 256 rows × ≤ 8k cols stays in cache. */
+#define PANEL_ROWS 256
+
+/* ---- validation ---- */
+
+static ce_status check_tensor(const ce_tensor *t, const char *name, int layer, int64_t rows, int64_t cols,
+                              int need_f32, char *err, size_t errlen) {
+    char where[48];
+    if (layer >= 0)
+        snprintf(where, sizeof where, "blk.%d.%s", layer, name);
+    else
+        snprintf(where, sizeof where, "%s", name);
+    if (t->data == NULL) return ce_fail(err, errlen, CE_EINVAL, "tensor %s is missing", where);
+    if (need_f32 && t->type != CE_TYPE_F32)
+        return ce_fail(err, errlen, CE_EINVAL, "tensor %s has type %s, expected F32", where,
+                       ce_type_name(t->type));
+    if (t->rows != rows || t->cols != cols)
+        return ce_fail(err, errlen, CE_EINVAL, "tensor %s has shape (%lld, %lld), expected (%lld, %lld)",
+                       where, (long long)t->rows, (long long)t->cols, (long long)rows, (long long)cols);
+    if (ce_row_bytes(t->type, t->cols) == 0)
+        return ce_fail(err, errlen, CE_EINVAL, "tensor %s: type %s (id %d) with %lld columns is not supported",
+                       where, ce_type_name(t->type), t->type, (long long)t->cols);
+    return CE_OK;
+}
+
+ce_status ce_model_init(ce_model *m, char *err, size_t errlen) {
+    const ce_config *c = &m->cfg;
+    m->rope_inv_freq = NULL;
+    if (c->n_layers <= 0 || c->dim <= 0 || c->ffn_dim <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 ||
+        c->head_dim <= 0 || c->vocab <= 0 || c->n_layers > 4096 || c->dim > (1 << 16) ||
+        c->ffn_dim > (1 << 18) || c->n_heads > 1024 || c->head_dim > 1024 || c->vocab > (1 << 22))
+        return ce_fail(err, errlen, CE_EINVAL, "config out of range: layers %d dim %d ffn %d heads %d/%d head_dim %d vocab %d",
+                       c->n_layers, c->dim, c->ffn_dim, c->n_heads, c->n_kv_heads, c->head_dim, c->vocab);
+    if (c->n_heads % c->n_kv_heads != 0)
+        return ce_fail(err, errlen, CE_EINVAL, "%d query heads do not divide into %d kv heads", c->n_heads,
+                       c->n_kv_heads);
+    if (c->head_dim % 2 != 0) return ce_fail(err, errlen, CE_EINVAL, "head_dim %d is odd", c->head_dim);
+    if (!(c->rope_theta > 0.0f) || !(c->norm_eps > 0.0f) ||
+        (c->rope_style != CE_ROPE_ADJACENT && c->rope_style != CE_ROPE_HALF))
+        return ce_fail(err, errlen, CE_EINVAL, "bad rope_theta %g, norm_eps %g or rope style %d",
+                       (double)c->rope_theta, (double)c->norm_eps, c->rope_style);
+    if (m->layers == NULL) return ce_fail(err, errlen, CE_EINVAL, "model has no layers array");
+
+    const int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
+    ce_status st;
+#define CHECK(t, name, layer, rows, cols, f32)                                                    \
+    if ((st = check_tensor(t, name, layer, rows, cols, f32, err, errlen)) != CE_OK) return st
+    CHECK(&m->token_embd, "token_embd", -1, c->vocab, c->dim, 0);
+    CHECK(&m->output_norm, "output_norm", -1, 1, c->dim, 1);
+    CHECK(&m->output, "output", -1, c->vocab, c->dim, 0);
+    for (int l = 0; l < c->n_layers; l++) {
+        const ce_layer *L = &m->layers[l];
+        CHECK(&L->attn_norm, "attn_norm", l, 1, c->dim, 1);
+        CHECK(&L->wq, "attn_q", l, qd, c->dim, 0);
+        CHECK(&L->wk, "attn_k", l, kvd, c->dim, 0);
+        CHECK(&L->wv, "attn_v", l, kvd, c->dim, 0);
+        CHECK(&L->wo, "attn_output", l, c->dim, qd, 0);
+        CHECK(&L->ffn_norm, "ffn_norm", l, 1, c->dim, 1);
+        CHECK(&L->w_gate, "ffn_gate", l, c->ffn_dim, c->dim, 0);
+        CHECK(&L->w_up, "ffn_up", l, c->ffn_dim, c->dim, 0);
+        CHECK(&L->w_down, "ffn_down", l, c->dim, c->ffn_dim, 0);
+    }
+#undef CHECK
+
+    m->rope_inv_freq = malloc(sizeof(float) * (size_t)(c->head_dim / 2));
+    if (m->rope_inv_freq == NULL) return ce_fail(err, errlen, CE_ENOMEM, "out of memory for rope table");
+    for (int i = 0; i < c->head_dim / 2; i++) /* theta^(-2i/head_dim), computed as Hugging Face does */
+        m->rope_inv_freq[i] = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
+    return CE_OK;
+}
+
+void ce_model_free(ce_model *m) {
+    free(m->rope_inv_freq);
+    m->rope_inv_freq = NULL;
+}
+
+/* ---- KV cache ---- */
+
+ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begin, int layer_end,
+                           int capacity, char *err, size_t errlen) {
+    memset(kv, 0, sizeof *kv);
+    if (layer_begin < 0 || layer_end > cfg->n_layers || layer_begin >= layer_end)
+        return ce_fail(err, errlen, CE_EINVAL, "layer range [%d, %d) is not inside [0, %d)", layer_begin,
+                       layer_end, cfg->n_layers);
+    if (capacity <= 0 || capacity > (1 << 24))
+        return ce_fail(err, errlen, CE_EINVAL, "capacity %d out of range", capacity);
+    size_t n = (size_t)(layer_end - layer_begin) * cfg->n_kv_heads * (size_t)capacity * cfg->head_dim;
+    kv->layer_begin = layer_begin;
+    kv->layer_end = layer_end;
+    kv->capacity = capacity;
+    kv->n_kv_heads = cfg->n_kv_heads;
+    kv->head_dim = cfg->head_dim;
+    kv->len = calloc((size_t)(layer_end - layer_begin), sizeof(int));
+    kv->k = malloc(n * sizeof(float));
+    kv->v = malloc(n * sizeof(float));
+    if (kv->len == NULL || kv->k == NULL || kv->v == NULL) {
+        ce_kv_cache_free(kv);
+        return ce_fail(err, errlen, CE_ENOMEM, "out of memory for a KV cache of %zu MiB",
+                       2 * n * sizeof(float) >> 20);
+    }
+    return CE_OK;
+}
+
+void ce_kv_cache_free(ce_kv_cache *kv) {
+    free(kv->len);
+    free(kv->k);
+    free(kv->v);
+    memset(kv, 0, sizeof *kv);
+}
+
+static size_t kv_offset(const ce_kv_cache *kv, int layer, int kv_head) {
+    return ((size_t)(layer - kv->layer_begin) * kv->n_kv_heads + kv_head) * (size_t)kv->capacity * kv->head_dim;
+}
+
+float *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head) { return kv->k + kv_offset(kv, layer, kv_head); }
+float *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head) { return kv->v + kv_offset(kv, layer, kv_head); }
+
+/* ---- workspace ---- */
+
+static ce_status grow(void **p, size_t *cap, size_t need, size_t elem, char *err, size_t errlen) {
+    if (need <= *cap) return CE_OK;
+    void *q = realloc(*p, need * elem);
+    if (q == NULL) return ce_fail(err, errlen, CE_ENOMEM, "out of memory for %zu MiB of scratch", need * elem >> 20);
+    *p = q;
+    *cap = need;
+    return CE_OK;
+}
+
+void ce_workspace_free(ce_workspace *ws) {
+    free(ws->buf);
+    free(ws->xq);
+    free(ws->panel);
+    memset(ws, 0, sizeof *ws);
+}
+
+/* ---- matrix products ---- */
+
+/* Small batches: quantize each activation row once, then read each weight row once for all n rows.
+ * y[i, r] depends only on x[i]: the result is the same for every n. */
+static void matmul_rows(const ce_kernels *k, const ce_tensor *w, int n, const ce_block_q8 *xq,
+                        const float *x, float *y, int64_t r0, int64_t r1) {
+    const size_t row_bytes = ce_row_bytes(w->type, w->cols);
+    const int64_t nb = w->cols / CE_QK;
+    const ce_vec_dot_fn dot = k->vec_dot[w->type];
+    for (int64_t r = r0; r < r1; r++) {
+        const void *wrow = (const uint8_t *)w->data + (size_t)r * row_bytes;
+        for (int i = 0; i < n; i++)
+            y[(size_t)i * w->rows + r] = dot(wrow, xq + (size_t)i * nb, x + (size_t)i * w->cols, w->cols);
+    }
+}
+
+ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int n, const float *x, float *y, char *err,
+                    size_t errlen) {
+    ce_status st;
+    const int64_t cols = w->cols, rows = w->rows;
+    if (n <= CE_SMALL_BATCH) {
+        if (w->type != CE_TYPE_F32 && w->type != CE_TYPE_F16) {
+            const int64_t nb = cols / CE_QK;
+            if ((st = grow((void **)&ws->xq, &ws->n_q8, (size_t)n * nb, sizeof(ce_block_q8), err, errlen)))
+                return st;
+            for (int i = 0; i < n; i++) ce_quantize_row_q8(x + (size_t)i * cols, ws->xq + (size_t)i * nb, cols);
+        }
+        matmul_rows(ce_kernels_active(), w, n, ws->xq, x, y, 0, rows);
+        return CE_OK;
+    }
+    if (w->type == CE_TYPE_F32) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)rows, (int)cols, 1.0f, x, (int)cols,
+                    w->data, (int)cols, 0.0f, y, (int)rows);
+        return CE_OK;
+    }
+    /* Larger batches: dequantize PANEL_ROWS rows at a time and multiply with sgemm. */
+    if ((st = grow((void **)&ws->panel, &ws->n_panel, (size_t)PANEL_ROWS * cols, sizeof(float), err, errlen)))
+        return st;
+    float *panel = ws->panel;
+    for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS) {
+        int64_t pr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
+        for (int64_t r = 0; r < pr; r++) ce_dequantize_row(w, r0 + r, panel + (size_t)r * cols);
+        /* y[:, r0:r0+pr] = x (n × cols) · panelᵀ (cols × pr) */
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)pr, (int)cols, 1.0f, x, (int)cols, panel,
+                    (int)cols, 0.0f, y + r0, (int)rows);
+    }
+    return CE_OK;
+}
+
+/* ---- forward ---- */
+
+ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, char *err, size_t errlen) {
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab)
+            return ce_fail(err, errlen, CE_EINVAL, "token id %d at index %d is outside [0, %d)", (int)tokens[i], i,
+                           m->cfg.vocab);
+    for (int i = 0; i < n; i++) ce_dequantize_row(&m->token_embd, tokens[i], x + (size_t)i * m->cfg.dim);
+    return CE_OK;
+}
+
+/* Causal attention for one query head at position pos: out = Σ_t softmax(q·k_t / √hd) v_t over t ≤ pos.
+ * K, V: (capacity, head_dim) of the matching kv head. */
+static void attend(const float *q, const float *K, const float *V, int pos, int head_dim, float *scores,
+                   float *out) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    for (int t = 0; t <= pos; t++) {
+        const float *kt = K + (size_t)t * head_dim;
+        float s = 0.0f;
+        for (int j = 0; j < head_dim; j++) s += q[j] * kt[j];
+        scores[t] = s * scale;
+    }
+    ce_softmax(scores, pos + 1);
+    for (int j = 0; j < head_dim; j++) out[j] = 0.0f;
+    for (int t = 0; t <= pos; t++) {
+        const float *vt = V + (size_t)t * head_dim;
+        const float p = scores[t];
+        for (int j = 0; j < head_dim; j++) out[j] += p * vt[j];
+    }
+}
+
+ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end,
+                     int n, int pos0, float *x, char *err, size_t errlen) {
+    const ce_config *c = &m->cfg;
+    const int d = c->dim, hd = c->head_dim, f = c->ffn_dim;
+    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
+    ce_status st;
+
+    if (layer_begin < kv->layer_begin || layer_end > kv->layer_end || layer_begin > layer_end)
+        return ce_fail(err, errlen, CE_EINVAL, "layers [%d, %d) are not inside the cache's [%d, %d)", layer_begin,
+                       layer_end, kv->layer_begin, kv->layer_end);
+    if (n <= 0 || pos0 < 0 || pos0 > kv->capacity - n)
+        return ce_fail(err, errlen, CE_ERANGE, "positions [%d, %d) do not fit a cache of capacity %d", pos0,
+                       pos0 + n, kv->capacity);
+    for (int l = layer_begin; l < layer_end; l++)
+        if (pos0 > kv->len[l - kv->layer_begin])
+            return ce_fail(err, errlen, CE_ERANGE, "layer %d holds positions [0, %d): cannot start at %d", l,
+                           kv->len[l - kv->layer_begin], pos0);
+
+    /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d) | scores (cap) */
+    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f) + (size_t)kv->capacity;
+    if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen))) return st;
+    float *xn = ws->buf, *q = xn + (size_t)n * d, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd;
+    float *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd, *up = gate + (size_t)n * f;
+    float *o = up + (size_t)n * f, *scores = o + (size_t)n * d;
+
+    for (int l = layer_begin; l < layer_end; l++) {
+        const ce_layer *L = &m->layers[l];
+        /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
+        for (int i = 0; i < n; i++)
+            ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->attn_norm.data, d, c->norm_eps);
+        if ((st = ce_matmul(&L->wq, ws, n, xn, q, err, errlen)) || (st = ce_matmul(&L->wk, ws, n, xn, k, err, errlen)) ||
+            (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
+            return st;
+        for (int i = 0; i < n; i++) {
+            const int pos = pos0 + i;
+            for (int h = 0; h < c->n_heads; h++) ce_rope(q + (size_t)i * qd + h * hd, hd, pos, m->rope_inv_freq, c->rope_style);
+            for (int g = 0; g < c->n_kv_heads; g++) {
+                float *ki = k + (size_t)i * kvd + g * hd;
+                ce_rope(ki, hd, pos, m->rope_inv_freq, c->rope_style);
+                memcpy(ce_kv_cache_k(kv, l, g) + (size_t)pos * hd, ki, sizeof(float) * hd);
+                memcpy(ce_kv_cache_v(kv, l, g) + (size_t)pos * hd, v + (size_t)i * kvd + g * hd, sizeof(float) * hd);
+            }
+        }
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < c->n_heads; h++)
+                attend(q + (size_t)i * qd + h * hd, ce_kv_cache_k(kv, l, h / group), ce_kv_cache_v(kv, l, h / group),
+                       pos0 + i, hd, scores, att + (size_t)i * qd + h * hd);
+        kv->len[l - kv->layer_begin] = pos0 + n;
+        if ((st = ce_matmul(&L->wo, ws, n, att, o, err, errlen))) return st;
+        for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
+
+        /* feed-forward block: x += W_down · (silu(W_gate xn) ⊙ W_up xn), xn = rmsnorm(x) */
+        for (int i = 0; i < n; i++)
+            ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->ffn_norm.data, d, c->norm_eps);
+        if ((st = ce_matmul(&L->w_gate, ws, n, xn, gate, err, errlen)) ||
+            (st = ce_matmul(&L->w_up, ws, n, xn, up, err, errlen)))
+            return st;
+        for (size_t j = 0; j < (size_t)n * f; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+        if ((st = ce_matmul(&L->w_down, ws, n, gate, o, err, errlen))) return st;
+        for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
+    }
+    return CE_OK;
+}
+
+ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x, float *logits,
+                  char *err, size_t errlen) {
+    const int d = m->cfg.dim;
+    if (norm == NULL) norm = &m->output_norm;
+    if (norm->type != CE_TYPE_F32 || norm->cols != d || norm->data == NULL)
+        return ce_fail(err, errlen, CE_EINVAL, "head norm must be F32 of %d elements", d);
+    ce_status st;
+    if ((st = grow((void **)&ws->buf, &ws->n_floats, (size_t)n * d, sizeof(float), err, errlen))) return st;
+    for (int i = 0; i < n; i++) ce_rmsnorm(ws->buf + (size_t)i * d, x + (size_t)i * d, norm->data, d, m->cfg.norm_eps);
+    return ce_matmul(&m->output, ws, n, ws->buf, logits, err, errlen);
+}

@@ -1,0 +1,37 @@
+/* Element-wise operations of the decoder: RMSNorm, rotary embedding, softmax. */
+#include <math.h>
+
+#include "cecollm/cecollm.h"
+
+void ce_rmsnorm(float *y, const float *x, const float *w, int n, float eps) {
+    double ss = 0.0; /* accumulate the mean square in double: n is small, accuracy is free */
+    for (int j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    float scale = (float)(1.0 / sqrt(ss / n + eps));
+    for (int j = 0; j < n; j++) y[j] = x[j] * scale * w[j];
+}
+
+/* Rotation of pair (a, b) by angle pos * inv_freq[i], the pair chosen by the weights' convention. */
+void ce_rope(float *v, int head_dim, int pos, const float *inv_freq, int style) {
+    const int half = head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float angle = (float)pos * inv_freq[i];
+        float c = cosf(angle), s = sinf(angle);
+        int ia = style == CE_ROPE_ADJACENT ? 2 * i : i;
+        int ib = style == CE_ROPE_ADJACENT ? 2 * i + 1 : i + half;
+        float a = v[ia], b = v[ib];
+        v[ia] = a * c - b * s;
+        v[ib] = a * s + b * c;
+    }
+}
+
+void ce_softmax(float *x, int n) {
+    float max = x[0];
+    for (int j = 1; j < n; j++) max = fmaxf(max, x[j]);
+    double sum = 0.0;
+    for (int j = 0; j < n; j++) {
+        x[j] = expf(x[j] - max);
+        sum += x[j];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int j = 0; j < n; j++) x[j] *= inv;
+}

@@ -1,0 +1,262 @@
+/* Quantized block formats, conversion and the scalar (_generic) dot-product kernels.
+ * The _generic kernels are the specification; SIMD kernels in csrc/arch must agree with them. */
+#include "quant.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "util.h"
+
+/* ---- IEEE half precision ---- */
+
+float ce_fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalize */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400u)) {
+                mant <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13); /* inf / nan */
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+uint16_t ce_fp32_to_fp16(float f) { /* round to nearest even */
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t absx = x & 0x7fffffffu;
+    if (absx >= 0x7f800000u) /* inf or nan */
+        return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0));
+    if (absx >= 0x477ff000u) /* rounds to >= 65520: overflow */
+        return (uint16_t)(sign | 0x7c00u);
+    if (absx < 0x38800000u) { /* below the smallest normal half: subnormal or zero */
+        if (absx < 0x33000000u) return (uint16_t)sign;
+        uint32_t mant = (absx & 0x7fffffu) | 0x800000u;
+        int shift = 126 - (int)(absx >> 23); /* 14..24 */
+        uint32_t half = mant >> shift;
+        uint32_t rem = mant & ((1u << shift) - 1);
+        uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1))) half++;
+        return (uint16_t)(sign | half);
+    }
+    uint32_t half = ((absx >> 13) - ((127 - 15) << 10));
+    uint32_t rem = absx & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+}
+
+/* ---- sizes ---- */
+
+size_t ce_row_bytes(int type, int64_t cols) {
+    if (cols <= 0) return 0;
+    switch (type) {
+    case CE_TYPE_F32: return (size_t)cols * 4;
+    case CE_TYPE_F16: return (size_t)cols * 2;
+    case CE_TYPE_Q4_0: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q4_0);
+    case CE_TYPE_Q4_1: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q4_1);
+    case CE_TYPE_Q8_0: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q8_0);
+    default: return 0;
+    }
+}
+
+const char *ce_type_name(int type) {
+    switch (type) {
+    case CE_TYPE_F32: return "F32";
+    case CE_TYPE_F16: return "F16";
+    case CE_TYPE_Q4_0: return "Q4_0";
+    case CE_TYPE_Q4_1: return "Q4_1";
+    case CE_TYPE_Q8_0: return "Q8_0";
+    default: return "unknown";
+    }
+}
+
+/* ---- activation quantization ---- */
+
+void ce_quantize_row_q8(const float *x, ce_block_q8 *y, int64_t n) {
+    for (int64_t b = 0; b < n / CE_QK; b++) {
+        const float *xb = x + b * CE_QK;
+        float amax = 0.0f;
+        for (int j = 0; j < CE_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < CE_QK; j++) {
+            int q = (int)roundf(xb[j] * id);
+            y[b].qs[j] = (int8_t)q;
+            sum += q;
+        }
+        y[b].d = d;
+        y[b].s = d * (float)sum;
+    }
+}
+
+/* ---- dequantization: value = d * (q - 8) | d * q + m | d * q ---- */
+
+void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
+    const int64_t nb = w->cols / CE_QK;
+    const uint8_t *p = (const uint8_t *)w->data + (size_t)row * ce_row_bytes(w->type, w->cols);
+    switch (w->type) {
+    case CE_TYPE_F32: memcpy(out, p, (size_t)w->cols * 4); break;
+    case CE_TYPE_F16: {
+        const uint16_t *h = (const uint16_t *)p;
+        for (int64_t j = 0; j < w->cols; j++) out[j] = ce_fp16_to_fp32(h[j]);
+        break;
+    }
+    case CE_TYPE_Q4_0: {
+        const ce_block_q4_0 *b = (const ce_block_q4_0 *)p;
+        for (int64_t i = 0; i < nb; i++) {
+            float d = ce_fp16_to_fp32(b[i].d);
+            for (int j = 0; j < CE_QK / 2; j++) { /* low nibbles: elements 0..15, high: 16..31 */
+                out[i * CE_QK + j] = d * (float)((b[i].qs[j] & 0x0f) - 8);
+                out[i * CE_QK + j + CE_QK / 2] = d * (float)((b[i].qs[j] >> 4) - 8);
+            }
+        }
+        break;
+    }
+    case CE_TYPE_Q4_1: {
+        const ce_block_q4_1 *b = (const ce_block_q4_1 *)p;
+        for (int64_t i = 0; i < nb; i++) {
+            float d = ce_fp16_to_fp32(b[i].d), m = ce_fp16_to_fp32(b[i].m);
+            for (int j = 0; j < CE_QK / 2; j++) {
+                out[i * CE_QK + j] = d * (float)(b[i].qs[j] & 0x0f) + m;
+                out[i * CE_QK + j + CE_QK / 2] = d * (float)(b[i].qs[j] >> 4) + m;
+            }
+        }
+        break;
+    }
+    case CE_TYPE_Q8_0: {
+        const ce_block_q8_0 *b = (const ce_block_q8_0 *)p;
+        for (int64_t i = 0; i < nb; i++) {
+            float d = ce_fp16_to_fp32(b[i].d);
+            for (int j = 0; j < CE_QK; j++) out[i * CE_QK + j] = d * (float)b[i].qs[j];
+        }
+        break;
+    }
+    default: break; /* ce_model_init rejects unknown types before any kernel runs */
+    }
+}
+
+/* ---- scalar dot products (the specification) ---- */
+
+static float vec_dot_f32_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
+    (void)xq;
+    const float *w = wrow;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) sum += w[j] * xf[j];
+    return sum;
+}
+
+static float vec_dot_f16_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
+    (void)xq;
+    const uint16_t *w = wrow;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) sum += ce_fp16_to_fp32(w[j]) * xf[j];
+    return sum;
+}
+
+/* Σ_blocks d_w d_x Σ (q_w - 8) q_x */
+static float vec_dot_q4_0_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
+    (void)xf;
+    const ce_block_q4_0 *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        int acc = 0;
+        for (int j = 0; j < CE_QK / 2; j++) {
+            acc += ((w[i].qs[j] & 0x0f) - 8) * xq[i].qs[j];
+            acc += ((w[i].qs[j] >> 4) - 8) * xq[i].qs[j + CE_QK / 2];
+        }
+        sum += ce_fp16_to_fp32(w[i].d) * xq[i].d * (float)acc;
+    }
+    return sum;
+}
+
+/* Σ_blocks d_w d_x Σ q_w q_x + m_w s_x, with s_x = d_x Σ q_x */
+static float vec_dot_q4_1_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
+    (void)xf;
+    const ce_block_q4_1 *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        int acc = 0;
+        for (int j = 0; j < CE_QK / 2; j++) {
+            acc += (w[i].qs[j] & 0x0f) * xq[i].qs[j];
+            acc += (w[i].qs[j] >> 4) * xq[i].qs[j + CE_QK / 2];
+        }
+        sum += ce_fp16_to_fp32(w[i].d) * xq[i].d * (float)acc + ce_fp16_to_fp32(w[i].m) * xq[i].s;
+    }
+    return sum;
+}
+
+/* Σ_blocks d_w d_x Σ q_w q_x */
+static float vec_dot_q8_0_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
+    (void)xf;
+    const ce_block_q8_0 *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        int acc = 0;
+        for (int j = 0; j < CE_QK; j++) acc += w[i].qs[j] * xq[i].qs[j];
+        sum += ce_fp16_to_fp32(w[i].d) * xq[i].d * (float)acc;
+    }
+    return sum;
+}
+
+static const ce_kernels kernels_generic = {
+    .name = "generic",
+    .vec_dot =
+        {
+            [CE_TYPE_F32] = vec_dot_f32_generic,
+            [CE_TYPE_F16] = vec_dot_f16_generic,
+            [CE_TYPE_Q4_0] = vec_dot_q4_0_generic,
+            [CE_TYPE_Q4_1] = vec_dot_q4_1_generic,
+            [CE_TYPE_Q8_0] = vec_dot_q8_0_generic,
+        },
+};
+
+const ce_kernels *ce_kernels_generic(void) { return &kernels_generic; }
+
+/* The dispatch point: the kernel sets this build has, best first. SIMD sets join this list with a
+ * CPU-feature check. */
+typedef struct {
+    const ce_kernels *(*get)(void);
+    int (*supported)(void);
+} kernel_choice;
+
+static int always(void) { return 1; }
+
+static const kernel_choice kernel_choices[] = {
+    {ce_kernels_generic, always},
+};
+
+static const ce_kernels *active_kernels = &kernels_generic;
+
+const ce_kernels *ce_kernels_active(void) { return active_kernels; }
+
+ce_status ce_kernels_select(const char *name, char *err, size_t errlen) {
+    const size_t n_choices = sizeof kernel_choices / sizeof kernel_choices[0];
+    for (size_t i = 0; i < n_choices; i++) {
+        const ce_kernels *k = kernel_choices[i].get();
+        int wanted = name == NULL || strcmp(name, "auto") == 0 || strcmp(name, k->name) == 0;
+        if (wanted && kernel_choices[i].supported()) {
+            active_kernels = k;
+            return CE_OK;
+        }
+        if (wanted && name != NULL && strcmp(name, "auto") != 0)
+            return ce_fail(err, errlen, CE_EINVAL, "kernel set '%s' is not supported by this CPU", name);
+    }
+    return ce_fail(err, errlen, CE_EINVAL, "unknown kernel set '%s'", name ? name : "(null)");
+}

@@ -1,0 +1,197 @@
+/* cecollm — C core for cloud–edge collaborative LLM inference.
+ *
+ * Pure C11: no Python.h. Every fallible function returns a ce_status and writes a message into a
+ * caller-owned buffer (err, errlen). Nothing here prints or exits.
+ *
+ * Shapes follow GGML: a weight matrix has `rows` rows of `cols` contiguous elements (GGUF ne1 × ne0);
+ * y = W x means y[r] = dot(W[r, :], x). Hidden states are row-major (n positions × dim).
+ */
+#ifndef CECOLLM_H
+#define CECOLLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    CE_OK = 0,
+    CE_EINVAL = 1,  /* bad argument, shape or type */
+    CE_ENOMEM = 2,  /* allocation failed */
+    CE_ERANGE = 3,  /* position or count outside what a buffer holds */
+} ce_status;
+
+/* Error buffer length that always holds a full message. */
+#define CE_ERRLEN 256
+
+/* Tensor types; values are GGML's type ids so GGUF files map one to one. */
+typedef enum {
+    CE_TYPE_F32 = 0,
+    CE_TYPE_F16 = 1,
+    CE_TYPE_Q4_0 = 2,
+    CE_TYPE_Q4_1 = 3,
+    CE_TYPE_Q8_0 = 8,
+} ce_type;
+
+#define CE_QK 32 /* elements per quantization block */
+
+/* Bytes of one row of `cols` elements, or 0 if the type is unknown or cols does not fit its blocks. */
+size_t ce_row_bytes(int type, int64_t cols);
+const char *ce_type_name(int type);
+
+/* A read-only view of a weight tensor: rows × cols elements of `type`, rows contiguous. The memory is
+ * owned by the caller (for GGUF: the memory-mapped file). */
+typedef struct {
+    const void *data;
+    int type;
+    int64_t cols; /* ne0: elements per row */
+    int64_t rows; /* ne1 */
+} ce_tensor;
+
+/* ---- kernels (quant.c) --------------------------------------------------------------------- */
+
+/* An activation row quantized for integer dot products: blocks of 32 int8 with a float scale d and
+ * s = d * sum(qs) (s is what the Q4_1 offset m multiplies). One format serves every weight type. */
+typedef struct {
+    float d;
+    float s;
+    int8_t qs[CE_QK];
+} ce_block_q8;
+
+/* x (n floats, n % 32 == 0) -> n/32 blocks; d = max|x| / 127, q = round(x / d). */
+void ce_quantize_row_q8(const float *x, ce_block_q8 *y, int64_t n);
+/* Row `row` of w as floats (w->cols of them). */
+void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out);
+float ce_fp16_to_fp32(uint16_t h);
+uint16_t ce_fp32_to_fp16(float f);
+
+/* Dot product of weight row `row` with an activation: quantized weights take the Q8 blocks `xq`,
+ * F32/F16 weights take the floats `xf`. */
+typedef float (*ce_vec_dot_fn)(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t cols);
+
+/* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
+ * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point). */
+typedef struct {
+    const char *name;
+    ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
+} ce_kernels;
+
+const ce_kernels *ce_kernels_generic(void);
+const ce_kernels *ce_kernels_active(void);
+/* name: NULL or "auto" (best available), or a kernel set name such as "generic". */
+ce_status ce_kernels_select(const char *name, char *err, size_t errlen);
+
+/* ---- model (model.c) ---------------------------------------------------------------------- */
+
+typedef enum {
+    CE_ROPE_ADJACENT = 0, /* rotate (x[2i], x[2i+1]): GGUF/llama.cpp, whose Q/K rows are permuted */
+    CE_ROPE_HALF = 1,     /* rotate (x[i], x[i + head_dim/2]): Hugging Face checkpoints */
+} ce_rope_style;
+
+typedef struct {
+    int n_layers;
+    int dim;
+    int ffn_dim;
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int vocab;
+    float rope_theta;
+    float norm_eps;
+    int rope_style;
+} ce_config;
+
+typedef struct {
+    ce_tensor attn_norm; /* (dim) F32 */
+    ce_tensor wq;        /* (n_heads*head_dim, dim) */
+    ce_tensor wk;        /* (n_kv_heads*head_dim, dim) */
+    ce_tensor wv;        /* (n_kv_heads*head_dim, dim) */
+    ce_tensor wo;        /* (dim, n_heads*head_dim) */
+    ce_tensor ffn_norm;  /* (dim) F32 */
+    ce_tensor w_gate;    /* (ffn_dim, dim) */
+    ce_tensor w_up;      /* (ffn_dim, dim) */
+    ce_tensor w_down;    /* (dim, ffn_dim) */
+} ce_layer;
+
+typedef struct {
+    ce_config cfg;
+    ce_tensor token_embd;  /* (vocab, dim) */
+    ce_tensor output_norm; /* (dim) F32 */
+    ce_tensor output;      /* (vocab, dim): the LM head; equals token_embd when tied */
+    ce_layer *layers;      /* n_layers, owned by the caller */
+    float *rope_inv_freq;  /* (head_dim/2) theta^(-2i/head_dim), owned by the model */
+} ce_model;
+
+/* Validates config, shapes and types of a model whose fields the caller filled, and allocates its
+ * derived tables. On success free with ce_model_free (which does not touch caller-owned memory). */
+ce_status ce_model_init(ce_model *m, char *err, size_t errlen);
+void ce_model_free(ce_model *m);
+
+/* Per-sequence key/value cache for layers [layer_begin, layer_end).
+ * k, v: (layer_end-layer_begin, n_kv_heads, capacity, head_dim) floats: each head's keys contiguous. */
+typedef struct {
+    int layer_begin, layer_end;
+    int capacity;
+    int n_kv_heads, head_dim;
+    int *len; /* per local layer: positions [0, len) hold valid keys/values */
+    float *k;
+    float *v;
+} ce_kv_cache;
+
+ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begin, int layer_end,
+                           int capacity, char *err, size_t errlen);
+void ce_kv_cache_free(ce_kv_cache *kv);
+/* Keys (or values) of one layer and kv head: (capacity, head_dim). */
+float *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head);
+float *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head);
+
+/* Scratch buffers, grown on demand and reused: the token loop does not allocate. */
+typedef struct {
+    size_t n_floats;
+    float *buf;        /* activations of the forward pass */
+    size_t n_q8;
+    ce_block_q8 *xq;   /* quantized activation rows (small batches) */
+    size_t n_panel;
+    float *panel;      /* dequantized weight rows (large batches) */
+} ce_workspace;
+
+void ce_workspace_free(ce_workspace *ws);
+
+/* Rows of the token embedding: x (n, dim). */
+ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, char *err, size_t errlen);
+
+/* Runs layers [layer_begin, layer_end) on n consecutive positions pos0..pos0+n-1 of one sequence.
+ * x (n, dim) holds the hidden states entering layer_begin and receives those leaving layer_end-1.
+ * Keys/values are written at those positions; each layer needs pos0 <= its filled length (so
+ * positions can be recomputed, which drops what followed them) and pos0+n <= capacity.
+ * A position's result does not depend on n up to CE_SMALL_BATCH: decode, catch-up and small
+ * batches are bitwise identical; larger batches run through sgemm. */
+ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin,
+                     int layer_end, int n, int pos0, float *x, char *err, size_t errlen);
+
+/* Norm + LM head: logits (n, vocab) = output(rmsnorm(x) * norm). norm: NULL for the model's final
+ * norm, or a (dim) F32 tensor (an exit head's own norm). */
+ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x,
+                  float *logits, char *err, size_t errlen);
+
+/* y (n, w->rows) = x (n, w->cols) · wᵀ. The building block of every projection. */
+ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int n, const float *x, float *y, char *err,
+                    size_t errlen);
+
+#define CE_SMALL_BATCH 8
+
+/* ---- element-wise operations (ops.c) -------------------------------------------------------- */
+
+/* y = x / sqrt(mean(x²) + eps) * w, over n elements. y may alias x. */
+void ce_rmsnorm(float *y, const float *x, const float *w, int n, float eps);
+/* In-place rotary embedding of one head vector at position pos. */
+void ce_rope(float *v, int head_dim, int pos, const float *inv_freq, int style);
+/* In-place softmax over n values. */
+void ce_softmax(float *x, int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

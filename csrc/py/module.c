@@ -1,0 +1,717 @@
+/* cecollm._core — the thin CPython/NumPy binding of the C core.
+ *
+ * Every method has one shape: convert inputs and allocate outputs with the GIL held, release the GIL
+ * around the pure C call (holding the object's lock), map the status to an exception. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
+#include <numpy/arrayobject.h>
+#include <pythread.h>
+
+#include "cecollm/cecollm.h"
+
+typedef struct {
+    PyTypeObject *model_type;
+    PyTypeObject *cache_type;
+    PyObject *error; /* cecollm._core.CoreError */
+} module_state;
+
+static struct PyModuleDef core_module;
+
+static module_state *state_of_type(PyTypeObject *tp) {
+    PyObject *mod = PyType_GetModuleByDef(tp, &core_module);
+    return mod ? (module_state *)PyModule_GetState(mod) : NULL;
+}
+
+static PyObject *raise_status(PyObject *error, ce_status st, const char *msg) {
+    PyObject *exc = st == CE_ENOMEM ? PyExc_MemoryError : st == CE_ERANGE ? PyExc_IndexError
+                    : st == CE_EINVAL ? PyExc_ValueError : error;
+    PyErr_SetString(exc, msg[0] ? msg : "cecollm core error");
+    return NULL;
+}
+
+/* A float32 C-contiguous 2-D view of obj with `cols` columns (a 1-D input becomes one row). */
+static PyArrayObject *as_rows(PyObject *obj, int cols, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, NPY_FLOAT32, 1, 2, NPY_ARRAY_IN_ARRAY);
+    if (a == NULL) return NULL;
+    npy_intp last = PyArray_DIM(a, PyArray_NDIM(a) - 1);
+    if (last != cols || PyArray_SIZE(a) == 0) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (n, %d) with n >= 1, got last dimension %zd", what, cols,
+                     (Py_ssize_t)last);
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+static npy_intp n_rows(PyArrayObject *a) { return PyArray_NDIM(a) == 2 ? PyArray_DIM(a, 0) : 1; }
+
+/* Fills t from (array, type, rows, cols), checking bytes and alignment. Borrowed: the caller keeps
+ * the array alive. */
+static int tensor_from_tuple(PyObject *tup, const char *name, ce_tensor *t, PyObject *keep) {
+    PyObject *arr;
+    int type;
+    long long rows, cols;
+    if (!PyArg_ParseTuple(tup, "OiLL;tensor must be (array, type, rows, cols)", &arr, &type, &rows, &cols)) return -1;
+    if (!PyArray_Check(arr) || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)arr)) {
+        PyErr_Format(PyExc_TypeError, "tensor %s: expected a C-contiguous numpy array", name);
+        return -1;
+    }
+    size_t row_bytes = ce_row_bytes(type, cols);
+    if (row_bytes == 0 || rows <= 0) {
+        PyErr_Format(PyExc_ValueError, "tensor %s: type %s (id %d) with shape (%lld, %lld) is not supported", name,
+                     ce_type_name(type), type, rows, cols);
+        return -1;
+    }
+    npy_intp nbytes = PyArray_NBYTES((PyArrayObject *)arr);
+    if ((unsigned long long)rows > (unsigned long long)nbytes / row_bytes || (size_t)nbytes != (size_t)rows * row_bytes) {
+        PyErr_Format(PyExc_ValueError, "tensor %s: %zd bytes do not hold (%lld, %lld) of %s", name, (Py_ssize_t)nbytes,
+                     rows, cols, ce_type_name(type));
+        return -1;
+    }
+    void *data = PyArray_DATA((PyArrayObject *)arr);
+    if ((uintptr_t)data % 4 != 0) {
+        PyErr_Format(PyExc_ValueError, "tensor %s: data is not 4-byte aligned", name);
+        return -1;
+    }
+    if (PyList_Append(keep, arr) < 0) return -1;
+    t->data = data;
+    t->type = type;
+    t->rows = rows;
+    t->cols = cols;
+    return 0;
+}
+
+static int tensor_from_dict(PyObject *tensors, const char *name, ce_tensor *t, PyObject *keep, int required) {
+    PyObject *tup = PyDict_GetItemString(tensors, name); /* borrowed */
+    if (tup == NULL) {
+        if (required) PyErr_Format(PyExc_KeyError, "tensor %s is missing", name);
+        return required ? -1 : 1;
+    }
+    return tensor_from_tuple(tup, name, t, keep);
+}
+
+/* ======================= Model ======================= */
+
+typedef struct {
+    PyObject_HEAD
+    ce_model model;
+    ce_layer *layers;
+    int initialized;
+    PyObject *keep;          /* list of the arrays the tensors point into */
+    PyThread_type_lock lock; /* guards ws */
+    ce_workspace ws;
+} ModelObject;
+
+static int cfg_int(PyObject *cfg, const char *key, int *out) {
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    if (v == NULL) {
+        PyErr_Format(PyExc_KeyError, "config key '%s' is missing", key);
+        return -1;
+    }
+    long x = PyLong_AsLong(v);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < INT32_MIN || x > INT32_MAX) {
+        PyErr_Format(PyExc_OverflowError, "config key '%s' out of range", key);
+        return -1;
+    }
+    *out = (int)x;
+    return 0;
+}
+
+static int cfg_float(PyObject *cfg, const char *key, float *out) {
+    PyObject *v = PyDict_GetItemString(cfg, key);
+    if (v == NULL) {
+        PyErr_Format(PyExc_KeyError, "config key '%s' is missing", key);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(v);
+    if (x == -1.0 && PyErr_Occurred()) return -1;
+    *out = (float)x;
+    return 0;
+}
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"config", "tensors", NULL};
+    PyObject *cfg, *tensors;
+    if (self->initialized) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type, &tensors)) return -1;
+    ce_config *c = &self->model.cfg;
+    if (cfg_int(cfg, "n_layers", &c->n_layers) || cfg_int(cfg, "dim", &c->dim) || cfg_int(cfg, "ffn_dim", &c->ffn_dim) ||
+        cfg_int(cfg, "n_heads", &c->n_heads) || cfg_int(cfg, "n_kv_heads", &c->n_kv_heads) ||
+        cfg_int(cfg, "head_dim", &c->head_dim) || cfg_int(cfg, "vocab", &c->vocab) ||
+        cfg_float(cfg, "rope_theta", &c->rope_theta) || cfg_float(cfg, "norm_eps", &c->norm_eps) ||
+        cfg_int(cfg, "rope_style", &c->rope_style))
+        return -1;
+    if (c->n_layers <= 0 || c->n_layers > 4096) {
+        PyErr_Format(PyExc_ValueError, "n_layers %d out of range", c->n_layers);
+        return -1;
+    }
+    self->keep = PyList_New(0);
+    self->layers = PyMem_Calloc((size_t)c->n_layers, sizeof(ce_layer));
+    self->lock = PyThread_allocate_lock();
+    if (self->keep == NULL || self->layers == NULL || self->lock == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->model.layers = self->layers;
+    if (tensor_from_dict(tensors, "token_embd.weight", &self->model.token_embd, self->keep, 1) ||
+        tensor_from_dict(tensors, "output_norm.weight", &self->model.output_norm, self->keep, 1))
+        return -1;
+    int r = tensor_from_dict(tensors, "output.weight", &self->model.output, self->keep, 0);
+    if (r < 0) return -1;
+    if (r == 1) self->model.output = self->model.token_embd; /* tied embeddings */
+    static const char *names[] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"};
+    for (int l = 0; l < c->n_layers; l++) {
+        ce_layer *L = &self->layers[l];
+        ce_tensor *slots[] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo, &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down};
+        for (int j = 0; j < 9; j++) {
+            char name[64];
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, names[j]);
+            if (tensor_from_dict(tensors, name, slots[j], self->keep, 1)) return -1;
+        }
+    }
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_model_init(&self->model, err, sizeof err);
+    if (st != CE_OK) {
+        raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+        return -1;
+    }
+    self->initialized = 1;
+    return 0;
+}
+
+static void Model_dealloc(ModelObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->initialized) ce_model_free(&self->model);
+    ce_workspace_free(&self->ws);
+    PyMem_Free(self->layers);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_CLEAR(self->keep);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int Model_traverse(ModelObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->keep);
+    return 0;
+}
+
+static int Model_clear(ModelObject *self) {
+    Py_CLEAR(self->keep);
+    return 0;
+}
+
+static int model_ready(ModelObject *self) {
+    if (!self->initialized) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is not initialized");
+        return 0;
+    }
+    return 1;
+}
+
+/* embed(tokens) -> float32 (n, dim) */
+static PyObject *Model_embed(ModelObject *self, PyObject *arg) {
+    if (!model_ready(self)) return NULL;
+    PyArrayObject *tok = (PyArrayObject *)PyArray_FROMANY(arg, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (tok == NULL) return NULL;
+    npy_intp n = PyArray_DIM(tok, 0);
+    npy_intp dims[2] = {n, self->model.cfg.dim};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out == NULL) goto fail;
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ce_embed(&self->model, (int)n, PyArray_DATA(tok), PyArray_DATA(out), err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+        goto fail;
+    }
+    Py_DECREF(tok);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(tok);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* head(x, norm=None) -> logits float32 (n, vocab) */
+static PyObject *Model_head(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"x", "norm", NULL};
+    PyObject *xo, *normo = Py_None;
+    PyArrayObject *x = NULL, *norm = NULL, *out = NULL;
+    if (!model_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &xo, &normo)) return NULL;
+    const int d = self->model.cfg.dim;
+    if ((x = as_rows(xo, d, "x")) == NULL) goto fail;
+    ce_tensor norm_t = {0};
+    if (normo != Py_None) {
+        if ((norm = as_rows(normo, d, "norm")) == NULL) goto fail;
+        if (n_rows(norm) != 1) {
+            PyErr_SetString(PyExc_ValueError, "norm must be one vector");
+            goto fail;
+        }
+        norm_t = (ce_tensor){PyArray_DATA(norm), CE_TYPE_F32, d, 1};
+    }
+    npy_intp n = n_rows(x);
+    npy_intp dims[2] = {n, self->model.cfg.vocab};
+    if ((out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32)) == NULL) goto fail;
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    st = ce_head(&self->model, &self->ws, norm ? &norm_t : NULL, (int)n, PyArray_DATA(x), PyArray_DATA(out), err,
+                 sizeof err);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+        goto fail;
+    }
+    Py_DECREF(x);
+    Py_XDECREF(norm);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(x);
+    Py_XDECREF(norm);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyObject *Model_get_config(ModelObject *self, void *closure) {
+    (void)closure;
+    if (!model_ready(self)) return NULL;
+    const ce_config *c = &self->model.cfg;
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:d,s:d,s:i}", "n_layers", c->n_layers, "dim", c->dim, "ffn_dim",
+                         c->ffn_dim, "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "head_dim", c->head_dim,
+                         "vocab", c->vocab, "rope_theta", (double)c->rope_theta, "norm_eps", (double)c->norm_eps,
+                         "rope_style", c->rope_style);
+}
+
+/* ======================= KVCache ======================= */
+
+typedef struct {
+    PyObject_HEAD
+    ModelObject *model;
+    ce_kv_cache kv;
+    ce_workspace ws;
+    PyThread_type_lock lock; /* guards kv and ws */
+} CacheObject;
+
+static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"model", "capacity", "layer_begin", "layer_end", NULL};
+    PyObject *model;
+    int capacity, begin = 0, end = -1;
+    module_state *ms = state_of_type(Py_TYPE(self));
+    if (self->model != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "KVCache is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!i|ii", kwlist, ms->model_type, &model, &capacity, &begin, &end))
+        return -1;
+    if (!model_ready((ModelObject *)model)) return -1;
+    if (end < 0) end = ((ModelObject *)model)->model.cfg.n_layers;
+    if ((self->lock = PyThread_allocate_lock()) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_kv_cache_init(&self->kv, &((ModelObject *)model)->model.cfg, begin, end, capacity, err, sizeof err);
+    if (st != CE_OK) {
+        raise_status(ms->error, st, err);
+        return -1;
+    }
+    Py_INCREF(model);
+    self->model = (ModelObject *)model;
+    return 0;
+}
+
+static void Cache_dealloc(CacheObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    ce_kv_cache_free(&self->kv);
+    ce_workspace_free(&self->ws);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_CLEAR(self->model);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int Cache_traverse(CacheObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->model);
+    return 0;
+}
+
+static int cache_ready(CacheObject *self) {
+    if (self->model == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "KVCache is not initialized");
+        return 0;
+    }
+    return 1;
+}
+
+/* forward(x, pos0, layer_begin=cache's, layer_end=cache's) -> hidden states after layer_end-1 */
+static PyObject *Cache_forward(CacheObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"x", "pos0", "layer_begin", "layer_end", NULL};
+    PyObject *xo;
+    int pos0, begin = -1, end = -1;
+    if (!cache_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "Oi|ii", kwlist, &xo, &pos0, &begin, &end))
+        return NULL;
+    if (begin < 0) begin = self->kv.layer_begin;
+    if (end < 0) end = self->kv.layer_end;
+    const ce_model *m = &self->model->model;
+    PyArrayObject *x = as_rows(xo, m->cfg.dim, "x");
+    if (x == NULL) return NULL;
+    /* the result is a fresh (n, dim) array: the input is never modified */
+    PyArrayObject *out = (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER);
+    Py_DECREF(x);
+    if (out == NULL) return NULL;
+    npy_intp n = n_rows(out);
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    st = ce_forward(m, &self->kv, &self->ws, begin, end, (int)n, pos0, PyArray_DATA(out), err, sizeof err);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        Py_DECREF(out);
+        return raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+    }
+    return (PyObject *)out;
+}
+
+/* lengths() -> list of filled lengths, one per layer of the cache */
+static PyObject *Cache_lengths(CacheObject *self, PyObject *noargs) {
+    (void)noargs;
+    if (!cache_ready(self)) return NULL;
+    int nl = self->kv.layer_end - self->kv.layer_begin;
+    PyObject *list = PyList_New(nl);
+    for (int i = 0; list && i < nl; i++) PyList_SET_ITEM(list, i, PyLong_FromLong(self->kv.len[i]));
+    return list;
+}
+
+/* kv(layer) -> (keys, values), each float32 (n_kv_heads, len, head_dim): a copy */
+static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
+    if (!cache_ready(self)) return NULL;
+    long layer = PyLong_AsLong(arg);
+    if (layer == -1 && PyErr_Occurred()) return NULL;
+    if (layer < self->kv.layer_begin || layer >= self->kv.layer_end) {
+        PyErr_Format(PyExc_IndexError, "layer %ld is not inside [%d, %d)", layer, self->kv.layer_begin,
+                     self->kv.layer_end);
+        return NULL;
+    }
+    int len = self->kv.len[layer - self->kv.layer_begin], hd = self->kv.head_dim;
+    npy_intp dims[3] = {self->kv.n_kv_heads, len, hd};
+    PyArrayObject *k = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    PyArrayObject *v = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
+    if (k == NULL || v == NULL) {
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        return NULL;
+    }
+    for (int g = 0; g < self->kv.n_kv_heads; g++) {
+        memcpy((float *)PyArray_DATA(k) + (size_t)g * len * hd, ce_kv_cache_k(&self->kv, (int)layer, g),
+               sizeof(float) * (size_t)len * hd);
+        memcpy((float *)PyArray_DATA(v) + (size_t)g * len * hd, ce_kv_cache_v(&self->kv, (int)layer, g),
+               sizeof(float) * (size_t)len * hd);
+    }
+    return Py_BuildValue("(NN)", k, v);
+}
+
+static PyObject *Cache_get_int(CacheObject *self, void *which) {
+    if (!cache_ready(self)) return NULL;
+    switch ((int)(intptr_t)which) {
+    case 0: return PyLong_FromLong(self->kv.capacity);
+    case 1: return PyLong_FromLong(self->kv.layer_begin);
+    default: return PyLong_FromLong(self->kv.layer_end);
+    }
+}
+
+/* ======================= module functions (kernels, for tests and research) ======================= */
+
+/* dequantize(raw, type, rows, cols) -> float32 (rows, cols) */
+static PyObject *core_dequantize(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *tup = args, *keep = PyList_New(0);
+    if (keep == NULL) return NULL;
+    ce_tensor t;
+    if (tensor_from_tuple(tup, "argument", &t, keep) < 0) {
+        Py_DECREF(keep);
+        return NULL;
+    }
+    npy_intp dims[2] = {(npy_intp)t.rows, (npy_intp)t.cols};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        for (int64_t r = 0; r < t.rows; r++) ce_dequantize_row(&t, r, (float *)PyArray_DATA(out) + r * t.cols);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(keep);
+    return (PyObject *)out;
+}
+
+/* matmul(raw, type, rows, cols, x) -> float32 (n, rows) = x · Wᵀ with the active kernels */
+static PyObject *core_matmul(PyObject *mod, PyObject *args) {
+    PyObject *raw, *xo;
+    int type;
+    long long rows, cols;
+    if (!PyArg_ParseTuple(args, "OiLLO", &raw, &type, &rows, &cols, &xo)) return NULL;
+    PyObject *tup = Py_BuildValue("(OiLL)", raw, type, rows, cols), *keep = PyList_New(0);
+    PyArrayObject *x = NULL, *out = NULL;
+    ce_tensor t;
+    if (tup == NULL || keep == NULL || tensor_from_tuple(tup, "w", &t, keep) < 0) goto fail;
+    if ((x = as_rows(xo, (int)cols, "x")) == NULL) goto fail;
+    npy_intp dims[2] = {n_rows(x), (npy_intp)rows};
+    if ((out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32)) == NULL) goto fail;
+    ce_workspace ws = {0};
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ce_matmul(&t, &ws, (int)dims[0], PyArray_DATA(x), PyArray_DATA(out), err, sizeof err);
+    ce_workspace_free(&ws);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+        goto fail;
+    }
+    Py_DECREF(tup);
+    Py_DECREF(keep);
+    Py_DECREF(x);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(tup);
+    Py_XDECREF(keep);
+    Py_XDECREF(x);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+/* quantize_q8(x) -> (d float32 (nb,), s float32 (nb,), qs int8 (nb, 32)) for x of n % 32 == 0 floats */
+static PyObject *core_quantize_q8(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(arg, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (x == NULL) return NULL;
+    npy_intp n = PyArray_DIM(x, 0);
+    if (n == 0 || n % CE_QK) {
+        Py_DECREF(x);
+        PyErr_Format(PyExc_ValueError, "length %zd is not a positive multiple of %d", (Py_ssize_t)n, CE_QK);
+        return NULL;
+    }
+    npy_intp nb = n / CE_QK, dq[2] = {nb, CE_QK};
+    ce_block_q8 *blocks = PyMem_Malloc(sizeof(ce_block_q8) * (size_t)nb);
+    PyArrayObject *d = (PyArrayObject *)PyArray_SimpleNew(1, &nb, NPY_FLOAT32);
+    PyArrayObject *s = (PyArrayObject *)PyArray_SimpleNew(1, &nb, NPY_FLOAT32);
+    PyArrayObject *qs = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_INT8);
+    if (blocks == NULL || d == NULL || s == NULL || qs == NULL) {
+        PyMem_Free(blocks);
+        Py_DECREF(x);
+        Py_XDECREF(d);
+        Py_XDECREF(s);
+        Py_XDECREF(qs);
+        return PyErr_NoMemory();
+    }
+    ce_quantize_row_q8(PyArray_DATA(x), blocks, n);
+    for (npy_intp b = 0; b < nb; b++) {
+        ((float *)PyArray_DATA(d))[b] = blocks[b].d;
+        ((float *)PyArray_DATA(s))[b] = blocks[b].s;
+        memcpy((int8_t *)PyArray_DATA(qs) + b * CE_QK, blocks[b].qs, CE_QK);
+    }
+    PyMem_Free(blocks);
+    Py_DECREF(x);
+    return Py_BuildValue("(NNN)", d, s, qs);
+}
+
+/* rmsnorm(x, w, eps) -> rows of x normalized and scaled by w */
+static PyObject *core_rmsnorm(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo, *wo;
+    double eps;
+    if (!PyArg_ParseTuple(args, "OOd", &xo, &wo, &eps)) return NULL;
+    PyArrayObject *w = (PyArrayObject *)PyArray_FROMANY(wo, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (w == NULL) return NULL;
+    int d = (int)PyArray_DIM(w, 0);
+    PyArrayObject *x = as_rows(xo, d, "x");
+    PyArrayObject *out = x ? (PyArrayObject *)PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0) : NULL;
+    if (out != NULL)
+        for (npy_intp i = 0; i < n_rows(x); i++)
+            ce_rmsnorm((float *)PyArray_DATA(out) + i * d, (float *)PyArray_DATA(x) + i * d, PyArray_DATA(w), d, (float)eps);
+    Py_DECREF(w);
+    Py_XDECREF(x);
+    return (PyObject *)out;
+}
+
+/* rope(x, pos, theta, style) -> x (n_heads, head_dim) rotated for position pos */
+static PyObject *core_rope(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo;
+    int pos, style;
+    double theta;
+    if (!PyArg_ParseTuple(args, "Oidi", &xo, &pos, &theta, &style)) return NULL;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(xo, NPY_FLOAT32, 2, 2, NPY_ARRAY_ENSURECOPY | NPY_ARRAY_IN_ARRAY);
+    if (x == NULL) return NULL;
+    int hd = (int)PyArray_DIM(x, 1);
+    if (hd % 2 || hd == 0 || hd > 4096 || (style != CE_ROPE_ADJACENT && style != CE_ROPE_HALF) || pos < 0) {
+        Py_DECREF(x);
+        PyErr_SetString(PyExc_ValueError, "need an even head_dim <= 4096, pos >= 0 and style 0 or 1");
+        return NULL;
+    }
+    float inv_freq[2048];
+    for (int i = 0; i < hd / 2; i++) inv_freq[i] = 1.0f / powf((float)theta, (float)(2 * i) / (float)hd);
+    for (npy_intp h = 0; h < PyArray_DIM(x, 0); h++) ce_rope((float *)PyArray_DATA(x) + h * hd, hd, pos, inv_freq, style);
+    return (PyObject *)x;
+}
+
+/* row_bytes(type, cols) -> bytes of one row, 0 when the type is unknown or cols do not fill its blocks */
+static PyObject *core_row_bytes(PyObject *mod, PyObject *args) {
+    (void)mod;
+    int type;
+    long long cols;
+    if (!PyArg_ParseTuple(args, "iL", &type, &cols)) return NULL;
+    return PyLong_FromSize_t(ce_row_bytes(type, cols));
+}
+
+/* select_kernels(name="auto") -> name of the active kernel set */
+static PyObject *core_select_kernels(PyObject *mod, PyObject *args) {
+    const char *name = "auto";
+    if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_kernels_select(name, err, sizeof err);
+    if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    return PyUnicode_FromString(ce_kernels_active()->name);
+}
+
+static PyObject *core_active_kernels(PyObject *mod, PyObject *noargs) {
+    (void)mod;
+    (void)noargs;
+    return PyUnicode_FromString(ce_kernels_active()->name);
+}
+
+static PyMethodDef core_methods[] = {
+    {"active_kernels", core_active_kernels, METH_NOARGS, "active_kernels() -> name of the kernel set in use"},
+    {"dequantize", core_dequantize, METH_VARARGS, "dequantize(raw, type, rows, cols) -> float32 (rows, cols)"},
+    {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x) -> x @ W.T with the active kernels"},
+    {"quantize_q8", core_quantize_q8, METH_O, "quantize_q8(x) -> (d, s, qs) activation blocks of 32"},
+    {"rmsnorm", core_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps) -> x / sqrt(mean(x^2) + eps) * w per row"},
+    {"rope", core_rope, METH_VARARGS, "rope(x, pos, theta, style) -> heads of x rotated for pos"},
+    {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
+    {"select_kernels", core_select_kernels, METH_VARARGS, "select_kernels(name='auto') -> active kernel set"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMethodDef Model_methods[] = {
+    {"embed", (PyCFunction)Model_embed, METH_O, "embed(tokens) -> float32 (n, dim)"},
+    {"head", (PyCFunction)(void (*)(void))Model_head, METH_VARARGS | METH_KEYWORDS,
+     "head(x, norm=None) -> logits (n, vocab): rmsnorm then LM head"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Model_getset[] = {
+    {"config", (getter)Model_get_config, NULL, "the model's configuration as a dict", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Model_slots[] = {
+    {Py_tp_doc, "Model(config, tensors): a LLaMA-family decoder over caller-owned weight buffers"},
+    {Py_tp_init, Model_init},
+    {Py_tp_dealloc, Model_dealloc},
+    {Py_tp_traverse, Model_traverse},
+    {Py_tp_clear, Model_clear},
+    {Py_tp_methods, Model_methods},
+    {Py_tp_getset, Model_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Model_spec = {"cecollm._core.Model", sizeof(ModelObject), 0,
+                                 Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, Model_slots};
+
+static PyMethodDef Cache_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Cache_forward, METH_VARARGS | METH_KEYWORDS,
+     "forward(x, pos0, layer_begin=None, layer_end=None) -> hidden states after the layer range"},
+    {"lengths", (PyCFunction)Cache_lengths, METH_NOARGS, "lengths() -> filled positions per layer"},
+    {"kv", (PyCFunction)Cache_kv, METH_O, "kv(layer) -> (keys, values) copies, (n_kv_heads, len, head_dim)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Cache_getset[] = {
+    {"capacity", (getter)Cache_get_int, NULL, "positions the cache holds", (void *)0},
+    {"layer_begin", (getter)Cache_get_int, NULL, "first layer held", (void *)1},
+    {"layer_end", (getter)Cache_get_int, NULL, "one past the last layer held", (void *)2},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Cache_slots[] = {
+    {Py_tp_doc, "KVCache(model, capacity, layer_begin=0, layer_end=n_layers): one sequence's keys and values"},
+    {Py_tp_init, Cache_init},
+    {Py_tp_dealloc, Cache_dealloc},
+    {Py_tp_traverse, Cache_traverse},
+    {Py_tp_methods, Cache_methods},
+    {Py_tp_getset, Cache_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Cache_spec = {"cecollm._core.KVCache", sizeof(CacheObject), 0,
+                                 Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, Cache_slots};
+
+static int core_exec(PyObject *mod) {
+    if (PyArray_ImportNumPyAPI() < 0) return -1;
+    module_state *st = PyModule_GetState(mod);
+    char err[CE_ERRLEN] = "";
+    if (ce_kernels_select("auto", err, sizeof err) != CE_OK) {
+        PyErr_SetString(PyExc_RuntimeError, err);
+        return -1;
+    }
+    st->model_type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &Model_spec, NULL);
+    st->cache_type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &Cache_spec, NULL);
+    st->error = PyErr_NewException("cecollm._core.CoreError", PyExc_RuntimeError, NULL);
+    if (st->model_type == NULL || st->cache_type == NULL || st->error == NULL) return -1;
+    if (PyModule_AddType(mod, st->model_type) < 0 || PyModule_AddType(mod, st->cache_type) < 0 ||
+        PyModule_AddObjectRef(mod, "CoreError", st->error) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(mod, "TYPE_F32", CE_TYPE_F32) || PyModule_AddIntConstant(mod, "TYPE_F16", CE_TYPE_F16) ||
+        PyModule_AddIntConstant(mod, "TYPE_Q4_0", CE_TYPE_Q4_0) || PyModule_AddIntConstant(mod, "TYPE_Q4_1", CE_TYPE_Q4_1) ||
+        PyModule_AddIntConstant(mod, "TYPE_Q8_0", CE_TYPE_Q8_0) ||
+        PyModule_AddIntConstant(mod, "ROPE_ADJACENT", CE_ROPE_ADJACENT) ||
+        PyModule_AddIntConstant(mod, "ROPE_HALF", CE_ROPE_HALF) ||
+        PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH))
+        return -1;
+    return 0;
+}
+
+static int core_traverse(PyObject *mod, visitproc visit, void *arg) {
+    module_state *st = PyModule_GetState(mod);
+    Py_VISIT(st->model_type);
+    Py_VISIT(st->cache_type);
+    Py_VISIT(st->error);
+    return 0;
+}
+
+static int core_clear(PyObject *mod) {
+    module_state *st = PyModule_GetState(mod);
+    Py_CLEAR(st->model_type);
+    Py_CLEAR(st->cache_type);
+    Py_CLEAR(st->error);
+    return 0;
+}
+
+static void core_free(void *mod) { core_clear((PyObject *)mod); }
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT, "cecollm._core", "C core of cecollm: kernels, layer execution, KV cache.",
+    sizeof(module_state),  core_methods,    core_slots,
+    core_traverse,         core_clear,      core_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&core_module); }
