@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cecollm/cecollm.h"
+#include "pool.h"
 #include "util.h"
 
 /* Rows of a weight matrix dequantized at once for sgemm: 256 rows × ≤ 8k cols stays in cache. */
@@ -137,24 +138,31 @@ static ce_status grow(void **p, size_t *cap, size_t need, size_t elem, char *err
 
 void ce_workspace_free(ce_workspace *ws) {
     free(ws->buf);
-    free(ws->xq);
     free(ws->panel);
     memset(ws, 0, sizeof *ws);
 }
 
 /* ---- matrix products ---- */
 
-/* Small batches: quantize each activation row once, then read each weight row once for all n rows.
- * y[i, r] depends only on x[i]: the result is the same for every n. */
-static void matmul_rows(const ce_kernels *k, const ce_tensor *w, int n, const ce_block_q8 *xq,
-                        const float *x, float *y, int64_t r0, int64_t r1) {
+/* Small batches: each weight row is read once for all n activation rows. y[i, r] depends only on
+ * x[i]: the result is the same for every n. Rows are split across the pool's threads. */
+typedef struct {
+    const ce_tensor *w;
+    ce_vec_dot_fn dot;
+    int n;
+    const float *x;
+    float *y;
+} matvec_job;
+
+static void matvec_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
+    (void)thread;
+    const matvec_job *job = ctx;
+    const ce_tensor *w = job->w;
     const size_t row_bytes = ce_row_bytes(w->type, w->cols);
-    const int64_t nb = w->cols / CE_QK;
-    const ce_vec_dot_fn dot = k->vec_dot[w->type];
     for (int64_t r = r0; r < r1; r++) {
         const void *wrow = (const uint8_t *)w->data + (size_t)r * row_bytes;
-        for (int i = 0; i < n; i++)
-            y[(size_t)i * w->rows + r] = dot(wrow, xq + (size_t)i * nb, x + (size_t)i * w->cols, w->cols);
+        for (int i = 0; i < job->n; i++)
+            job->y[(size_t)i * w->rows + r] = job->dot(wrow, job->x + (size_t)i * w->cols, w->cols);
     }
 }
 
@@ -163,13 +171,8 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int n, const float *x,
     ce_status st;
     const int64_t cols = w->cols, rows = w->rows;
     if (n <= CE_SMALL_BATCH) {
-        if (w->type != CE_TYPE_F32 && w->type != CE_TYPE_F16) {
-            const int64_t nb = cols / CE_QK;
-            if ((st = grow((void **)&ws->xq, &ws->n_q8, (size_t)n * nb, sizeof(ce_block_q8), err, errlen)))
-                return st;
-            for (int i = 0; i < n; i++) ce_quantize_row_q8(x + (size_t)i * cols, ws->xq + (size_t)i * nb, cols);
-        }
-        matmul_rows(ce_kernels_active(), w, n, ws->xq, x, y, 0, rows);
+        matvec_job job = {w, ce_kernels_active()->vec_dot[w->type], n, x, y};
+        ce_parallel_for(rows, matvec_rows, &job);
         return CE_OK;
     }
     if (w->type == CE_TYPE_F32) {
@@ -222,11 +225,33 @@ static void attend(const float *q, const float *K, const float *V, int pos, int 
     }
 }
 
+/* Attention of n positions × n_heads query heads, split across threads by (position, head). */
+typedef struct {
+    const ce_config *c;
+    const ce_kv_cache *kv;
+    int layer, pos0;
+    const float *q; /* (n, n_heads*head_dim) */
+    float *att;     /* (n, n_heads*head_dim) */
+    float *scores;  /* (threads, capacity) */
+} attention_job;
+
+static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
+    const attention_job *job = ctx;
+    const int hd = job->c->head_dim, nh = job->c->n_heads, group = nh / job->c->n_kv_heads;
+    float *scores = job->scores + (size_t)thread * job->kv->capacity;
+    for (int64_t task = begin; task < end; task++) {
+        const int i = (int)(task / nh), h = (int)(task % nh);
+        const size_t at = (size_t)i * nh * hd + (size_t)h * hd;
+        attend(job->q + at, ce_kv_cache_k(job->kv, job->layer, h / group), ce_kv_cache_v(job->kv, job->layer, h / group),
+               job->pos0 + i, hd, scores, job->att + at);
+    }
+}
+
 ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end,
                      int n, int pos0, float *x, char *err, size_t errlen) {
     const ce_config *c = &m->cfg;
     const int d = c->dim, hd = c->head_dim, f = c->ffn_dim;
-    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd, group = c->n_heads / c->n_kv_heads;
+    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
     ce_status st;
 
     if (layer_begin < kv->layer_begin || layer_end > kv->layer_end || layer_begin > layer_end)
@@ -240,8 +265,9 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
             return ce_fail(err, errlen, CE_ERANGE, "layer %d holds positions [0, %d): cannot start at %d", l,
                            kv->len[l - kv->layer_begin], pos0);
 
-    /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d) | scores (cap) */
-    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f) + (size_t)kv->capacity;
+    /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d)
+     *          | scores (threads, capacity) */
+    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f) + (size_t)ce_threads_get() * kv->capacity;
     if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen))) return st;
     float *xn = ws->buf, *q = xn + (size_t)n * d, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd;
     float *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd, *up = gate + (size_t)n * f;
@@ -265,10 +291,8 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
                 memcpy(ce_kv_cache_v(kv, l, g) + (size_t)pos * hd, v + (size_t)i * kvd + g * hd, sizeof(float) * hd);
             }
         }
-        for (int i = 0; i < n; i++)
-            for (int h = 0; h < c->n_heads; h++)
-                attend(q + (size_t)i * qd + h * hd, ce_kv_cache_k(kv, l, h / group), ce_kv_cache_v(kv, l, h / group),
-                       pos0 + i, hd, scores, att + (size_t)i * qd + h * hd);
+        attention_job job = {c, kv, l, pos0, q, att, scores};
+        ce_parallel_for((int64_t)n * c->n_heads, attention_heads, &job);
         kv->len[l - kv->layer_begin] = pos0 + n;
         if ((st = ce_matmul(&L->wo, ws, n, att, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];

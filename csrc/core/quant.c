@@ -86,26 +86,6 @@ const char *ce_type_name(int type) {
     }
 }
 
-/* ---- activation quantization ---- */
-
-void ce_quantize_row_q8(const float *x, ce_block_q8 *y, int64_t n) {
-    for (int64_t b = 0; b < n / CE_QK; b++) {
-        const float *xb = x + b * CE_QK;
-        float amax = 0.0f;
-        for (int j = 0; j < CE_QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f;
-        float id = d != 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < CE_QK; j++) {
-            int q = (int)roundf(xb[j] * id);
-            y[b].qs[j] = (int8_t)q;
-            sum += q;
-        }
-        y[b].d = d;
-        y[b].s = d * (float)sum;
-    }
-}
-
 /* ---- dequantization: value = d * (q - 8) | d * q + m | d * q ---- */
 
 void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
@@ -154,63 +134,56 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
 
 /* ---- scalar dot products (the specification) ---- */
 
-static float vec_dot_f32_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
-    (void)xq;
+static float vec_dot_f32_generic(const void *wrow, const float *x, int64_t n) {
     const float *w = wrow;
     float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) sum += w[j] * xf[j];
+    for (int64_t j = 0; j < n; j++) sum += w[j] * x[j];
     return sum;
 }
 
-static float vec_dot_f16_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
-    (void)xq;
+static float vec_dot_f16_generic(const void *wrow, const float *x, int64_t n) {
     const uint16_t *w = wrow;
     float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) sum += ce_fp16_to_fp32(w[j]) * xf[j];
+    for (int64_t j = 0; j < n; j++) sum += ce_fp16_to_fp32(w[j]) * x[j];
     return sum;
 }
 
-/* Σ_blocks d_w d_x Σ (q_w - 8) q_x */
-static float vec_dot_q4_0_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
-    (void)xf;
+/* Σ_blocks d Σ_j (q_j - 8) x_j */
+static float vec_dot_q4_0_generic(const void *wrow, const float *x, int64_t n) {
     const ce_block_q4_0 *w = wrow;
     float sum = 0.0f;
-    for (int64_t i = 0; i < n / CE_QK; i++) {
-        int acc = 0;
-        for (int j = 0; j < CE_QK / 2; j++) {
-            acc += ((w[i].qs[j] & 0x0f) - 8) * xq[i].qs[j];
-            acc += ((w[i].qs[j] >> 4) - 8) * xq[i].qs[j + CE_QK / 2];
-        }
-        sum += ce_fp16_to_fp32(w[i].d) * xq[i].d * (float)acc;
+    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
+        float acc = 0.0f;
+        for (int j = 0; j < CE_QK / 2; j++)
+            acc += (float)((w[i].qs[j] & 0x0f) - 8) * x[j] + (float)((w[i].qs[j] >> 4) - 8) * x[j + CE_QK / 2];
+        sum += ce_fp16_to_fp32(w[i].d) * acc;
     }
     return sum;
 }
 
-/* Σ_blocks d_w d_x Σ q_w q_x + m_w s_x, with s_x = d_x Σ q_x */
-static float vec_dot_q4_1_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
-    (void)xf;
+/* Σ_blocks d Σ_j q_j x_j + m Σ_j x_j */
+static float vec_dot_q4_1_generic(const void *wrow, const float *x, int64_t n) {
     const ce_block_q4_1 *w = wrow;
     float sum = 0.0f;
-    for (int64_t i = 0; i < n / CE_QK; i++) {
-        int acc = 0;
+    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
+        float acc = 0.0f, xsum = 0.0f;
         for (int j = 0; j < CE_QK / 2; j++) {
-            acc += (w[i].qs[j] & 0x0f) * xq[i].qs[j];
-            acc += (w[i].qs[j] >> 4) * xq[i].qs[j + CE_QK / 2];
+            acc += (float)(w[i].qs[j] & 0x0f) * x[j] + (float)(w[i].qs[j] >> 4) * x[j + CE_QK / 2];
+            xsum += x[j] + x[j + CE_QK / 2];
         }
-        sum += ce_fp16_to_fp32(w[i].d) * xq[i].d * (float)acc + ce_fp16_to_fp32(w[i].m) * xq[i].s;
+        sum += ce_fp16_to_fp32(w[i].d) * acc + ce_fp16_to_fp32(w[i].m) * xsum;
     }
     return sum;
 }
 
-/* Σ_blocks d_w d_x Σ q_w q_x */
-static float vec_dot_q8_0_generic(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t n) {
-    (void)xf;
+/* Σ_blocks d Σ_j q_j x_j */
+static float vec_dot_q8_0_generic(const void *wrow, const float *x, int64_t n) {
     const ce_block_q8_0 *w = wrow;
     float sum = 0.0f;
-    for (int64_t i = 0; i < n / CE_QK; i++) {
-        int acc = 0;
-        for (int j = 0; j < CE_QK; j++) acc += w[i].qs[j] * xq[i].qs[j];
-        sum += ce_fp16_to_fp32(w[i].d) * xq[i].d * (float)acc;
+    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
+        float acc = 0.0f;
+        for (int j = 0; j < CE_QK; j++) acc += (float)w[i].qs[j] * x[j];
+        sum += ce_fp16_to_fp32(w[i].d) * acc;
     }
     return sum;
 }
@@ -239,6 +212,7 @@ typedef struct {
 static int always(void) { return 1; }
 
 static const kernel_choice kernel_choices[] = {
+    {ce_kernels_avx2, ce_cpu_has_avx2},
     {ce_kernels_generic, always},
 };
 

@@ -25,6 +25,8 @@ typedef struct {
 } ce_block_q8_0;             /* x = d * q */
 static_assert(sizeof(ce_block_q8_0) == 34, "q8_0 block is 34 bytes");
 
-static_assert(sizeof(ce_block_q8) == 40, "activation block is 40 bytes");
+/* SIMD kernel sets (csrc/arch); each falls back to generic where the build cannot have it. */
+const ce_kernels *ce_kernels_avx2(void);
+int ce_cpu_has_avx2(void);
 
 #endif

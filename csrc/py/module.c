@@ -494,41 +494,6 @@ fail:
     return NULL;
 }
 
-/* quantize_q8(x) -> (d float32 (nb,), s float32 (nb,), qs int8 (nb, 32)) for x of n % 32 == 0 floats */
-static PyObject *core_quantize_q8(PyObject *mod, PyObject *arg) {
-    (void)mod;
-    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(arg, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
-    if (x == NULL) return NULL;
-    npy_intp n = PyArray_DIM(x, 0);
-    if (n == 0 || n % CE_QK) {
-        Py_DECREF(x);
-        PyErr_Format(PyExc_ValueError, "length %zd is not a positive multiple of %d", (Py_ssize_t)n, CE_QK);
-        return NULL;
-    }
-    npy_intp nb = n / CE_QK, dq[2] = {nb, CE_QK};
-    ce_block_q8 *blocks = PyMem_Malloc(sizeof(ce_block_q8) * (size_t)nb);
-    PyArrayObject *d = (PyArrayObject *)PyArray_SimpleNew(1, &nb, NPY_FLOAT32);
-    PyArrayObject *s = (PyArrayObject *)PyArray_SimpleNew(1, &nb, NPY_FLOAT32);
-    PyArrayObject *qs = (PyArrayObject *)PyArray_SimpleNew(2, dq, NPY_INT8);
-    if (blocks == NULL || d == NULL || s == NULL || qs == NULL) {
-        PyMem_Free(blocks);
-        Py_DECREF(x);
-        Py_XDECREF(d);
-        Py_XDECREF(s);
-        Py_XDECREF(qs);
-        return PyErr_NoMemory();
-    }
-    ce_quantize_row_q8(PyArray_DATA(x), blocks, n);
-    for (npy_intp b = 0; b < nb; b++) {
-        ((float *)PyArray_DATA(d))[b] = blocks[b].d;
-        ((float *)PyArray_DATA(s))[b] = blocks[b].s;
-        memcpy((int8_t *)PyArray_DATA(qs) + b * CE_QK, blocks[b].qs, CE_QK);
-    }
-    PyMem_Free(blocks);
-    Py_DECREF(x);
-    return Py_BuildValue("(NNN)", d, s, qs);
-}
-
 /* rmsnorm(x, w, eps) -> rows of x normalized and scaled by w */
 static PyObject *core_rmsnorm(PyObject *mod, PyObject *args) {
     (void)mod;
@@ -588,6 +553,25 @@ static PyObject *core_select_kernels(PyObject *mod, PyObject *args) {
     return PyUnicode_FromString(ce_kernels_active()->name);
 }
 
+/* set_threads(n=0) -> threads in use (0: the cores available) */
+static PyObject *core_set_threads(PyObject *mod, PyObject *args) {
+    int n = 0;
+    if (!PyArg_ParseTuple(args, "|i", &n)) return NULL;
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ce_threads_set(n, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    return PyLong_FromLong(ce_threads_get());
+}
+
+static PyObject *core_get_threads(PyObject *mod, PyObject *noargs) {
+    (void)mod;
+    (void)noargs;
+    return PyLong_FromLong(ce_threads_get());
+}
+
 static PyObject *core_active_kernels(PyObject *mod, PyObject *noargs) {
     (void)mod;
     (void)noargs;
@@ -595,10 +579,11 @@ static PyObject *core_active_kernels(PyObject *mod, PyObject *noargs) {
 }
 
 static PyMethodDef core_methods[] = {
+    {"set_threads", core_set_threads, METH_VARARGS, "set_threads(n=0) -> threads used (0: all available cores)"},
+    {"get_threads", core_get_threads, METH_NOARGS, "get_threads() -> threads used by the core"},
     {"active_kernels", core_active_kernels, METH_NOARGS, "active_kernels() -> name of the kernel set in use"},
     {"dequantize", core_dequantize, METH_VARARGS, "dequantize(raw, type, rows, cols) -> float32 (rows, cols)"},
     {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x) -> x @ W.T with the active kernels"},
-    {"quantize_q8", core_quantize_q8, METH_O, "quantize_q8(x) -> (d, s, qs) activation blocks of 32"},
     {"rmsnorm", core_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps) -> x / sqrt(mean(x^2) + eps) * w per row"},
     {"rope", core_rope, METH_VARARGS, "rope(x, pos, theta, style) -> heads of x rotated for pos"},
     {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
@@ -664,7 +649,7 @@ static int core_exec(PyObject *mod) {
     if (PyArray_ImportNumPyAPI() < 0) return -1;
     module_state *st = PyModule_GetState(mod);
     char err[CE_ERRLEN] = "";
-    if (ce_kernels_select("auto", err, sizeof err) != CE_OK) {
+    if (ce_kernels_select("auto", err, sizeof err) != CE_OK || ce_threads_set(0, err, sizeof err) != CE_OK) {
         PyErr_SetString(PyExc_RuntimeError, err);
         return -1;
     }

@@ -52,24 +52,16 @@ typedef struct {
 
 /* ---- kernels (quant.c) --------------------------------------------------------------------- */
 
-/* An activation row quantized for integer dot products: blocks of 32 int8 with a float scale d and
- * s = d * sum(qs) (s is what the Q4_1 offset m multiplies). One format serves every weight type. */
-typedef struct {
-    float d;
-    float s;
-    int8_t qs[CE_QK];
-} ce_block_q8;
-
-/* x (n floats, n % 32 == 0) -> n/32 blocks; d = max|x| / 127, q = round(x / d). */
-void ce_quantize_row_q8(const float *x, ce_block_q8 *y, int64_t n);
-/* Row `row` of w as floats (w->cols of them). */
-void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out);
 float ce_fp16_to_fp32(uint16_t h);
 uint16_t ce_fp32_to_fp16(float f);
 
-/* Dot product of weight row `row` with an activation: quantized weights take the Q8 blocks `xq`,
- * F32/F16 weights take the floats `xf`. */
-typedef float (*ce_vec_dot_fn)(const void *wrow, const ce_block_q8 *xq, const float *xf, int64_t cols);
+/* Row `row` of w as floats (w->cols of them). */
+void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out);
+
+/* Dot product of one weight row (cols elements of its type) with float activations x. The weights
+ * are dequantized on the fly; activations stay fp32, so results match an fp32 reference that uses
+ * the dequantized weights up to summation order. */
+typedef float (*ce_vec_dot_fn)(const void *wrow, const float *x, int64_t cols);
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point). */
@@ -82,6 +74,14 @@ const ce_kernels *ce_kernels_generic(void);
 const ce_kernels *ce_kernels_active(void);
 /* name: NULL or "auto" (best available), or a kernel set name such as "generic". */
 ce_status ce_kernels_select(const char *name, char *err, size_t errlen);
+
+/* ---- threads (pool.c) ------------------------------------------------------------------------ */
+
+/* Threads for matrix–vector work, the caller included; n <= 0 means the cores available. OpenBLAS
+ * gets the same count. Not to be called while other threads are running core functions. */
+ce_status ce_threads_set(int n, char *err, size_t errlen);
+int ce_threads_get(void);
+int ce_threads_available(void);
 
 /* ---- model (model.c) ---------------------------------------------------------------------- */
 
@@ -151,8 +151,6 @@ float *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head);
 typedef struct {
     size_t n_floats;
     float *buf;        /* activations of the forward pass */
-    size_t n_q8;
-    ce_block_q8 *xq;   /* quantized activation rows (small batches) */
     size_t n_panel;
     float *panel;      /* dequantized weight rows (large batches) */
 } ce_workspace;

@@ -1,0 +1,135 @@
+/* AVX2 + FMA + F16C dot products. Same contract as the _generic kernels in core/quant.c (which are
+ * the specification); only the summation order differs. Compiled for any x86-64 through target
+ * attributes and installed only when the CPU reports the features. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+
+#include "quant.h"
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+
+TARGET static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+TARGET static inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+/* 8 consecutive bytes of v (starting at byte 0) widened to floats */
+TARGET static inline __m256 u8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+TARGET static inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+TARGET static float vec_dot_f32_avx2(const void *wrow, const float *x, int64_t n) {
+    const float *w = wrow;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), acc1);
+    }
+    float sum = hsum(_mm256_add_ps(acc0, acc1));
+    for (; j < n; j++) sum += w[j] * x[j];
+    return sum;
+}
+
+TARGET static float vec_dot_f16_avx2(const void *wrow, const float *x, int64_t n) {
+    const uint16_t *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))), _mm256_loadu_ps(x + j), acc);
+    float sum = hsum(acc);
+    for (; j < n; j++) sum += half(w[j]) * x[j];
+    return sum;
+}
+
+/* The 32 4-bit values of a block as four float vectors: elements 0-7, 8-15 (low nibbles) and 16-23,
+ * 24-31 (high nibbles), each minus `offset`. */
+TARGET static inline void nibbles_to_ps(const uint8_t *qs, __m256 q[4], int offset) {
+    const __m128i mask = _mm_set1_epi8(0x0f), off = _mm_set1_epi8((char)offset);
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, mask), off);
+    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), off);
+    q[0] = i8_to_ps(lo);
+    q[1] = i8_to_ps(_mm_srli_si128(lo, 8));
+    q[2] = i8_to_ps(hi);
+    q[3] = i8_to_ps(_mm_srli_si128(hi, 8));
+}
+
+/* Σ_blocks d Σ_j (q_j - 8) x_j */
+TARGET static float vec_dot_q4_0_avx2(const void *wrow, const float *x, int64_t n) {
+    const ce_block_q4_0 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
+        __m256 q[4];
+        nibbles_to_ps(w[i].qs, q, 8);
+        __m256 dot = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
+        dot = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), dot);
+        dot = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), dot);
+        dot = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), dot);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d)), dot, acc);
+    }
+    return hsum(acc);
+}
+
+/* Σ_blocks d Σ_j q_j x_j + m Σ_j x_j */
+TARGET static float vec_dot_q4_1_avx2(const void *wrow, const float *x, int64_t n) {
+    const ce_block_q4_1 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
+        __m256 q[4];
+        nibbles_to_ps(w[i].qs, q, 0);
+        __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+        __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+        __m256 dot = _mm256_mul_ps(q[0], x0);
+        dot = _mm256_fmadd_ps(q[1], x1, dot);
+        dot = _mm256_fmadd_ps(q[2], x2, dot);
+        dot = _mm256_fmadd_ps(q[3], x3, dot);
+        __m256 xsum = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d)), dot, acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].m)), xsum, acc);
+    }
+    return hsum(acc);
+}
+
+/* Σ_blocks d Σ_j q_j x_j */
+TARGET static float vec_dot_q8_0_avx2(const void *wrow, const float *x, int64_t n) {
+    const ce_block_q8_0 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
+        __m128i a = _mm_loadu_si128((const __m128i *)w[i].qs), b = _mm_loadu_si128((const __m128i *)(w[i].qs + 16));
+        __m256 dot = _mm256_mul_ps(i8_to_ps(a), _mm256_loadu_ps(x));
+        dot = _mm256_fmadd_ps(i8_to_ps(_mm_srli_si128(a, 8)), _mm256_loadu_ps(x + 8), dot);
+        dot = _mm256_fmadd_ps(i8_to_ps(b), _mm256_loadu_ps(x + 16), dot);
+        dot = _mm256_fmadd_ps(i8_to_ps(_mm_srli_si128(b, 8)), _mm256_loadu_ps(x + 24), dot);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d)), dot, acc);
+    }
+    return hsum(acc);
+}
+
+static const ce_kernels kernels_avx2 = {
+    .name = "avx2",
+    .vec_dot =
+        {
+            [CE_TYPE_F32] = vec_dot_f32_avx2,
+            [CE_TYPE_F16] = vec_dot_f16_avx2,
+            [CE_TYPE_Q4_0] = vec_dot_q4_0_avx2,
+            [CE_TYPE_Q4_1] = vec_dot_q4_1_avx2,
+            [CE_TYPE_Q8_0] = vec_dot_q8_0_avx2,
+        },
+};
+
+const ce_kernels *ce_kernels_avx2(void) { return &kernels_avx2; }
+
+int ce_cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+#else
+#include "quant.h"
+const ce_kernels *ce_kernels_avx2(void) { return ce_kernels_generic(); }
+int ce_cpu_has_avx2(void) { return 0; }
+#endif

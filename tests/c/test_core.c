@@ -1,0 +1,342 @@
+/* C unit tests of the core, built twice by `make test`: optimized, and under ASan + UBSan.
+ * Each kernel set is checked against a double-precision reference over dequantized weights; the
+ * forward pass is checked for its exactness invariants on a small random model. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cecollm/cecollm.h"
+#include "quant.h"
+
+/* Tolerances, relative to Σ|w_j x_j| (the size of the terms summed): float accumulation over a few
+ * thousand terms stays well inside these. */
+#define TOL_DOT_REL 1e-5
+#define TOL_FP16_REL 1e-3
+
+static int failures = 0, checks = 0;
+
+#define CHECK(cond, ...)                                                                                \
+    do {                                                                                                \
+        checks++;                                                                                       \
+        if (!(cond)) {                                                                                  \
+            failures++;                                                                                 \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                        \
+            fprintf(stderr, __VA_ARGS__);                                                               \
+            fprintf(stderr, "\n");                                                                      \
+        }                                                                                               \
+    } while (0)
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static uint32_t rng_u32(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545f4914f6cdd1dull) >> 32);
+}
+static float rng_uniform(void) { return (float)rng_u32() / 4294967296.0f * 2.0f - 1.0f; }
+
+/* Random bytes for a weight tensor of the given type, with sane (finite, small) scales. */
+static void *random_tensor(int type, int64_t rows, int64_t cols) {
+    size_t rb = ce_row_bytes(type, cols);
+    uint8_t *p = malloc(rb * (size_t)rows);
+    for (size_t i = 0; i < rb * (size_t)rows; i++) p[i] = (uint8_t)rng_u32();
+    for (int64_t r = 0; r < rows; r++) {
+        uint8_t *row = p + rb * (size_t)r;
+        switch (type) {
+        case CE_TYPE_F32:
+            for (int64_t j = 0; j < cols; j++) ((float *)row)[j] = rng_uniform();
+            break;
+        case CE_TYPE_F16:
+            for (int64_t j = 0; j < cols; j++) ((uint16_t *)row)[j] = ce_fp32_to_fp16(rng_uniform());
+            break;
+        case CE_TYPE_Q4_0:
+            for (int64_t b = 0; b < cols / CE_QK; b++) ((ce_block_q4_0 *)row)[b].d = ce_fp32_to_fp16(0.01f * rng_uniform());
+            break;
+        case CE_TYPE_Q4_1:
+            for (int64_t b = 0; b < cols / CE_QK; b++) {
+                ((ce_block_q4_1 *)row)[b].d = ce_fp32_to_fp16(0.01f * rng_uniform());
+                ((ce_block_q4_1 *)row)[b].m = ce_fp32_to_fp16(0.05f * rng_uniform());
+            }
+            break;
+        case CE_TYPE_Q8_0:
+            for (int64_t b = 0; b < cols / CE_QK; b++) ((ce_block_q8_0 *)row)[b].d = ce_fp32_to_fp16(0.001f * rng_uniform());
+            break;
+        }
+    }
+    return p;
+}
+
+static void test_fp16(void) {
+    /* every finite half survives half -> float -> half unchanged */
+    int bad = 0;
+    for (uint32_t h = 0; h < 65536; h++) {
+        if (((h >> 10) & 0x1f) == 0x1f) continue; /* inf / nan */
+        if (ce_fp32_to_fp16(ce_fp16_to_fp32((uint16_t)h)) != h) bad++;
+    }
+    CHECK(bad == 0, "%d halves do not round-trip", bad);
+    CHECK(ce_fp16_to_fp32(0x3c00) == 1.0f, "1.0");
+    CHECK(ce_fp16_to_fp32(0xc000) == -2.0f, "-2.0");
+    CHECK(ce_fp16_to_fp32(0x0001) == ldexpf(1.0f, -24), "smallest subnormal");
+    CHECK(ce_fp32_to_fp16(65520.0f) == 0x7c00, "overflow to inf");
+    CHECK(ce_fp32_to_fp16(1.0f + ldexpf(1.0f, -11)) == 0x3c00, "ties to even (down)");
+    CHECK(ce_fp32_to_fp16(1.0f + 3 * ldexpf(1.0f, -11)) == 0x3c02, "ties to even (up)");
+    CHECK(isnan(ce_fp16_to_fp32(ce_fp32_to_fp16(NAN))), "nan stays nan");
+}
+
+static void test_row_bytes(void) {
+    CHECK(ce_row_bytes(CE_TYPE_Q4_1, 576) == 18 * 20, "q4_1 row");
+    CHECK(ce_row_bytes(CE_TYPE_Q8_0, 64) == 2 * 34, "q8_0 row");
+    CHECK(ce_row_bytes(CE_TYPE_Q4_0, 33) == 0, "partial block rejected");
+    CHECK(ce_row_bytes(7, 64) == 0, "unknown type rejected");
+    CHECK(ce_row_bytes(CE_TYPE_F32, 0) == 0, "empty row rejected");
+}
+
+/* every kernel set against a double-precision dot over the dequantized row */
+static void test_vec_dot(const ce_kernels *k) {
+    static const int types[] = {CE_TYPE_F32, CE_TYPE_F16, CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
+    static const int64_t sizes[] = {32, 64, 576, 1536};
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+            const int64_t cols = sizes[s], rows = 4;
+            void *w = random_tensor(types[t], rows, cols);
+            ce_tensor tensor = {w, types[t], cols, rows};
+            float *x = malloc(sizeof(float) * cols), *row = malloc(sizeof(float) * cols);
+            for (int64_t j = 0; j < cols; j++) x[j] = rng_uniform();
+            for (int64_t r = 0; r < rows; r++) {
+                ce_dequantize_row(&tensor, r, row);
+                double ref = 0.0, mag = 0.0;
+                for (int64_t j = 0; j < cols; j++) {
+                    ref += (double)row[j] * x[j];
+                    mag += fabs((double)row[j] * x[j]);
+                }
+                const void *wrow = (const uint8_t *)w + r * ce_row_bytes(types[t], cols);
+                float got = k->vec_dot[types[t]](wrow, x, cols);
+                CHECK(fabs(got - ref) <= TOL_DOT_REL * mag + 1e-30, "%s vec_dot %s cols %lld: %g vs %g (mag %g)",
+                      k->name, ce_type_name(types[t]), (long long)cols, (double)got, ref, mag);
+            }
+            free(w);
+            free(x);
+            free(row);
+        }
+    }
+}
+
+static void test_ops(void) {
+    float x[64], w[64], y[64];
+    for (int j = 0; j < 64; j++) x[j] = rng_uniform(), w[j] = rng_uniform();
+    ce_rmsnorm(y, x, w, 64, 1e-5f);
+    double ss = 0;
+    for (int j = 0; j < 64; j++) ss += (double)x[j] * x[j];
+    double scale = 1.0 / sqrt(ss / 64 + 1e-5);
+    for (int j = 0; j < 64; j++) CHECK(fabs(y[j] - x[j] * scale * w[j]) < 1e-5, "rmsnorm %d", j);
+
+    float s[5] = {1, 2, 3, 4, 1000};
+    ce_softmax(s, 5);
+    CHECK(fabsf(s[4] - 1.0f) < 1e-6f && s[0] >= 0.0f, "softmax with a large logit is stable");
+
+    /* rope preserves each rotated pair's norm, and position 0 is the identity */
+    float inv_freq[32], v[64], v0[64];
+    for (int i = 0; i < 32; i++) inv_freq[i] = 1.0f / powf(10000.0f, (float)(2 * i) / 64.0f);
+    for (int style = 0; style < 2; style++) {
+        for (int j = 0; j < 64; j++) v[j] = v0[j] = rng_uniform();
+        ce_rope(v, 64, 0, inv_freq, style);
+        CHECK(memcmp(v, v0, sizeof v) == 0, "rope at 0 is identity (style %d)", style);
+        ce_rope(v, 64, 17, inv_freq, style);
+        for (int i = 0; i < 32; i++) {
+            int a = style == CE_ROPE_ADJACENT ? 2 * i : i, b = style == CE_ROPE_ADJACENT ? 2 * i + 1 : i + 32;
+            float before = v0[a] * v0[a] + v0[b] * v0[b], after = v[a] * v[a] + v[b] * v[b];
+            CHECK(fabsf(before - after) < 1e-5f, "rope keeps pair norms (style %d pair %d)", style, i);
+        }
+    }
+}
+
+/* A tiny random model: 3 layers, dim 64, 4 heads of 16 (2 kv heads), ffn 96, vocab 50. */
+typedef struct {
+    ce_model m;
+    ce_layer layers[3];
+    void *blobs[64];
+    int n_blobs;
+} tiny_model;
+
+static ce_tensor tiny_tensor(tiny_model *t, int type, int64_t rows, int64_t cols) {
+    void *p = random_tensor(type, rows, cols);
+    t->blobs[t->n_blobs++] = p;
+    return (ce_tensor){p, type, cols, rows};
+}
+
+static ce_tensor tiny_norm(tiny_model *t, int64_t cols) {
+    float *p = malloc(sizeof(float) * cols);
+    for (int64_t j = 0; j < cols; j++) p[j] = 1.0f + 0.1f * rng_uniform();
+    t->blobs[t->n_blobs++] = p;
+    return (ce_tensor){p, CE_TYPE_F32, cols, 1};
+}
+
+static void tiny_build(tiny_model *t) {
+    memset(t, 0, sizeof *t);
+    t->m.cfg = (ce_config){3, 64, 96, 4, 2, 16, 50, 10000.0f, 1e-5f, CE_ROPE_ADJACENT};
+    t->m.token_embd = tiny_tensor(t, CE_TYPE_Q8_0, 50, 64);
+    t->m.output_norm = tiny_norm(t, 64);
+    t->m.output = t->m.token_embd;
+    for (int l = 0; l < 3; l++) {
+        ce_layer *L = &t->layers[l];
+        L->attn_norm = tiny_norm(t, 64);
+        L->wq = tiny_tensor(t, CE_TYPE_Q4_1, 64, 64);
+        L->wk = tiny_tensor(t, CE_TYPE_Q4_0, 32, 64);
+        L->wv = tiny_tensor(t, CE_TYPE_F16, 32, 64);
+        L->wo = tiny_tensor(t, CE_TYPE_Q4_1, 64, 64);
+        L->ffn_norm = tiny_norm(t, 64);
+        L->w_gate = tiny_tensor(t, CE_TYPE_Q4_1, 96, 64);
+        L->w_up = tiny_tensor(t, CE_TYPE_Q8_0, 96, 64);
+        L->w_down = tiny_tensor(t, CE_TYPE_F32, 64, 96);
+    }
+    t->m.layers = t->layers;
+}
+
+static void tiny_free(tiny_model *t) {
+    for (int i = 0; i < t->n_blobs; i++) free(t->blobs[i]);
+    ce_model_free(&t->m);
+}
+
+static void test_model_validation(void) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_build(&t);
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_OK, "tiny model initializes: %s", err);
+    ce_model_free(&t.m);
+
+    ce_tensor saved = t.layers[1].wk;
+    t.layers[1].wk.rows = 31;
+    err[0] = 0;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "blk.1.attn_k"), "bad shape named: %s", err);
+    t.layers[1].wk = saved;
+
+    t.layers[2].ffn_norm.type = CE_TYPE_F16;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "blk.2.ffn_norm"), "norm type: %s", err);
+    t.layers[2].ffn_norm.type = CE_TYPE_F32;
+
+    t.layers[0].w_up.type = 7;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "not supported"), "unknown type: %s", err);
+    t.layers[0].w_up.type = CE_TYPE_Q8_0;
+
+    t.m.cfg.n_kv_heads = 3;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL, "heads must group: %s", err);
+    t.m.cfg.n_kv_heads = 2;
+    tiny_free(&t);
+}
+
+/* Runs tokens through all layers one position at a time; returns the last hidden state in out. */
+static void tiny_forward_tokens(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, const int32_t *tok, int n, float *h) {
+    char err[CE_ERRLEN];
+    for (int i = 0; i < n; i++) {
+        ce_embed(m, 1, tok + i, h + (size_t)i * m->cfg.dim, err, sizeof err);
+        ce_forward(m, kv, ws, 0, m->cfg.n_layers, 1, i, h + (size_t)i * m->cfg.dim, err, sizeof err);
+    }
+}
+
+static void test_forward_invariants(void) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_build(&t);
+    ce_model *m = &t.m;
+    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init: %s", err);
+    const int n = 6, d = 64;
+    int32_t tok[6] = {3, 17, 42, 0, 49, 8};
+    float one[6 * 64], batch[6 * 64], split[6 * 64];
+    ce_workspace ws = {0};
+    ce_kv_cache a, b, c;
+    CHECK(ce_kv_cache_init(&a, &m->cfg, 0, 3, 16, err, sizeof err) == CE_OK, "cache a");
+    CHECK(ce_kv_cache_init(&b, &m->cfg, 0, 3, 16, err, sizeof err) == CE_OK, "cache b");
+    CHECK(ce_kv_cache_init(&c, &m->cfg, 0, 3, 16, err, sizeof err) == CE_OK, "cache c");
+
+    /* small batches are bitwise identical to one position at a time */
+    tiny_forward_tokens(m, &a, &ws, tok, n, one);
+    CHECK(ce_embed(m, n, tok, batch, err, sizeof err) == CE_OK, "embed");
+    CHECK(ce_forward(m, &b, &ws, 0, 3, n, 0, batch, err, sizeof err) == CE_OK, "batch forward: %s", err);
+    CHECK(memcmp(one, batch, sizeof one) == 0, "batch of %d == one at a time", n);
+    for (int l = 0; l < 3; l++)
+        for (int g = 0; g < 2; g++)
+            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&b, l, g), sizeof(float) * n * 16) == 0 &&
+                      memcmp(ce_kv_cache_v(&a, l, g), ce_kv_cache_v(&b, l, g), sizeof(float) * n * 16) == 0,
+                  "kv equal layer %d head %d", l, g);
+
+    /* a layer range split (edge [0,1), cloud [1,3)) composes to the whole */
+    ce_embed(m, n, tok, split, err, sizeof err);
+    CHECK(ce_forward(m, &c, &ws, 0, 1, n, 0, split, err, sizeof err) == CE_OK, "lower layers");
+    CHECK(ce_forward(m, &c, &ws, 1, 3, n, 0, split, err, sizeof err) == CE_OK, "upper layers");
+    CHECK(memcmp(split, batch, sizeof split) == 0, "split forward == whole forward");
+
+    /* head on the last position: logits agree with a sum over dequantized embedding rows */
+    float logits[50], xn[64], row[64];
+    CHECK(ce_head(m, &ws, NULL, 1, one + (n - 1) * d, logits, err, sizeof err) == CE_OK, "head: %s", err);
+    ce_rmsnorm(xn, one + (n - 1) * d, m->output_norm.data, d, m->cfg.norm_eps);
+    for (int v = 0; v < 50; v += 7) {
+        ce_dequantize_row(&m->output, v, row);
+        double ref = 0, mag = 0;
+        for (int j = 0; j < d; j++) ref += (double)row[j] * xn[j], mag += fabs((double)row[j] * xn[j]);
+        CHECK(fabs(logits[v] - ref) <= TOL_DOT_REL * mag + 1e-30, "logit %d: %g vs %g", v, (double)logits[v], ref);
+    }
+
+    /* errors: gaps, capacity, layers outside the cache, bad tokens */
+    float h[64] = {0};
+    CHECK(ce_forward(m, &a, &ws, 0, 3, 1, n + 1, h, err, sizeof err) == CE_ERANGE, "gap rejected: %s", err);
+    CHECK(ce_forward(m, &a, &ws, 0, 3, 1, 16, h, err, sizeof err) == CE_ERANGE, "past capacity rejected");
+    ce_kv_cache upper;
+    CHECK(ce_kv_cache_init(&upper, &m->cfg, 1, 3, 8, err, sizeof err) == CE_OK, "upper cache");
+    CHECK(ce_forward(m, &upper, &ws, 0, 3, 1, 0, h, err, sizeof err) == CE_EINVAL, "layer 0 not in upper cache");
+    ce_kv_cache_free(&upper);
+    CHECK(ce_kv_cache_init(&upper, &m->cfg, 2, 4, 8, err, sizeof err) == CE_EINVAL, "range past n_layers");
+    int32_t bad = 50;
+    CHECK(ce_embed(m, 1, &bad, h, err, sizeof err) == CE_EINVAL, "token outside vocab");
+
+    /* recomputing a position drops what followed it */
+    memcpy(h, batch, sizeof h);
+    CHECK(ce_forward(m, &b, &ws, 0, 3, 1, 2, h, err, sizeof err) == CE_OK, "recompute position 2");
+    CHECK(b.len[0] == 3 && b.len[2] == 3, "lengths truncated to 3");
+
+    ce_kv_cache_free(&a);
+    ce_kv_cache_free(&b);
+    ce_kv_cache_free(&c);
+    ce_workspace_free(&ws);
+    tiny_free(&t);
+}
+
+static void test_matmul_paths(void) {
+    /* the sgemm path (n > CE_SMALL_BATCH) agrees with the kernel path within float rounding */
+    char err[CE_ERRLEN];
+    const int n = CE_SMALL_BATCH + 3, rows = 300, cols = 128; /* 300 rows: two sgemm panels */
+    void *w = random_tensor(CE_TYPE_Q4_1, rows, cols);
+    ce_tensor t = {w, CE_TYPE_Q4_1, cols, rows};
+    float *x = malloc(sizeof(float) * n * cols), *big = malloc(sizeof(float) * n * rows), small[300];
+    for (int j = 0; j < n * cols; j++) x[j] = rng_uniform();
+    ce_workspace ws = {0};
+    CHECK(ce_matmul(&t, &ws, n, x, big, err, sizeof err) == CE_OK, "sgemm path");
+    for (int i = 0; i < n; i++) {
+        CHECK(ce_matmul(&t, &ws, 1, x + i * cols, small, err, sizeof err) == CE_OK, "kernel path");
+        for (int r = 0; r < rows; r++)
+            CHECK(fabsf(small[r] - big[i * rows + r]) <= 1e-4f * (1.0f + fabsf(small[r])), "row %d col %d: %g vs %g", i, r,
+                  (double)small[r], (double)big[i * rows + r]);
+    }
+    ce_workspace_free(&ws);
+    free(w);
+    free(x);
+    free(big);
+}
+
+int main(void) {
+    char err[CE_ERRLEN];
+    test_fp16();
+    test_row_bytes();
+    test_ops();
+    test_vec_dot(ce_kernels_generic());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_vec_dot(ce_kernels_active());
+    for (int threads = 1; threads <= 3; threads += 2) { /* the invariants hold with and without the pool */
+        CHECK(ce_threads_set(threads, err, sizeof err) == CE_OK, "threads %d", threads);
+        test_model_validation();
+        test_forward_invariants();
+        test_matmul_paths();
+    }
+    CHECK(ce_threads_set(1, err, sizeof err) == CE_OK, "back to one thread");
+    printf("%d passed, %d failed\n", checks - failures, failures);
+    return failures != 0;
+}
