@@ -247,13 +247,32 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
     }
 }
 
-ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end,
-                     int n, int pos0, float *x, char *err, size_t errlen) {
+/* Keys and values of layer l for positions pos0.. from normed inputs xn (n, dim), rotated and stored;
+ * k, v: (n, n_kv_heads*head_dim) scratch. */
+static ce_status store_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l, int n, int pos0,
+                          const float *xn, float *k, float *v, char *err, size_t errlen) {
     const ce_config *c = &m->cfg;
-    const int d = c->dim, hd = c->head_dim, f = c->ffn_dim;
-    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    const int hd = c->head_dim, kvd = c->n_kv_heads * hd;
+    const ce_layer *L = &m->layers[l];
     ce_status st;
+    if ((st = ce_matmul(&L->wk, ws, n, xn, k, err, errlen)) || (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
+        return st;
+    for (int i = 0; i < n; i++) {
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            float *ki = k + (size_t)i * kvd + g * hd;
+            ce_rope(ki, hd, pos0 + i, m->rope_inv_freq, c->rope_style);
+            memcpy(ce_kv_cache_k(kv, l, g) + (size_t)(pos0 + i) * hd, ki, sizeof(float) * hd);
+            memcpy(ce_kv_cache_v(kv, l, g) + (size_t)(pos0 + i) * hd, v + (size_t)i * kvd + g * hd, sizeof(float) * hd);
+        }
+    }
+    kv->len[l - kv->layer_begin] = pos0 + n;
+    return CE_OK;
+}
 
+/* The checks every cache write shares: layers inside the cache, positions inside its capacity, and no
+ * gap before pos0 in any layer. */
+static ce_status check_positions(const ce_kv_cache *kv, int layer_begin, int layer_end, int n, int pos0, char *err,
+                                 size_t errlen) {
     if (layer_begin < kv->layer_begin || layer_end > kv->layer_end || layer_begin > layer_end)
         return ce_fail(err, errlen, CE_EINVAL, "layers [%d, %d) are not inside the cache's [%d, %d)", layer_begin,
                        layer_end, kv->layer_begin, kv->layer_end);
@@ -264,6 +283,33 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
         if (pos0 > kv->len[l - kv->layer_begin])
             return ce_fail(err, errlen, CE_ERANGE, "layer %d holds positions [0, %d): cannot start at %d", l,
                            kv->len[l - kv->layer_begin], pos0);
+    return CE_OK;
+}
+
+ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end, int n,
+                     int pos0, const float *x, char *err, size_t errlen) {
+    const ce_config *c = &m->cfg;
+    const int d = c->dim, kvd = c->n_kv_heads * c->head_dim;
+    ce_status st;
+    if ((st = check_positions(kv, layer_begin, layer_end, n, pos0, err, errlen))) return st;
+    if ((st = grow((void **)&ws->buf, &ws->n_floats, (size_t)n * (d + 2 * kvd), sizeof(float), err, errlen))) return st;
+    float *xn = ws->buf, *k = xn + (size_t)n * d, *v = k + (size_t)n * kvd;
+    for (int l = layer_begin; l < layer_end; l++) {
+        for (int i = 0; i < n; i++)
+            ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, m->layers[l].attn_norm.data, d, c->norm_eps);
+        if ((st = store_kv(m, kv, ws, l, n, pos0, xn, k, v, err, errlen))) return st;
+    }
+    return CE_OK;
+}
+
+ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end,
+                     int n, int pos0, float *x, char *err, size_t errlen) {
+    const ce_config *c = &m->cfg;
+    const int d = c->dim, hd = c->head_dim, f = c->ffn_dim;
+    const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
+    ce_status st;
+
+    if ((st = check_positions(kv, layer_begin, layer_end, n, pos0, err, errlen))) return st;
 
     /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d)
      *          | scores (threads, capacity) */
@@ -278,22 +324,12 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
         /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->attn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&L->wq, ws, n, xn, q, err, errlen)) || (st = ce_matmul(&L->wk, ws, n, xn, k, err, errlen)) ||
-            (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
+        if ((st = ce_matmul(&L->wq, ws, n, xn, q, err, errlen)) || (st = store_kv(m, kv, ws, l, n, pos0, xn, k, v, err, errlen)))
             return st;
-        for (int i = 0; i < n; i++) {
-            const int pos = pos0 + i;
-            for (int h = 0; h < c->n_heads; h++) ce_rope(q + (size_t)i * qd + h * hd, hd, pos, m->rope_inv_freq, c->rope_style);
-            for (int g = 0; g < c->n_kv_heads; g++) {
-                float *ki = k + (size_t)i * kvd + g * hd;
-                ce_rope(ki, hd, pos, m->rope_inv_freq, c->rope_style);
-                memcpy(ce_kv_cache_k(kv, l, g) + (size_t)pos * hd, ki, sizeof(float) * hd);
-                memcpy(ce_kv_cache_v(kv, l, g) + (size_t)pos * hd, v + (size_t)i * kvd + g * hd, sizeof(float) * hd);
-            }
-        }
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < c->n_heads; h++) ce_rope(q + (size_t)i * qd + h * hd, hd, pos0 + i, m->rope_inv_freq, c->rope_style);
         attention_job job = {c, kv, l, pos0, q, att, scores};
         ce_parallel_for((int64_t)n * c->n_heads, attention_heads, &job);
-        kv->len[l - kv->layer_begin] = pos0 + n;
         if ((st = ce_matmul(&L->wo, ws, n, att, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
 
@@ -310,14 +346,18 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     return CE_OK;
 }
 
-ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x, float *logits,
-                  char *err, size_t errlen) {
+ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x, int rows,
+                  float *logits, char *err, size_t errlen) {
     const int d = m->cfg.dim;
+    if (rows <= 0 || rows > m->cfg.vocab)
+        return ce_fail(err, errlen, CE_EINVAL, "head rows %d outside [1, %d]", rows, m->cfg.vocab);
     if (norm == NULL) norm = &m->output_norm;
     if (norm->type != CE_TYPE_F32 || norm->cols != d || norm->data == NULL)
         return ce_fail(err, errlen, CE_EINVAL, "head norm must be F32 of %d elements", d);
     ce_status st;
     if ((st = grow((void **)&ws->buf, &ws->n_floats, (size_t)n * d, sizeof(float), err, errlen))) return st;
     for (int i = 0; i < n; i++) ce_rmsnorm(ws->buf + (size_t)i * d, x + (size_t)i * d, norm->data, d, m->cfg.norm_eps);
-    return ce_matmul(&m->output, ws, n, ws->buf, logits, err, errlen);
+    ce_tensor head = m->output; /* the first `rows` rows: contiguous, so a view */
+    head.rows = rows;
+    return ce_matmul(&head, ws, n, ws->buf, logits, err, errlen);
 }

@@ -242,12 +242,16 @@ fail:
     return NULL;
 }
 
-/* head(x, norm=None) -> logits float32 (n, vocab) */
+/* head(x, norm=None, rows=vocab) -> logits float32 (n, rows) over the first rows vocabulary entries */
 static PyObject *Model_head(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"x", "norm", NULL};
+    static char *kwlist[] = {"x", "norm", "rows", NULL};
     PyObject *xo, *normo = Py_None;
     PyArrayObject *x = NULL, *norm = NULL, *out = NULL;
-    if (!model_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &xo, &normo)) return NULL;
+    int rows = -1;
+    if (!model_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "O|Oi", kwlist, &xo, &normo, &rows)) return NULL;
+    if (rows == -1) rows = self->model.cfg.vocab;
+    if (rows <= 0 || rows > self->model.cfg.vocab)
+        return PyErr_Format(PyExc_ValueError, "rows %d outside [1, %d]", rows, self->model.cfg.vocab);
     const int d = self->model.cfg.dim;
     if ((x = as_rows(xo, d, "x")) == NULL) goto fail;
     ce_tensor norm_t = {0};
@@ -260,14 +264,14 @@ static PyObject *Model_head(ModelObject *self, PyObject *args, PyObject *kwds) {
         norm_t = (ce_tensor){PyArray_DATA(norm), CE_TYPE_F32, d, 1};
     }
     npy_intp n = n_rows(x);
-    npy_intp dims[2] = {n, self->model.cfg.vocab};
+    npy_intp dims[2] = {n, rows};
     if ((out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32)) == NULL) goto fail;
     char err[CE_ERRLEN] = "";
     ce_status st;
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    st = ce_head(&self->model, &self->ws, norm ? &norm_t : NULL, (int)n, PyArray_DATA(x), PyArray_DATA(out), err,
-                 sizeof err);
+    st = ce_head(&self->model, &self->ws, norm ? &norm_t : NULL, (int)n, PyArray_DATA(x), rows, PyArray_DATA(out),
+                 err, sizeof err);
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (st != CE_OK) {
@@ -386,6 +390,28 @@ static PyObject *Cache_forward(CacheObject *self, PyObject *args, PyObject *kwds
         return raise_status(state_of_type(Py_TYPE(self))->error, st, err);
     }
     return (PyObject *)out;
+}
+
+/* fill_kv(x, pos0, layer_begin, layer_end): keys/values of those layers from the same hidden states x */
+static PyObject *Cache_fill_kv(CacheObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"x", "pos0", "layer_begin", "layer_end", NULL};
+    PyObject *xo;
+    int pos0, begin, end;
+    if (!cache_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "Oiii", kwlist, &xo, &pos0, &begin, &end))
+        return NULL;
+    const ce_model *m = &self->model->model;
+    PyArrayObject *x = as_rows(xo, m->cfg.dim, "x");
+    if (x == NULL) return NULL;
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    st = ce_fill_kv(m, &self->kv, &self->ws, begin, end, (int)n_rows(x), pos0, PyArray_DATA(x), err, sizeof err);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(x);
+    if (st != CE_OK) return raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+    Py_RETURN_NONE;
 }
 
 /* lengths() -> list of filled lengths, one per layer of the cache */
@@ -534,6 +560,43 @@ static PyObject *core_rope(PyObject *mod, PyObject *args) {
     return (PyObject *)x;
 }
 
+/* confidence(logits, metric) -> (conf float32 (n,), top1 int64 (n,)) for each row of logits */
+static PyObject *core_confidence(PyObject *mod, PyObject *args) {
+    PyObject *lo;
+    int metric;
+    if (!PyArg_ParseTuple(args, "Oi", &lo, &metric)) return NULL;
+    PyArrayObject *logits = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 2, NPY_ARRAY_IN_ARRAY);
+    if (logits == NULL) return NULL;
+    npy_intp n = n_rows(logits), vocab = PyArray_DIM(logits, PyArray_NDIM(logits) - 1);
+    PyArrayObject *conf = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_FLOAT32);
+    PyArrayObject *top1 = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_INT64);
+    if (conf == NULL || top1 == NULL || vocab > INT32_MAX) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "too many logits per row");
+        goto fail;
+    }
+    char err[CE_ERRLEN] = "";
+    ce_status st = CE_OK;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < n && st == CE_OK; i++) {
+        int best = 0;
+        st = ce_confidence((const float *)PyArray_DATA(logits) + i * vocab, (int)vocab, metric,
+                           (float *)PyArray_DATA(conf) + i, &best, err, sizeof err);
+        ((int64_t *)PyArray_DATA(top1))[i] = best;
+    }
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+        goto fail;
+    }
+    Py_DECREF(logits);
+    return Py_BuildValue("(NN)", conf, top1);
+fail:
+    Py_DECREF(logits);
+    Py_XDECREF(conf);
+    Py_XDECREF(top1);
+    return NULL;
+}
+
 /* row_bytes(type, cols) -> bytes of one row, 0 when the type is unknown or cols do not fill its blocks */
 static PyObject *core_row_bytes(PyObject *mod, PyObject *args) {
     (void)mod;
@@ -586,6 +649,8 @@ static PyMethodDef core_methods[] = {
     {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x) -> x @ W.T with the active kernels"},
     {"rmsnorm", core_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps) -> x / sqrt(mean(x^2) + eps) * w per row"},
     {"rope", core_rope, METH_VARARGS, "rope(x, pos, theta, style) -> heads of x rotated for pos"},
+    {"confidence", core_confidence, METH_VARARGS,
+     "confidence(logits, metric) -> (conf, top1) per row; metric METRIC_MAX_PROB, METRIC_MARGIN or METRIC_ENTROPY"},
     {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
     {"select_kernels", core_select_kernels, METH_VARARGS, "select_kernels(name='auto') -> active kernel set"},
     {NULL, NULL, 0, NULL},
@@ -620,6 +685,8 @@ static PyType_Spec Model_spec = {"cecollm._core.Model", sizeof(ModelObject), 0,
 static PyMethodDef Cache_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Cache_forward, METH_VARARGS | METH_KEYWORDS,
      "forward(x, pos0, layer_begin=None, layer_end=None) -> hidden states after the layer range"},
+    {"fill_kv", (PyCFunction)(void (*)(void))Cache_fill_kv, METH_VARARGS | METH_KEYWORDS,
+     "fill_kv(x, pos0, layer_begin, layer_end): keys/values of skipped layers from the same hidden states"},
     {"lengths", (PyCFunction)Cache_lengths, METH_NOARGS, "lengths() -> filled positions per layer"},
     {"kv", (PyCFunction)Cache_kv, METH_O, "kv(layer) -> (keys, values) copies, (n_kv_heads, len, head_dim)"},
     {NULL, NULL, 0, NULL},
@@ -665,7 +732,10 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "TYPE_Q8_0", CE_TYPE_Q8_0) ||
         PyModule_AddIntConstant(mod, "ROPE_ADJACENT", CE_ROPE_ADJACENT) ||
         PyModule_AddIntConstant(mod, "ROPE_HALF", CE_ROPE_HALF) ||
-        PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH))
+        PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH) ||
+        PyModule_AddIntConstant(mod, "METRIC_MAX_PROB", CE_METRIC_MAX_PROB) ||
+        PyModule_AddIntConstant(mod, "METRIC_MARGIN", CE_METRIC_MARGIN) ||
+        PyModule_AddIntConstant(mod, "METRIC_ENTROPY", CE_METRIC_ENTROPY))
         return -1;
     return 0;
 }

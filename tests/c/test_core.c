@@ -268,7 +268,7 @@ static void test_forward_invariants(void) {
 
     /* head on the last position: logits agree with a sum over dequantized embedding rows */
     float logits[50], xn[64], row[64];
-    CHECK(ce_head(m, &ws, NULL, 1, one + (n - 1) * d, logits, err, sizeof err) == CE_OK, "head: %s", err);
+    CHECK(ce_head(m, &ws, NULL, 1, one + (n - 1) * d, 50, logits, err, sizeof err) == CE_OK, "head: %s", err);
     ce_rmsnorm(xn, one + (n - 1) * d, m->output_norm.data, d, m->cfg.norm_eps);
     for (int v = 0; v < 50; v += 7) {
         ce_dequantize_row(&m->output, v, row);

@@ -169,9 +169,16 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
 ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin,
                      int layer_end, int n, int pos0, float *x, char *err, size_t errlen);
 
-/* Norm + LM head: logits (n, vocab) = output(rmsnorm(x) * norm). norm: NULL for the model's final
- * norm, or a (dim) F32 tensor (an exit head's own norm). */
-ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x,
+/* Computes only the keys/values of layers [layer_begin, layer_end) at positions pos0.. from the same
+ * hidden states x (n, dim), which are not changed: the "propagate" treatment of skipped layers, where
+ * an exited token's hidden state stands in for the layers it skipped (approximate, as in CALM). */
+ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end,
+                     int n, int pos0, const float *x, char *err, size_t errlen);
+
+/* Norm + LM head: logits (n, rows) = output[:rows](rmsnorm(x) * norm), over the first `rows`
+ * vocabulary entries (rows = vocab for the whole head; fewer for a cheap candidate check). norm: NULL
+ * for the model's final norm, or a (dim) F32 tensor (an exit head's own norm). */
+ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x, int rows,
                   float *logits, char *err, size_t errlen);
 
 /* y (n, w->rows) = x (n, w->cols) · wᵀ. The building block of every projection. */
@@ -179,6 +186,17 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int n, const float *x,
                     size_t errlen);
 
 #define CE_SMALL_BATCH 8
+
+/* ---- early exits (exits.c) ------------------------------------------------------------------ */
+
+typedef enum {
+    CE_METRIC_MAX_PROB = 0, /* max_j p_j */
+    CE_METRIC_MARGIN = 1,   /* p_top1 - p_top2 */
+    CE_METRIC_ENTROPY = 2,  /* 1 - H(p) / ln(n): 1 for a one-hot, 0 for uniform */
+} ce_metric;
+
+/* Confidence in [0, 1] of p = softmax(logits) over n entries, and its argmax in top1. */
+ce_status ce_confidence(const float *logits, int n, int metric, float *conf, int *top1, char *err, size_t errlen);
 
 /* ---- element-wise operations (ops.c) -------------------------------------------------------- */
 

@@ -1,0 +1,238 @@
+"""The edge device: layers [0, split) with early exits, keeping its KV cache exact by catch-up.
+
+A token that exits at e has no keys/values yet in layers [e, split). With kv="catchup" those
+positions ride along with the next token's pass through the deeper layers (a batch of a few positions
+costs little more than one when decode is memory-bound), so the cache always ends up exactly as a
+plain forward pass would leave it. With kv="propagate" the exit's hidden state stands in for the
+skipped layers' inputs at once (approximate, as in CALM).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _core
+from .exits import METRICS, ExitPolicy
+from .model import GenerationResult, Model, Sampler
+
+
+@dataclass
+class TokenTrace:
+    """Where and how one generated token was decided."""
+
+    token: int
+    exit_layer: int  # layers run for this token before it was decided
+    confidence: float  # at that exit, in the policy's metric
+    layers_run: int  # position-layers computed in this step, catch-up included
+    head_checks: int  # full LM-head evaluations in this step
+    prechecks_skipped: int = 0  # exits skipped by the candidate pre-check
+    source: str = "edge"  # "edge", or "cloud" in collaborative mode
+    full_token: int | None = None  # the full model's choice for the same prefix, when traced
+
+    @property
+    def matches_full(self) -> bool | None:
+        return None if self.full_token is None else self.full_token == self.token
+
+
+@dataclass
+class ExitDecision:
+    """The result of running one token through the edge layers."""
+
+    logits: np.ndarray | None  # full-vocabulary logits at the exit taken (None: not exited)
+    exit_layer: int
+    confidence: float
+    hidden: np.ndarray  # (dim,) hidden state of the token at exit_layer
+    layers_run: int
+    head_checks: int
+    prechecks_skipped: int
+
+
+@dataclass
+class _Pending:
+    exit_layer: int
+    hidden: np.ndarray = field(repr=False)
+
+
+class EdgeRunner:
+    """Runs one sequence through the edge layers with early exits.
+
+    >>> runner = EdgeRunner(model, ExitPolicy(exits=(6, 10), split=15), capacity=256)  # doctest: +SKIP
+    >>> runner.prefill(prompt_ids)                                                      # doctest: +SKIP
+    >>> decision = runner.step(token, finish_at_split=True)                             # doctest: +SKIP
+    """
+
+    def __init__(self, model: Model, policy: ExitPolicy, capacity: int):
+        policy.validate_for(model.n_layers, model.config["vocab"], model.config["dim"])
+        self.model, self.policy = model, policy
+        self.cache = model.new_cache(capacity, 0, policy.split)
+        self.boundaries = [e for e in policy.exits if e < policy.split] + [policy.split]
+        self.pending: dict[int, _Pending] = {}  # position -> exit layer and hidden state there
+        self.n_pos = 0
+        self.metric = METRICS[policy.metric]
+
+    # ---- running layers ----
+    def _run(self, hidden: np.ndarray, pos0: int, begin: int, end: int) -> np.ndarray:
+        """Layers [begin, end) for positions pos0.., in slices of at most SMALL_BATCH positions so that
+        catch-up is bitwise identical to one position at a time."""
+        if begin == end:
+            return hidden
+        out = np.empty_like(hidden)
+        for i in range(0, len(hidden), _core.SMALL_BATCH):
+            out[i : i + _core.SMALL_BATCH] = self.cache.forward(hidden[i : i + _core.SMALL_BATCH], pos0 + i, begin, end)
+        return out
+
+    def prefill(self, ids) -> np.ndarray:
+        """Runs the prompt through all edge layers (one batch); returns hidden states at the split."""
+        if self.n_pos or self.pending:
+            raise RuntimeError("prefill starts a fresh sequence")
+        ids = np.asarray(ids, np.int32)
+        hidden = self.cache.forward(self.model.core.embed(ids), 0)
+        self.n_pos = len(ids)
+        return hidden
+
+    def step(self, token: int, finish_at_split: bool = True) -> ExitDecision:
+        """Runs token (at the next position) up the edge layers until an exit accepts it.
+
+        At the split the token is finished locally when finish_at_split (standalone mode);
+        otherwise the decision comes back with logits=None and the split hidden state, for the cloud.
+        """
+        p = self.n_pos
+        if p >= self.cache.capacity:
+            raise IndexError(f"the sequence is full ({self.cache.capacity} positions)")
+        batch = self.model.core.embed(np.array([token], np.int32))
+        start = p  # the batch holds positions [start, p]
+        layer, layers_run, checks, skipped = 0, 0, 0, 0
+        for boundary in self.boundaries:
+            batch, start = self._catch_up_into(batch, start, layer)
+            batch = self._run(batch, start, layer, boundary)
+            layers_run += len(batch) * (boundary - layer)
+            layer = boundary
+            at_split = boundary == self.policy.split
+            if at_split and not finish_at_split:
+                self.n_pos = p + 1
+                return ExitDecision(None, boundary, 0.0, batch[-1], layers_run, checks, skipped)
+            threshold = 0.0 if at_split else self.policy.threshold(boundary)
+            if threshold > 1.0:
+                continue
+            if not at_split and self._precheck_fails(batch[-1], boundary, threshold):
+                skipped += 1
+                continue
+            logits = self.model.core.head(batch[-1:], self.policy.norm(boundary))[0]
+            checks += 1
+            conf, top1 = _core.confidence(logits, self.metric)
+            if at_split or conf[0] >= threshold:
+                self._leave_pending(batch, start, boundary)
+                self.n_pos = p + 1
+                return ExitDecision(logits, boundary, float(conf[0]), batch[-1], layers_run, checks, skipped)
+        raise AssertionError("unreachable: the split always decides")
+
+    def _precheck_fails(self, hidden: np.ndarray, exit_layer: int, threshold: float) -> bool:
+        """True when the candidate head proves (given its top-1 is the full top-1) that the exit fails."""
+        rows = self.policy.precheck_rows
+        if rows is None:
+            return False
+        logits = self.model.core.head(hidden[None], self.policy.norm(exit_layer), rows)
+        bound, _ = _core.confidence(logits, _core.METRIC_MAX_PROB)  # ≥ full p(top1) and ≥ full margin
+        return bool(bound[0] < threshold)
+
+    def _leave_pending(self, batch: np.ndarray, start: int, exit_layer: int) -> None:
+        """Positions [start, start+len(batch)) stop at exit_layer: their deeper keys/values come later
+        (catch-up) or now from their own hidden states (propagate)."""
+        if exit_layer == self.policy.split:
+            return
+        if self.policy.kv == "propagate":
+            self.cache.fill_kv(batch, start, exit_layer, self.policy.split)
+            return
+        for i, h in enumerate(batch):
+            self.pending[start + i] = _Pending(exit_layer, h.copy())
+
+    def _catch_up_into(self, batch: np.ndarray, start: int, layer: int) -> tuple[np.ndarray, int]:
+        """Puts in front of the batch the pending positions that exited at `layer`: those in
+        [filled length of layer, start), whose hidden states entering `layer` were kept."""
+        first = self.cache.lengths()[layer]
+        if first >= start:
+            return batch, start
+        waiting = range(first, start)
+        assert all(self.pending[q].exit_layer == layer for q in waiting), "catch-up out of order"
+        return np.concatenate([np.stack([self.pending.pop(q).hidden for q in waiting]), batch]), first
+
+    def flush(self) -> tuple[int, np.ndarray] | None:
+        """Completes all pending catch-up now, without a new token. Returns (first position, split
+        hidden states of the positions it finished), or None when nothing was pending."""
+        if not self.pending:
+            return None
+        layer = min(pending.exit_layer for pending in self.pending.values())
+        batch, start = np.empty((0, self.model.config["dim"]), np.float32), self.n_pos
+        for boundary in (b for b in self.boundaries if b > layer):
+            batch, start = self._catch_up_into(batch, start, layer)
+            batch = self._run(batch, start, layer, boundary)
+            layer = boundary
+        return start, batch
+
+
+def generate_edge(
+    model: Model,
+    prompt,
+    policy: ExitPolicy,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = False,
+    trace_full: bool = False,
+) -> GenerationResult:
+    """Edge standalone generation: tokens finish at an early exit or at the exit at the split.
+
+    With trace_full, each token's trace also records the full model's greedy choice for the same
+    prefix (run alongside in a second cache; costs a full forward pass per token).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    sample = Sampler(temperature, top_k, top_p, seed)
+    ids = model._prompt_ids(prompt, chat)
+    capacity = len(ids) + max_new_tokens
+    runner = EdgeRunner(model, policy, capacity)
+    full = model.new_cache(capacity) if trace_full else None
+
+    t0 = time.perf_counter()
+    hidden = runner.prefill(ids)
+    logits = model.core.head(hidden[-1:], policy.norm(policy.split))[0]  # the first token: the split's exit
+    full_logits = model.core.head(full.forward(model.core.embed(np.asarray(ids, np.int32)), 0)[-1:])[0] if full else None
+    t1 = time.perf_counter()
+    tokens, traces = [], []
+    trace = TokenTrace(-1, policy.split, 0.0, 0, 1)  # prompt work is not a decode step's
+    finish = "length"
+    for step in range(max_new_tokens):
+        token = sample(logits)
+        if token in model.tokenizer.end_ids:
+            finish = "stop"
+            break
+        trace.token = token
+        if full_logits is not None:
+            trace.full_token = int(np.argmax(full_logits))
+        tokens.append(token)
+        traces.append(trace)
+        if step + 1 == max_new_tokens:
+            break
+        decision = runner.step(token)
+        logits = decision.logits
+        trace = TokenTrace(-1, decision.exit_layer, decision.confidence, decision.layers_run, decision.head_checks,
+                           decision.prechecks_skipped)  # fmt: skip
+        if full is not None:
+            pos = len(ids) + step
+            full_logits = model.core.head(full.forward(model.core.embed(np.array([token], np.int32)), pos))[0]
+    t2 = time.perf_counter()
+    return GenerationResult(
+        text=model.detokenize(tokens),
+        tokens=tokens,
+        prompt_tokens=ids,
+        finish_reason=finish,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        decode_steps=len(tokens) - (finish == "length"),
+        extra={"traces": traces, "policy": policy},
+    )

@@ -1,0 +1,41 @@
+/* Early-exit confidence: how sure a distribution softmax(logits) is, as a number in [0, 1]. */
+#include <math.h>
+
+#include "cecollm/cecollm.h"
+#include "util.h"
+
+ce_status ce_confidence(const float *logits, int n, int metric, float *conf, int *top1, char *err, size_t errlen) {
+    if (n < 2) return ce_fail(err, errlen, CE_EINVAL, "confidence needs at least 2 logits, got %d", n);
+    if (metric != CE_METRIC_MAX_PROB && metric != CE_METRIC_MARGIN && metric != CE_METRIC_ENTROPY)
+        return ce_fail(err, errlen, CE_EINVAL, "unknown confidence metric %d", metric);
+    int best = 0, second = -1;
+    for (int j = 1; j < n; j++) {
+        if (logits[j] > logits[best]) {
+            second = best;
+            best = j;
+        } else if (second < 0 || logits[j] > logits[second]) {
+            second = j;
+        }
+    }
+    if (!isfinite(logits[best])) return ce_fail(err, errlen, CE_EINVAL, "logits are not finite");
+    /* Z = Σ exp(l_j - l_max); p_j = exp(l_j - l_max) / Z */
+    const double max = logits[best];
+    double z = 0.0, weighted = 0.0; /* weighted = Σ exp(l_j - max) (l_j - max) */
+    for (int j = 0; j < n; j++) {
+        double e = exp(logits[j] - max);
+        z += e;
+        weighted += e * (logits[j] - max);
+    }
+    double p1 = 1.0 / z, p2 = exp(logits[second] - max) / z;
+    switch (metric) {
+    case CE_METRIC_MAX_PROB: *conf = (float)p1; break;
+    case CE_METRIC_MARGIN: *conf = (float)(p1 - p2); break;
+    default: { /* H = log Z - Σ p_j (l_j - max); confidence 1 - H / log n */
+        double h = log(z) - weighted / z;
+        *conf = (float)(1.0 - h / log((double)n));
+        break;
+    }
+    }
+    *top1 = best;
+    return CE_OK;
+}
