@@ -85,3 +85,33 @@ class ExitPolicy:
 def confidence(logits: np.ndarray, metric: str = "max_prob") -> tuple[np.ndarray, np.ndarray]:
     """(confidence, top-1 id) per row of logits, computed in C."""
     return _core.confidence(np.asarray(logits, np.float32), METRICS[metric])
+
+
+def load_exit_norms(path) -> dict[int, np.ndarray]:
+    """Exit-head norms from a side file: tensors named ``exit.{E}.norm.weight`` (E = the exit point),
+    in safetensors or GGUF. Returns {E: (dim,) float32}."""
+    import re
+
+    path = str(path)
+    pattern = re.compile(r"exit\.(\d+)\.norm\.weight")
+    if path.endswith(".gguf"):
+        from .gguf_loader import ModelFormatError
+
+        import gguf
+
+        try:
+            tensors = {t.name: np.array(t.data, np.float32) for t in gguf.GGUFReader(path, "r").tensors}
+        except Exception as exc:
+            raise ModelFormatError(f"{path}: not a readable GGUF file ({exc})") from None
+    else:
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+    norms = {}
+    for name, value in tensors.items():
+        match = pattern.fullmatch(name)
+        if match:
+            norms[int(match.group(1))] = np.ascontiguousarray(value, np.float32).reshape(-1)
+    if not norms:
+        raise ValueError(f"{path}: no tensors named exit.<E>.norm.weight")
+    return norms

@@ -1,0 +1,295 @@
+"""Accuracy sweeps of early-exit policies: what each setting costs in agreement with the full model.
+
+Teacher-forced statistics come from one pass over the text per exit layer: with catch-up, the edge's
+KV cache equals the full model's, so the hidden state at every layer is exactly what a plain forward
+pass computes, and every policy can be scored from the same per-layer confidences. Free greedy
+generation and decode speed are measured by actually generating with each policy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from .edge import generate_edge
+from .exits import METRICS, ExitPolicy
+from .model import Model
+
+SWEEP_PROMPTS = (
+    "The history of the bicycle begins",
+    "Here is a short recipe for tomato soup:",
+    "def merge_sorted(a, b):",
+)
+
+
+def eval_text(split: str = "test") -> list[str]:
+    """Paragraphs of the shipped evaluation text (written for cecollm, CC0); split "train" or "test"."""
+    raw = resources.files("cecollm").joinpath("data/evaltext.txt").read_text(encoding="utf-8")
+    splits: dict[str, list[str]] = {}
+    current = None
+    for block in raw.split("\n\n"):
+        lines = [ln for ln in block.strip("\n").split("\n") if not ln.startswith("# ")]
+        if lines and lines[0].startswith("## split:"):
+            current = lines[0].split(":", 1)[1].strip()
+            lines = lines[1:]
+        text = "\n".join(lines).strip("\n")
+        if text and current:
+            splits.setdefault(current, []).append(text)
+    if split not in splits:
+        raise ValueError(f"no split {split!r} in the evaluation text (have {sorted(splits)})")
+    return splits[split]
+
+
+@dataclass
+class LayerStats:
+    """Per position of a text: at each exit layer, confidence per metric, top-1, log p(next token)."""
+
+    layers: list[int]
+    confidence: dict  # metric -> (n_layers, n_positions)
+    top1: np.ndarray  # (n_layers, n_positions)
+    logprob: np.ndarray  # (n_layers, n_positions): log-probability of the true next token
+    full_top1: np.ndarray  # (n_positions,)
+    full_logprob: np.ndarray  # (n_positions,)
+
+
+def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    return z[np.arange(len(ids)), ids] - np.log(np.exp(z).sum(-1))
+
+
+def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict | None = None) -> LayerStats:
+    """Runs each text through the model once, reading the exit heads at every layer in `layers`."""
+    from . import _core
+
+    layers = sorted(set(int(x) for x in layers))
+    exit_norms = exit_norms or {}
+    conf = {m: [[] for _ in layers] for m in METRICS}
+    top1, logprob = [[] for _ in layers], [[] for _ in layers]
+    full_top1, full_logprob = [], []
+    for text in texts:
+        ids = np.asarray(model.tokenize(text), np.int32)
+        if len(ids) < 2:
+            continue
+        targets = ids[1:]
+        cache = model.new_cache(len(ids))
+        hidden, done = model.core.embed(ids), 0
+        for i, layer in enumerate(layers):
+            hidden = cache.forward(hidden, 0, done, layer) if layer > done else hidden
+            done = layer
+            norm = exit_norms.get(layer)
+            logits = model.core.head(hidden[:-1], None if norm is None else np.asarray(norm, np.float32))
+            for metric, code in METRICS.items():
+                c, t = _core.confidence(logits, code)
+                conf[metric][i].append(c)
+            top1[i].append(t)
+            logprob[i].append(_log_softmax_at(logits, targets))
+        if done < model.n_layers:
+            hidden = cache.forward(hidden, 0, done, model.n_layers)
+        logits = model.core.head(hidden[:-1])
+        full_top1.append(logits.argmax(-1))
+        full_logprob.append(_log_softmax_at(logits, targets))
+    stack = lambda rows: np.stack([np.concatenate(r) for r in rows])  # noqa: E731
+    return LayerStats(
+        layers=layers,
+        confidence={m: stack(v) for m, v in conf.items()},
+        top1=stack(top1),
+        logprob=stack(logprob),
+        full_top1=np.concatenate(full_top1),
+        full_logprob=np.concatenate(full_logprob),
+    )
+
+
+def score_policy(stats: LayerStats, policy: ExitPolicy) -> dict:
+    """Teacher-forced scores of a policy in standalone mode (tokens that pass no exit finish at the split)."""
+    n = len(stats.full_top1)
+    row = {layer: i for i, layer in enumerate(stats.layers)}
+    chosen = np.full(n, row[policy.split])
+    decided = np.zeros(n, bool)
+    checks = np.zeros(n)
+    for exit_layer, threshold in zip(policy.exits, policy.thresholds):
+        if exit_layer == policy.split or threshold > 1:
+            continue
+        i = row[exit_layer]
+        checks += ~decided
+        take = ~decided & (stats.confidence[policy.metric][i] >= threshold)
+        chosen[take] = i
+        decided |= take
+    checks += ~decided  # the split's own head
+    cols = np.arange(n)
+    exit_layer_of = np.array(stats.layers)[chosen]
+    out = {
+        "agreement_tf": float(np.mean(stats.top1[chosen, cols] == stats.full_top1)),
+        "perplexity": float(np.exp(-np.mean(stats.logprob[chosen, cols]))),
+        "full_perplexity": float(np.exp(-np.mean(stats.full_logprob))),
+        "early_exit_fraction": float(np.mean(exit_layer_of < policy.split)),
+        "mean_exit_layer": float(np.mean(exit_layer_of)),
+        "head_checks_per_token": float(np.mean(checks)),
+        "positions": int(n),
+    }
+    for exit_layer in policy.exits:
+        out[f"frac_exit_{exit_layer}"] = float(np.mean(exit_layer_of == exit_layer))
+    if policy.split not in policy.exits:
+        out[f"frac_exit_{policy.split}"] = float(np.mean(exit_layer_of == policy.split))
+    return out
+
+
+def score_generation(model: Model, policy: ExitPolicy, prompts, max_new_tokens: int) -> dict:
+    """Free greedy generation: agreement with the full model's choice on the same prefix, edge work,
+    and decode speed (from a second, untraced run)."""
+    agree, layers, checks, skipped, steps, decode_s = [], [], [], [], 0, 0.0
+    for prompt in prompts:
+        traced = generate_edge(model, prompt, policy, max_new_tokens=max_new_tokens, trace_full=True)
+        traces = traced.extra["traces"]
+        agree += [t.matches_full for t in traces]
+        layers += [t.layers_run for t in traces[1:]]
+        checks += [t.head_checks for t in traces[1:]]
+        skipped += [t.prechecks_skipped for t in traces[1:]]
+        timed = generate_edge(model, prompt, policy, max_new_tokens=max_new_tokens)
+        steps += timed.decode_steps
+        decode_s += timed.decode_s
+    mean = lambda v: float(np.mean(v)) if v else 0.0  # noqa: E731
+    return {
+        "agreement_gen": mean(agree),
+        "layers_run_per_token": mean(layers),
+        "gen_head_checks_per_token": mean(checks),
+        "prechecks_skipped_per_token": mean(skipped),
+        "decode_tokens_per_s": steps / decode_s if decode_s else 0.0,
+    }
+
+
+@dataclass
+class SweepResult:
+    """One row per configuration."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def to_csv(self, path=None) -> str:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        if path:
+            with open(path, "w", newline="") as f:
+                f.write(buf.getvalue())
+        return buf.getvalue()
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.rows, indent=1)
+        if path:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def plot(self, path, title: str = "Early exits: agreement vs tokens exited early"):
+        """Agreement with the full model against the fraction of tokens exited before the split."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        groups: dict[str, list[dict]] = {}
+        for r in self.rows:
+            groups.setdefault(f"exits {r['exits']} split {r['split']}", []).append(r)
+        for label, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["early_exit_fraction"])
+            ax.plot([r["early_exit_fraction"] for r in rows], [r["agreement_tf"] for r in rows], "o-", label=label)
+        ax.set_xlabel("fraction of tokens exited before the split")
+        ax.set_ylabel("top-1 agreement with the full model (teacher-forced)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def table(self, keys=("exits", "split", "thresholds", "agreement_tf", "agreement_gen", "early_exit_fraction",
+                          "perplexity", "decode_tokens_per_s")) -> str:  # fmt: skip
+        keys = [k for k in keys if any(k in r for r in self.rows)]
+        cells = [[_fmt(r.get(k, "")) for k in keys] for r in self.rows]
+        widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+        lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+        return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def sweep(
+    model: Model,
+    thresholds=(0.5, 0.7, 0.8, 0.9, 0.95),
+    exit_sets=((6, 10), (4, 8, 12)),
+    splits=(15,),
+    metric: str = "max_prob",
+    texts: list[str] | None = None,
+    gen_prompts=SWEEP_PROMPTS,
+    gen_tokens: int = 32,
+    precheck_rows: int | None = None,
+    exit_norms: dict | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Scores every (exit set, threshold, split) configuration; returns a tidy table.
+
+    >>> result = sweep(model, thresholds=(0.8, 0.9), exit_sets=[(6, 10)], gen_tokens=16)  # doctest: +SKIP
+    >>> result.to_csv("sweep.csv"); result.plot("sweep.png")                               # doctest: +SKIP
+    """
+    texts = eval_text("test") if texts is None else texts
+    configs = [(tuple(e), float(t), int(s)) for e, t, s in itertools.product(exit_sets, thresholds, splits)
+               if all(x <= s for x in e)]  # fmt: skip
+    if not configs:
+        raise ValueError("no configuration has all its exits inside the split")
+    layers = {x for e, _, s in configs for x in (*e, s)}
+    bar = _progress(len(configs) + 1, progress)
+    stats = collect_layer_stats(model, texts, layers, exit_norms)
+    bar.update("teacher-forced statistics")
+    result = SweepResult()
+    for exits, threshold, split in configs:
+        policy = ExitPolicy(exits=exits, split=split, thresholds=(threshold,), metric=metric,
+                            precheck_rows=precheck_rows, exit_norms=dict(exit_norms or {}))  # fmt: skip
+        row = {"exits": ",".join(map(str, exits)), "split": split, "thresholds": threshold, "metric": metric}
+        row.update(score_policy(stats, policy))
+        if gen_tokens:
+            row.update(score_generation(model, policy, gen_prompts, gen_tokens))
+        result.rows.append(row)
+        bar.update(f"exits {row['exits']} t={threshold}")
+    bar.close()
+    return result
+
+
+class _progress:
+    """A one-line progress bar on stderr (tqdm when installed)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=sys.stderr, disable=not enabled)
+        except ImportError:
+            self.bar = None
+
+    def update(self, label: str):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(label)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"\r[{self.done}/{self.total}] {label} ({time.perf_counter() - self.t0:.0f} s)", end="", file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
