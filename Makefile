@@ -8,7 +8,7 @@ APT_PACKAGES := pkg-config libopenblas-dev libmsgpack-dev
 CORE_SOURCES := $(wildcard csrc/core/*.c csrc/core/*.h csrc/arch/*.c csrc/include/cecollm/*.h)
 CFLAGS_TEST := -std=c11 -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -Icsrc/include -Icsrc/core \
 	$(shell pkg-config --cflags openblas 2>/dev/null)
-LDLIBS_TEST = $(shell pkg-config --libs openblas) -lm -lpthread
+LDLIBS_TEST = $(shell pkg-config --libs openblas msgpack) -lm -lpthread
 SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .PHONY: all demo test test-c test-py bench format lint clean system-deps

@@ -58,6 +58,7 @@ class LayerStats:
     logprob: np.ndarray  # (n_layers, n_positions): log-probability of the true next token
     full_top1: np.ndarray  # (n_positions,)
     full_logprob: np.ndarray  # (n_positions,)
+    precheck_bound: np.ndarray | None = None  # (n_layers, n_positions): candidate-head max_prob, if asked
 
 
 def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -66,15 +67,17 @@ def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return z[np.arange(len(ids)), ids] - np.log(np.exp(z).sum(-1))
 
 
-def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict | None = None) -> LayerStats:
-    """Runs each text through the model once, reading the exit heads at every layer in `layers`."""
+def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict | None = None,
+                        precheck_rows: int | None = None) -> LayerStats:  # fmt: skip
+    """Runs each text through the model once, reading the exit heads at every layer in `layers`
+    (and, with precheck_rows, the candidate head's bound)."""
     from . import _core
 
     layers = sorted(set(int(x) for x in layers))
     exit_norms = exit_norms or {}
     conf = {m: [[] for _ in layers] for m in METRICS}
     top1, logprob = [[] for _ in layers], [[] for _ in layers]
-    full_top1, full_logprob = [], []
+    full_top1, full_logprob, bound = [], [], [[] for _ in layers]
     for text in texts:
         ids = np.asarray(model.tokenize(text), np.int32)
         if len(ids) < 2:
@@ -92,6 +95,8 @@ def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict
                 conf[metric][i].append(c)
             top1[i].append(t)
             logprob[i].append(_log_softmax_at(logits, targets))
+            if precheck_rows:
+                bound[i].append(_core.confidence(logits[:, :precheck_rows], _core.METRIC_MAX_PROB)[0])
         if done < model.n_layers:
             hidden = cache.forward(hidden, 0, done, model.n_layers)
         logits = model.core.head(hidden[:-1])
@@ -105,6 +110,7 @@ def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict
         logprob=stack(logprob),
         full_top1=np.concatenate(full_top1),
         full_logprob=np.concatenate(full_logprob),
+        precheck_bound=stack(bound) if precheck_rows else None,
     )
 
 
@@ -119,8 +125,16 @@ def score_policy(stats: LayerStats, policy: ExitPolicy) -> dict:
         if exit_layer == policy.split or threshold > 1:
             continue
         i = row[exit_layer]
-        checks += ~decided
-        take = ~decided & (stats.confidence[policy.metric][i] >= threshold)
+        passes = stats.confidence[policy.metric][i] >= threshold
+        if policy.precheck_rows is not None:  # a failed pre-check skips the full head
+            if stats.precheck_bound is None:
+                raise ValueError("score a pre-check policy on statistics collected with precheck_rows")
+            hopeful = stats.precheck_bound[i] >= threshold
+            passes &= hopeful
+            checks += ~decided & hopeful
+        else:
+            checks += ~decided
+        take = ~decided & passes
         chosen[take] = i
         decided |= take
     checks += ~decided  # the split's own head
@@ -252,7 +266,7 @@ def sweep(
         raise ValueError("no configuration has all its exits inside the split")
     layers = {x for e, _, s in configs for x in (*e, s)}
     bar = _progress(len(configs) + 1, progress)
-    stats = collect_layer_stats(model, texts, layers, exit_norms)
+    stats = collect_layer_stats(model, texts, layers, exit_norms, precheck_rows)
     bar.update("teacher-forced statistics")
     result = SweepResult()
     for exits, threshold, split in configs:

@@ -9,6 +9,7 @@
 #include <pythread.h>
 
 #include "cecollm/cecollm.h"
+#include "cecollm/wire.h"
 
 typedef struct {
     PyTypeObject *model_type;
@@ -597,6 +598,212 @@ fail:
     return NULL;
 }
 
+/* ---- wire format ---- */
+
+typedef struct {
+    const char *key;
+    unsigned bit;
+    char kind; /* 'u' unsigned, 'i' signed, 'f' float, 'b' bytes, 's' str */
+} wire_field;
+
+static const wire_field WIRE_FIELDS[] = {
+    {"seq", CE_F_SEQ, 'u'},     {"sid", CE_F_SID, 'b'},   {"pos", CE_F_POS, 'u'},     {"n", CE_F_N, 'u'},
+    {"dim", CE_F_DIM, 'u'},     {"dtype", CE_F_DTYPE, 'u'}, {"data", CE_F_DATA, 'b'}, {"token", CE_F_TOKEN, 'i'},
+    {"conf", CE_F_CONF, 'f'},   {"code", CE_F_CODE, 'i'}, {"msg", CE_F_MSG, 's'},     {"nonce", CE_F_NONCE, 'b'},
+    {"mac", CE_F_MAC, 'b'},     {"ver", CE_F_VER, 'i'},   {"cap", CE_F_CAP, 'u'},
+};
+#define N_WIRE_FIELDS (sizeof WIRE_FIELDS / sizeof WIRE_FIELDS[0])
+
+/* wire_encode(message: dict) -> bytes (a whole frame, length prefix included) */
+static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
+    if (!PyDict_Check(dict)) return PyErr_Format(PyExc_TypeError, "wire_encode takes a dict");
+    ce_msg m;
+    memset(&m, 0, sizeof m);
+    PyObject *t = PyDict_GetItemString(dict, "type");
+    if (t == NULL) return PyErr_Format(PyExc_ValueError, "message has no 'type'");
+    m.type = (int)PyLong_AsLong(t);
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *key, *val;
+    while (PyDict_Next(dict, &pos, &key, &val)) {
+        const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+        if (k == NULL) return PyErr_Format(PyExc_TypeError, "message keys must be str");
+        if (strcmp(k, "type") == 0) continue;
+        const wire_field *f = NULL;
+        for (size_t i = 0; i < N_WIRE_FIELDS; i++)
+            if (strcmp(WIRE_FIELDS[i].key, k) == 0) f = &WIRE_FIELDS[i];
+        if (f == NULL) return PyErr_Format(PyExc_ValueError, "unknown message field '%s'", k);
+        m.fields |= f->bit;
+        if (f->kind == 'b') {
+            char *p;
+            Py_ssize_t n;
+            if (PyBytes_AsStringAndSize(val, &p, &n) < 0) return NULL;
+            if (f->bit == CE_F_DATA) {
+                m.data = (uint8_t *)p; /* borrowed for the call */
+                m.data_len = (size_t)n;
+            } else if (f->bit == CE_F_SID) {
+                if (n != CE_WIRE_SESSION_BYTES) return PyErr_Format(PyExc_ValueError, "sid must be 16 bytes");
+                memcpy(m.sid, p, n);
+            } else {
+                if (n > CE_WIRE_MAX_BLOB) return PyErr_Format(PyExc_ValueError, "%s longer than %d bytes", k, CE_WIRE_MAX_BLOB);
+                memcpy(f->bit == CE_F_NONCE ? m.nonce : m.mac, p, n);
+                *(f->bit == CE_F_NONCE ? &m.nonce_len : &m.mac_len) = (size_t)n;
+            }
+        } else if (f->kind == 's') {
+            Py_ssize_t n;
+            const char *p = PyUnicode_AsUTF8AndSize(val, &n);
+            if (p == NULL) return NULL;
+            if (n >= CE_WIRE_MAX_TEXT) n = CE_WIRE_MAX_TEXT - 1; /* messages are truncated, never refused */
+            memcpy(m.msg, p, n);
+            m.msg[n] = 0;
+        } else if (f->kind == 'f') {
+            m.conf = (float)PyFloat_AsDouble(val);
+        } else {
+            long long v = PyLong_AsLongLong(val);
+            if (v == -1 && PyErr_Occurred()) return NULL;
+            if (f->kind == 'u' && v < 0) return PyErr_Format(PyExc_ValueError, "%s must be >= 0", k);
+            if (f->kind == 'i' && (v < INT32_MIN || v > INT32_MAX)) return PyErr_Format(PyExc_OverflowError, "%s out of range", k);
+            switch (f->bit) {
+            case CE_F_SEQ: m.seq = (uint64_t)v; break;
+            case CE_F_POS: m.pos = v; break;
+            case CE_F_N: m.n = v > INT32_MAX ? INT32_MAX : (int32_t)v; break;
+            case CE_F_DIM: m.dim = v > INT32_MAX ? INT32_MAX : (int32_t)v; break;
+            case CE_F_DTYPE: m.dtype = v > INT32_MAX ? INT32_MAX : (int32_t)v; break;
+            case CE_F_TOKEN: m.token = (int32_t)v; break;
+            case CE_F_CODE: m.code = (int32_t)v; break;
+            case CE_F_VER: m.ver = (int32_t)v; break;
+            case CE_F_CAP: m.cap = v; break;
+            }
+        }
+        if (PyErr_Occurred()) return NULL;
+    }
+    uint8_t *out = NULL;
+    size_t out_len = 0;
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_wire_encode(&m, &out, &out_len, err, sizeof err);
+    if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    PyObject *bytes = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)out_len);
+    free(out);
+    return bytes;
+}
+
+/* wire_decode(body: bytes, max_data) -> dict; ValueError on any frame outside the schema */
+static PyObject *core_wire_decode(PyObject *mod, PyObject *args) {
+    Py_buffer body;
+    Py_ssize_t max_data;
+    if (!PyArg_ParseTuple(args, "y*n", &body, &max_data)) return NULL;
+    ce_msg m;
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ce_wire_decode(body.buf, (size_t)body.len, max_data < 0 ? 0 : (size_t)max_data, &m, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&body);
+    if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    PyObject *d = PyDict_New(), *v = NULL;
+    if (d == NULL || (v = PyLong_FromLong(m.type)) == NULL || PyDict_SetItemString(d, "type", v) < 0) goto fail;
+    Py_CLEAR(v);
+    for (size_t i = 0; i < N_WIRE_FIELDS; i++) {
+        const wire_field *f = &WIRE_FIELDS[i];
+        if (!(m.fields & f->bit)) continue;
+        switch (f->bit) {
+        case CE_F_SEQ: v = PyLong_FromUnsignedLongLong(m.seq); break;
+        case CE_F_SID: v = PyBytes_FromStringAndSize((const char *)m.sid, CE_WIRE_SESSION_BYTES); break;
+        case CE_F_POS: v = PyLong_FromLongLong(m.pos); break;
+        case CE_F_N: v = PyLong_FromLong(m.n); break;
+        case CE_F_DIM: v = PyLong_FromLong(m.dim); break;
+        case CE_F_DTYPE: v = PyLong_FromLong(m.dtype); break;
+        case CE_F_DATA: v = PyBytes_FromStringAndSize((const char *)m.data, (Py_ssize_t)m.data_len); break;
+        case CE_F_TOKEN: v = PyLong_FromLong(m.token); break;
+        case CE_F_CONF: v = PyFloat_FromDouble(m.conf); break;
+        case CE_F_CODE: v = PyLong_FromLong(m.code); break;
+        case CE_F_MSG: v = PyUnicode_DecodeUTF8(m.msg, (Py_ssize_t)strlen(m.msg), "replace"); break;
+        case CE_F_NONCE: v = PyBytes_FromStringAndSize((const char *)m.nonce, (Py_ssize_t)m.nonce_len); break;
+        case CE_F_MAC: v = PyBytes_FromStringAndSize((const char *)m.mac, (Py_ssize_t)m.mac_len); break;
+        case CE_F_VER: v = PyLong_FromLong(m.ver); break;
+        case CE_F_CAP: v = PyLong_FromLongLong(m.cap); break;
+        }
+        if (v == NULL || PyDict_SetItemString(d, f->key, v) < 0) goto fail;
+        Py_CLEAR(v);
+    }
+    ce_msg_clear(&m);
+    return d;
+fail:
+    ce_msg_clear(&m);
+    Py_XDECREF(v);
+    Py_XDECREF(d);
+    return NULL;
+}
+
+/* frame_length(header: 4 bytes, max_body) -> body length; IndexError when outside (0, max_body] */
+static PyObject *core_frame_length(PyObject *mod, PyObject *args) {
+    Py_buffer header;
+    Py_ssize_t max_body;
+    if (!PyArg_ParseTuple(args, "y*n", &header, &max_body)) return NULL;
+    if (header.len != CE_WIRE_HEADER || max_body < 0) {
+        PyBuffer_Release(&header);
+        return PyErr_Format(PyExc_ValueError, "a frame header is %d bytes", CE_WIRE_HEADER);
+    }
+    size_t len = 0;
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_wire_frame_length(header.buf, (size_t)max_body, &len, err, sizeof err);
+    PyBuffer_Release(&header);
+    if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    return PyLong_FromSize_t(len);
+}
+
+/* hidden_encode(x (n, dim) float32, dtype) -> bytes */
+static PyObject *core_hidden_encode(PyObject *mod, PyObject *args) {
+    PyObject *xo;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "Oi", &xo, &dtype)) return NULL;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(xo, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+    if (x == NULL) return NULL;
+    npy_intp n = PyArray_DIM(x, 0), dim = PyArray_DIM(x, 1);
+    size_t nbytes = ce_wire_hidden_bytes(dtype, n, dim);
+    if (nbytes == 0) {
+        Py_DECREF(x);
+        return PyErr_Format(PyExc_ValueError, "cannot encode (%zd, %zd) as wire type %d", (Py_ssize_t)n, (Py_ssize_t)dim, dtype);
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
+    if (out == NULL) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_wire_hidden_encode(dtype, PyArray_DATA(x), n, dim, (uint8_t *)PyBytes_AS_STRING(out), err, sizeof err);
+    Py_DECREF(x);
+    if (st != CE_OK) {
+        Py_DECREF(out);
+        return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    }
+    return out;
+}
+
+/* hidden_decode(data: bytes, n, dim, dtype) -> float32 (n, dim) */
+static PyObject *core_hidden_decode(PyObject *mod, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t n, dim;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "y*nni", &data, &n, &dim, &dtype)) return NULL;
+    if (ce_wire_hidden_bytes(dtype, n, dim) == 0) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "(%zd, %zd) is not a shape of wire type %d", n, dim, dtype);
+    }
+    npy_intp dims[2] = {n, dim};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    char err[CE_ERRLEN] = "";
+    ce_status st = out ? ce_wire_hidden_decode(dtype, data.buf, (size_t)data.len, n, dim, PyArray_DATA(out), err, sizeof err)
+                       : CE_ENOMEM;
+    PyBuffer_Release(&data);
+    if (out == NULL) return NULL;
+    if (st != CE_OK) {
+        Py_DECREF(out);
+        return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    }
+    return (PyObject *)out;
+}
+
 /* row_bytes(type, cols) -> bytes of one row, 0 when the type is unknown or cols do not fill its blocks */
 static PyObject *core_row_bytes(PyObject *mod, PyObject *args) {
     (void)mod;
@@ -651,6 +858,11 @@ static PyMethodDef core_methods[] = {
     {"rope", core_rope, METH_VARARGS, "rope(x, pos, theta, style) -> heads of x rotated for pos"},
     {"confidence", core_confidence, METH_VARARGS,
      "confidence(logits, metric) -> (conf, top1) per row; metric METRIC_MAX_PROB, METRIC_MARGIN or METRIC_ENTROPY"},
+    {"wire_encode", core_wire_encode, METH_O, "wire_encode(message: dict) -> frame bytes (length prefix included)"},
+    {"wire_decode", core_wire_decode, METH_VARARGS, "wire_decode(body: bytes, max_data) -> message dict"},
+    {"frame_length", core_frame_length, METH_VARARGS, "frame_length(header, max_body) -> body length"},
+    {"hidden_encode", core_hidden_encode, METH_VARARGS, "hidden_encode(x, dtype) -> payload bytes"},
+    {"hidden_decode", core_hidden_decode, METH_VARARGS, "hidden_decode(data, n, dim, dtype) -> float32 (n, dim)"},
     {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
     {"select_kernels", core_select_kernels, METH_VARARGS, "select_kernels(name='auto') -> active kernel set"},
     {NULL, NULL, 0, NULL},
@@ -735,7 +947,9 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH) ||
         PyModule_AddIntConstant(mod, "METRIC_MAX_PROB", CE_METRIC_MAX_PROB) ||
         PyModule_AddIntConstant(mod, "METRIC_MARGIN", CE_METRIC_MARGIN) ||
-        PyModule_AddIntConstant(mod, "METRIC_ENTROPY", CE_METRIC_ENTROPY))
+        PyModule_AddIntConstant(mod, "METRIC_ENTROPY", CE_METRIC_ENTROPY) ||
+        PyModule_AddIntConstant(mod, "WIRE_F16", CE_WIRE_F16) || PyModule_AddIntConstant(mod, "WIRE_Q8_0", CE_WIRE_Q8_0) ||
+        PyModule_AddIntConstant(mod, "WIRE_VERSION", CE_WIRE_VERSION))
         return -1;
     return 0;
 }

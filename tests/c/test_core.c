@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cecollm/cecollm.h"
+#include "cecollm/wire.h"
 #include "quant.h"
 
 /* Tolerances, relative to Σ|w_j x_j| (the size of the terms summed): float accumulation over a few
@@ -323,6 +324,124 @@ static void test_matmul_paths(void) {
     free(big);
 }
 
+/* ---- wire format ---- */
+
+static ce_msg sample_upload(uint8_t *payload, int n, int dim) {
+    ce_msg m;
+    memset(&m, 0, sizeof m);
+    m.type = CE_MSG_UPLOAD;
+    m.fields = CE_F_SEQ | CE_F_SID | CE_F_POS | CE_F_N | CE_F_DIM | CE_F_DTYPE | CE_F_DATA;
+    m.seq = 7;
+    for (int i = 0; i < CE_WIRE_SESSION_BYTES; i++) m.sid[i] = (uint8_t)(i * 13);
+    m.pos = 3;
+    m.n = n;
+    m.dim = dim;
+    m.dtype = CE_WIRE_F16;
+    m.data = payload;
+    m.data_len = ce_wire_hidden_bytes(CE_WIRE_F16, n, dim);
+    return m;
+}
+
+static void test_wire_round_trip(void) {
+    char err[CE_ERRLEN];
+    float x[2 * 64], y[2 * 64];
+    uint8_t payload[2 * 64 * 2];
+    for (int i = 0; i < 128; i++) x[i] = rng_uniform() * 4.0f;
+    CHECK(ce_wire_hidden_encode(CE_WIRE_F16, x, 2, 64, payload, err, sizeof err) == CE_OK, "f16 encode");
+    ce_msg m = sample_upload(payload, 2, 64), d;
+    uint8_t *frame;
+    size_t len, body;
+    CHECK(ce_wire_encode(&m, &frame, &len, err, sizeof err) == CE_OK, "encode: %s", err);
+    CHECK(ce_wire_frame_length(frame, 1 << 20, &body, err, sizeof err) == CE_OK && body == len - 4, "length prefix");
+    CHECK(ce_wire_decode(frame + 4, body, 1 << 20, &d, err, sizeof err) == CE_OK, "decode: %s", err);
+    CHECK(d.type == CE_MSG_UPLOAD && d.seq == 7 && d.pos == 3 && d.n == 2 && d.dim == 64 && memcmp(d.sid, m.sid, 16) == 0,
+          "fields survive");
+    CHECK(ce_wire_hidden_decode(d.dtype, d.data, d.data_len, d.n, d.dim, y, err, sizeof err) == CE_OK, "f16 decode");
+    for (int i = 0; i < 128; i++) CHECK(fabsf(y[i] - x[i]) <= fabsf(x[i]) * TOL_FP16_REL, "f16 value %d", i);
+    /* every strict prefix of the body is rejected, and nothing leaks or overreads */
+    for (size_t cut = 0; cut < body; cut++) {
+        ce_msg t;
+        CHECK(ce_wire_decode(frame + 4, cut, 1 << 20, &t, err, sizeof err) != CE_OK, "prefix %zu rejected", cut);
+    }
+    /* a payload limit below the data size is enforced */
+    ce_msg t;
+    CHECK(ce_wire_decode(frame + 4, body, 100, &t, err, sizeof err) == CE_EINVAL, "max_data enforced");
+    ce_msg_clear(&d);
+    free(frame);
+
+    /* Q8_0: error at most half a quantization step (d / 2) per element */
+    uint8_t q[2 * 2 * 34];
+    CHECK(ce_wire_hidden_encode(CE_WIRE_Q8_0, x, 2, 64, q, err, sizeof err) == CE_OK, "q8 encode");
+    CHECK(ce_wire_hidden_decode(CE_WIRE_Q8_0, q, sizeof q, 2, 64, y, err, sizeof err) == CE_OK, "q8 decode");
+    for (int b = 0; b < 4; b++) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        for (int j = 0; j < 32; j++)
+            CHECK(fabsf(y[b * 32 + j] - x[b * 32 + j]) <= amax / 127.0f * 0.5f * 1.01f + 1e-6f, "q8 value");
+    }
+    CHECK(ce_wire_hidden_decode(CE_WIRE_Q8_0, q, sizeof q - 1, 2, 64, y, err, sizeof err) == CE_EINVAL, "q8 size");
+    CHECK(ce_wire_hidden_bytes(CE_WIRE_Q8_0, 1, 33) == 0, "q8 needs whole blocks");
+}
+
+static void test_wire_hostile(void) {
+    char err[CE_ERRLEN];
+    ce_msg m;
+    /* map32 claiming 4 billion fields in 5 bytes */
+    const uint8_t huge_map[] = {0xdf, 0xff, 0xff, 0xff, 0xff};
+    CHECK(ce_wire_decode(huge_map, sizeof huge_map, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "huge map");
+    /* a bin32 value claiming 4 GB */
+    const uint8_t huge_bin[] = {0x81, 0xa4, 'd', 'a', 't', 'a', 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00};
+    CHECK(ce_wire_decode(huge_bin, sizeof huge_bin, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "huge bin");
+    /* nested containers, unknown keys, missing type, wrong value types, trailing bytes, repeated keys */
+    const uint8_t nested[] = {0x81, 0xa4, 't', 'y', 'p', 'e', 0x91, 0x01};
+    CHECK(ce_wire_decode(nested, sizeof nested, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "nested");
+    const uint8_t unknown[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'z', 'z', 'z', 0x01};
+    CHECK(ce_wire_decode(unknown, sizeof unknown, 1 << 20, &m, err, sizeof err) == CE_EINVAL && strstr(err, "unknown"),
+          "unknown key: %s", err);
+    const uint8_t no_type[] = {0x81, 0xa3, 'v', 'e', 'r', 0x01};
+    CHECK(ce_wire_decode(no_type, sizeof no_type, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "no type");
+    const uint8_t bad_ver[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0xa1, 'x'};
+    CHECK(ce_wire_decode(bad_ver, sizeof bad_ver, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "ver as string");
+    const uint8_t trailing[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01, 0x00};
+    CHECK(ce_wire_decode(trailing, sizeof trailing, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "trailing");
+    const uint8_t hello[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01};
+    CHECK(ce_wire_decode(hello, sizeof hello, 1 << 20, &m, err, sizeof err) == CE_OK && m.type == CE_MSG_HELLO && m.ver == 1,
+          "a minimal hello decodes: %s", err);
+    const uint8_t twice[] = {0x83, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01, 0xa3, 'v', 'e', 'r', 0x01};
+    CHECK(ce_wire_decode(twice, sizeof twice, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "repeated key");
+    const uint8_t zero_len[4] = {0, 0, 0, 0}, big_len[4] = {0x7f, 0xff, 0xff, 0xff};
+    size_t body;
+    CHECK(ce_wire_frame_length(zero_len, 1 << 20, &body, err, sizeof err) == CE_ERANGE, "empty frame");
+    CHECK(ce_wire_frame_length(big_len, 1 << 20, &body, err, sizeof err) == CE_ERANGE, "oversized frame");
+    /* a payload whose size disagrees with its declared shape */
+    uint8_t payload[64 * 2 + 2] = {0};
+    ce_msg up = sample_upload(payload, 1, 64);
+    up.data_len += 2;
+    uint8_t *frame;
+    size_t len;
+    CHECK(ce_wire_encode(&up, &frame, &len, err, sizeof err) == CE_EINVAL, "encoder refuses a mismatched payload");
+    /* random garbage and random mutations of a valid frame: errors, never crashes (ASan watches) */
+    up.data_len -= 2;
+    CHECK(ce_wire_encode(&up, &frame, &len, err, sizeof err) == CE_OK, "valid frame");
+    uint8_t buf[512];
+    for (int trial = 0; trial < 20000; trial++) {
+        size_t n;
+        if (trial % 2) {
+            n = rng_u32() % sizeof buf;
+            for (size_t i = 0; i < n; i++) buf[i] = (uint8_t)rng_u32();
+        } else {
+            n = len - 4;
+            memcpy(buf, frame + 4, n);
+            for (int k = 0; k < 1 + (int)(rng_u32() % 4); k++) buf[rng_u32() % n] = (uint8_t)rng_u32();
+        }
+        if (ce_wire_decode(buf, n, 1 << 16, &m, err, sizeof err) == CE_OK) {
+            CHECK(!(m.fields & CE_F_DATA) || m.data_len == ce_wire_hidden_bytes(m.dtype, m.n, m.dim), "accepted payloads fit");
+            ce_msg_clear(&m);
+        }
+    }
+    free(frame);
+}
+
 int main(void) {
     char err[CE_ERRLEN];
     test_fp16();
@@ -337,6 +456,8 @@ int main(void) {
         test_matmul_paths();
     }
     CHECK(ce_threads_set(1, err, sizeof err) == CE_OK, "back to one thread");
+    test_wire_round_trip();
+    test_wire_hostile();
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures != 0;
 }
