@@ -48,6 +48,7 @@ class ExitDecision:
     layers_run: int
     head_checks: int
     prechecks_skipped: int
+    split_hidden: np.ndarray | None = None  # (k, dim): positions [n_pos - k, n_pos) at the split, for the cloud
 
 
 @dataclass
@@ -113,7 +114,7 @@ class EdgeRunner:
             at_split = boundary == self.policy.split
             if at_split and not finish_at_split:
                 self.n_pos = p + 1
-                return ExitDecision(None, boundary, 0.0, batch[-1], layers_run, checks, skipped)
+                return ExitDecision(None, boundary, 0.0, batch[-1], layers_run, checks, skipped, split_hidden=batch)
             threshold = 0.0 if at_split else self.policy.threshold(boundary)
             if threshold > 1.0:
                 continue

@@ -18,6 +18,7 @@ size_t ce_wire_hidden_bytes(int dtype, int64_t n, int64_t dim) {
     if (n <= 0 || dim <= 0 || n > (1 << 20) || dim > (1 << 16)) return 0;
     switch (dtype) {
     case CE_WIRE_F16: return (size_t)n * (size_t)dim * 2;
+    case CE_WIRE_F32: return (size_t)n * (size_t)dim * 4;
     case CE_WIRE_Q8_0: return dim % CE_QK ? 0 : (size_t)n * (size_t)(dim / CE_QK) * sizeof(ce_block_q8_0);
     default: return 0;
     }
@@ -30,6 +31,10 @@ ce_status ce_wire_hidden_encode(int dtype, const float *x, int64_t n, int64_t di
                        (long long)dim, dtype);
     for (int64_t i = 0; i < n * dim; i++)
         if (!isfinite(x[i])) return ce_fail(err, errlen, CE_EINVAL, "hidden state %lld is not finite", (long long)i);
+    if (dtype == CE_WIRE_F32) {
+        memcpy(out, x, (size_t)(n * dim) * 4);
+        return CE_OK;
+    }
     if (dtype == CE_WIRE_F16) {
         for (int64_t i = 0; i < n * dim; i++) {
             uint16_t h = ce_fp32_to_fp16(x[i]);
@@ -57,7 +62,9 @@ ce_status ce_wire_hidden_decode(int dtype, const uint8_t *in, size_t len, int64_
     if (want == 0 || want != len)
         return ce_fail(err, errlen, CE_EINVAL, "payload of %zu bytes does not hold (%lld, %lld) of wire type %d", len,
                        (long long)n, (long long)dim, dtype);
-    if (dtype == CE_WIRE_F16) {
+    if (dtype == CE_WIRE_F32) {
+        memcpy(out, in, len);
+    } else if (dtype == CE_WIRE_F16) {
         for (int64_t i = 0; i < n * dim; i++) {
             uint16_t h;
             memcpy(&h, in + 2 * i, 2);
@@ -98,6 +105,7 @@ static const field_name FIELDS[] = {
     {"seq", CE_F_SEQ},   {"sid", CE_F_SID},   {"pos", CE_F_POS},     {"n", CE_F_N},       {"dim", CE_F_DIM},
     {"dtype", CE_F_DTYPE}, {"data", CE_F_DATA}, {"token", CE_F_TOKEN}, {"conf", CE_F_CONF}, {"code", CE_F_CODE},
     {"msg", CE_F_MSG},   {"nonce", CE_F_NONCE}, {"mac", CE_F_MAC},   {"ver", CE_F_VER},   {"cap", CE_F_CAP},
+    {"us", CE_F_US},
 };
 #define N_FIELDS (sizeof FIELDS / sizeof FIELDS[0])
 
@@ -112,7 +120,7 @@ static const struct {
     [CE_MSG_OPEN] = {CE_F_SEQ, CE_F_SEQ | CE_F_CAP},
     [CE_MSG_UPLOAD] = {HIDDEN, HIDDEN},
     [CE_MSG_INFER] = {HIDDEN, HIDDEN},
-    [CE_MSG_TOKEN] = {CE_F_SEQ | CE_F_POS | CE_F_TOKEN, CE_F_SEQ | CE_F_POS | CE_F_TOKEN | CE_F_CONF},
+    [CE_MSG_TOKEN] = {CE_F_SEQ | CE_F_POS | CE_F_TOKEN, CE_F_SEQ | CE_F_POS | CE_F_TOKEN | CE_F_CONF | CE_F_US},
     [CE_MSG_CLOSE] = {CE_F_SEQ | CE_F_SID, CE_F_SEQ | CE_F_SID},
     [CE_MSG_RESUME] = {CE_F_SEQ | CE_F_SID, CE_F_SEQ | CE_F_SID},
     [CE_MSG_ERROR] = {CE_F_CODE | CE_F_MSG, CE_F_CODE | CE_F_MSG | CE_F_SEQ},
@@ -228,11 +236,12 @@ static ce_status decode_field(ce_msg *m, unsigned bit, const msgpack_object *v, 
     case CE_F_POS: ok = as_uint(v, (1u << 24), &u); m->pos = (int64_t)u; break;
     case CE_F_N: ok = as_uint(v, (1u << 20), &u) && u >= 1; m->n = (int32_t)u; break;
     case CE_F_DIM: ok = as_uint(v, (1u << 16), &u) && u >= 1; m->dim = (int32_t)u; break;
-    case CE_F_DTYPE: ok = as_uint(v, CE_WIRE_Q8_0, &u) && u >= CE_WIRE_F16; m->dtype = (int32_t)u; break;
+    case CE_F_DTYPE: ok = as_uint(v, CE_WIRE_F32, &u) && u >= CE_WIRE_F16; m->dtype = (int32_t)u; break;
     case CE_F_TOKEN: ok = as_int(v, 0, INT32_MAX, &i); m->token = (int32_t)i; break;
     case CE_F_CODE: ok = as_int(v, INT32_MIN, INT32_MAX, &i); m->code = (int32_t)i; break;
     case CE_F_VER: ok = as_int(v, 0, INT32_MAX, &i); m->ver = (int32_t)i; break;
     case CE_F_CAP: ok = as_uint(v, (1u << 24), &u); m->cap = (int64_t)u; break;
+    case CE_F_US: ok = as_uint(v, UINT64_MAX, &m->us); break;
     case CE_F_CONF:
         ok = v->type == MSGPACK_OBJECT_FLOAT32 || v->type == MSGPACK_OBJECT_FLOAT64;
         m->conf = ok ? (float)v->via.f64 : 0.0f;
@@ -381,6 +390,7 @@ ce_status ce_wire_encode(const ce_msg *m, uint8_t **out, size_t *out_len, char *
         case CE_F_MAC: bad |= pack_bin(&pk, m->mac, m->mac_len); break;
         case CE_F_VER: bad |= msgpack_pack_int32(&pk, m->ver); break;
         case CE_F_CAP: bad |= msgpack_pack_uint64(&pk, (uint64_t)m->cap); break;
+        case CE_F_US: bad |= msgpack_pack_uint64(&pk, m->us); break;
         }
     }
     if (bad || sb.data == NULL || sb.size > UINT32_MAX + (size_t)CE_WIRE_HEADER) {

@@ -611,6 +611,7 @@ static const wire_field WIRE_FIELDS[] = {
     {"dim", CE_F_DIM, 'u'},     {"dtype", CE_F_DTYPE, 'u'}, {"data", CE_F_DATA, 'b'}, {"token", CE_F_TOKEN, 'i'},
     {"conf", CE_F_CONF, 'f'},   {"code", CE_F_CODE, 'i'}, {"msg", CE_F_MSG, 's'},     {"nonce", CE_F_NONCE, 'b'},
     {"mac", CE_F_MAC, 'b'},     {"ver", CE_F_VER, 'i'},   {"cap", CE_F_CAP, 'u'},
+    {"us", CE_F_US, 'u'},
 };
 #define N_WIRE_FIELDS (sizeof WIRE_FIELDS / sizeof WIRE_FIELDS[0])
 
@@ -673,6 +674,7 @@ static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
             case CE_F_CODE: m.code = (int32_t)v; break;
             case CE_F_VER: m.ver = (int32_t)v; break;
             case CE_F_CAP: m.cap = v; break;
+            case CE_F_US: m.us = (uint64_t)v; break;
             }
         }
         if (PyErr_Occurred()) return NULL;
@@ -722,6 +724,7 @@ static PyObject *core_wire_decode(PyObject *mod, PyObject *args) {
         case CE_F_MAC: v = PyBytes_FromStringAndSize((const char *)m.mac, (Py_ssize_t)m.mac_len); break;
         case CE_F_VER: v = PyLong_FromLong(m.ver); break;
         case CE_F_CAP: v = PyLong_FromLongLong(m.cap); break;
+        case CE_F_US: v = PyLong_FromUnsignedLongLong(m.us); break;
         }
         if (v == NULL || PyDict_SetItemString(d, f->key, v) < 0) goto fail;
         Py_CLEAR(v);
@@ -949,6 +952,7 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "METRIC_MARGIN", CE_METRIC_MARGIN) ||
         PyModule_AddIntConstant(mod, "METRIC_ENTROPY", CE_METRIC_ENTROPY) ||
         PyModule_AddIntConstant(mod, "WIRE_F16", CE_WIRE_F16) || PyModule_AddIntConstant(mod, "WIRE_Q8_0", CE_WIRE_Q8_0) ||
+        PyModule_AddIntConstant(mod, "WIRE_F32", CE_WIRE_F32) ||
         PyModule_AddIntConstant(mod, "WIRE_VERSION", CE_WIRE_VERSION))
         return -1;
     return 0;

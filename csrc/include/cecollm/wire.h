@@ -41,6 +41,7 @@ typedef enum {
 typedef enum {
     CE_WIRE_F16 = 1,  /* IEEE half per element */
     CE_WIRE_Q8_0 = 2, /* GGML Q8_0 blocks of 32: fp16 scale + 32 int8 (dim % 32 == 0) */
+    CE_WIRE_F32 = 3,  /* lossless, for verification: the cloud sees exactly the edge's hidden states */
 } ce_wire_dtype;
 
 /* Field presence bits. */
@@ -60,6 +61,7 @@ enum {
     CE_F_MAC = 1 << 12,
     CE_F_VER = 1 << 13,
     CE_F_CAP = 1 << 14,
+    CE_F_US = 1 << 15, /* microseconds of cloud compute behind a reply */
 };
 
 typedef struct {
@@ -74,6 +76,7 @@ typedef struct {
     int32_t code;
     int32_t ver;
     int64_t cap;
+    uint64_t us;
     char msg[CE_WIRE_MAX_TEXT]; /* NUL-terminated */
     uint8_t nonce[CE_WIRE_MAX_BLOB];
     size_t nonce_len;

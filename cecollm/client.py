@@ -1,0 +1,453 @@
+"""The edge side of collaboration: links to a cloud, and collaborative generation with fallback.
+
+A link carries one session's requests. Sends go through one ordered queue (so an upload always
+reaches the cloud before the inference that needs it, while the edge never waits for an upload);
+replies are matched to requests by sequence number. When the cloud is unreachable or late past the
+deadline, the token is finished at the edge's exit at the split and generation goes on; a background
+reconnect resumes the session (or opens a new one) and re-uploads what the cloud lacks.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+from .cloud import Cloud, CloudError
+from .edge import EdgeRunner, TokenTrace
+from .exits import ExitPolicy
+from .model import GenerationResult, Model
+from .protocol import (
+    DTYPES,
+    MAX_BODY,
+    MAX_BODY_BEFORE_AUTH,
+    MAX_UPLOAD_POSITIONS,
+    Code,
+    Msg,
+    ProtocolError,
+    RemoteError,
+    mac,
+    recv_frame,
+    recv_message,
+    send_message,
+)
+
+
+class TcpLink:
+    """A connection to a CloudServer."""
+
+    def __init__(self, host: str, port: int, key: bytes | None = None, connect_timeout_s: float = 3.0):
+        self.bytes_sent = self.bytes_received = 0
+        self.sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_sync({"type": Msg.HELLO, "ver": _core.WIRE_VERSION})
+        hello = self._recv_sync()
+        if "nonce" in hello:
+            if key is None:
+                raise RemoteError(Code.AUTH_FAILED, "the server asks for a key and none is set")
+            self._send_sync({"type": Msg.AUTH, "mac": mac(key, hello["nonce"])})
+            self._recv_sync()
+        self.sock.settimeout(None)
+        self.alive = True
+        self.futures: dict[int, Future] = {}
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.outbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._sender, daemon=True, name="cecollm-send").start()
+        threading.Thread(target=self._reader, daemon=True, name="cecollm-recv").start()
+
+    def _send_sync(self, message: dict) -> None:
+        self.bytes_sent += send_message(self.sock, message)
+
+    def _recv_sync(self) -> dict:
+        reply = recv_message(self.sock, MAX_BODY_BEFORE_AUTH)
+        if reply["type"] == Msg.ERROR:
+            raise RemoteError(reply["code"], reply["msg"])
+        return reply
+
+    def request(self, message: dict, want_reply: bool) -> Future | None:
+        """Queues a message; returns a Future of its reply when want_reply."""
+        future = Future() if want_reply else None
+        with self.lock:
+            if not self.alive:
+                raise ConnectionError("the link is down")
+            if future is not None:
+                self.futures[message["seq"]] = future
+        self.outbox.put(message)
+        return future
+
+    def _sender(self) -> None:
+        while True:
+            message = self.outbox.get()
+            if message is None:
+                return
+            try:
+                self.bytes_sent += send_message(self.sock, message)
+            except OSError as exc:
+                self._fail(exc)
+                return
+
+    def _reader(self) -> None:
+        try:
+            while True:
+                message, nbytes = recv_frame(self.sock, MAX_BODY)
+                self.bytes_received += nbytes
+                with self.lock:
+                    future = self.futures.pop(message.get("seq"), None)
+                if future is not None:
+                    future.set_result(message)
+                elif message["type"] == Msg.ERROR:
+                    self.errors.append(message["msg"])
+        except (OSError, ProtocolError) as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        with self.lock:
+            self.alive = False
+            futures, self.futures = list(self.futures.values()), {}
+        for f in futures:
+            if not f.done():
+                f.set_exception(ConnectionError(f"link failed: {exc}"))
+
+    def close(self) -> None:
+        with self.lock:
+            self.alive = False
+        self.outbox.put(None)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@dataclass
+class NetworkModel:
+    """An emulated link for deterministic in-process sweeps: time is accounted, not slept.
+
+    bandwidth in bytes/s each way, rtt and jitter (uniform ±) in seconds, loss: probability that a
+    transfer is lost once and resent after a retransmission timeout of 3 × rtt + 0.2 s (TCP-like).
+    Uploads are charged to the next request that waits for a reply (they travel before it)."""
+
+    bandwidth: float = 12.5e6
+    rtt: float = 0.02
+    jitter: float = 0.0
+    loss: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        self.rng = random.Random(self.seed)
+
+    def one_way(self, nbytes: int) -> float:
+        t = self.rtt / 2 + nbytes / self.bandwidth + self.rng.uniform(-self.jitter, self.jitter) / 2
+        if self.loss and self.rng.random() < self.loss:
+            t += 3 * self.rtt + 0.2
+        return max(t, 0.0)
+
+
+class LocalLink:
+    """The same request/reply stream as TcpLink, served in process by a Cloud (the simulation).
+    With a NetworkModel, network time is accounted on a virtual clock."""
+
+    def __init__(self, cloud: Cloud, network: NetworkModel | None = None):
+        self.cloud, self.network = cloud, network
+        self.bytes_sent = self.bytes_received = 0
+        self.alive = True
+        self.errors: list[str] = []
+        self.backlog = 0  # bytes queued since the last request that waits for its reply
+        self.network_s = 0.0  # accounted (virtual) network time
+
+    def request(self, message: dict, want_reply: bool) -> Future | None:
+        frame = _core.wire_encode(message)
+        self.bytes_sent += len(frame)
+        reply = self._serve(_core.wire_decode(frame[4:], MAX_BODY))
+        reply_bytes = len(_core.wire_encode(reply))
+        self.bytes_received += reply_bytes
+        self.backlog += len(frame)
+        if want_reply and self.network is not None:
+            # TCP keeps order: queued uploads cross the link before the request; then the reply returns
+            self.network_s += self.network.one_way(self.backlog) + self.network.one_way(reply_bytes)
+        if want_reply:
+            self.backlog = 0
+        if reply["type"] == Msg.ERROR and not want_reply:
+            self.errors.append(reply["msg"])
+        if not want_reply:
+            return None
+        future = Future()
+        future.set_result(reply)
+        return future
+
+    def _serve(self, req: dict) -> dict:
+        seq = req.get("seq", 0)
+        try:
+            if req["type"] == Msg.OPEN:
+                return {"type": Msg.REPLY, "code": 0, "seq": seq, "sid": self.cloud.open(req["cap"])}
+            session = self.cloud.get(req["sid"])
+            if req["type"] == Msg.RESUME:
+                return {"type": Msg.REPLY, "code": 0, "seq": seq, "pos": session.n_hidden}
+            if req["type"] == Msg.CLOSE:
+                self.cloud.close(req["sid"])
+                return {"type": Msg.REPLY, "code": 0, "seq": seq}
+            hidden = _core.hidden_decode(req["data"], req["n"], req["dim"], req["dtype"])
+            if req["type"] == Msg.UPLOAD:
+                return {"type": Msg.REPLY, "code": 0, "seq": seq, "pos": self.cloud.upload(session, req["pos"], hidden)}
+            t0 = time.perf_counter()
+            token, conf = self.cloud.infer(session, req["pos"], hidden)
+            us = int((time.perf_counter() - t0) * 1e6)
+            return {"type": Msg.TOKEN, "seq": seq, "pos": req["pos"] + req["n"] - 1, "token": token, "conf": conf, "us": us}
+        except CloudError as exc:
+            return {"type": Msg.ERROR, "code": exc.code, "msg": str(exc), "seq": seq}
+
+    def close(self) -> None:
+        self.alive = False
+
+
+class CollabSession:
+    """One sequence's conversation with the cloud: sequence numbers, what the cloud holds, re-uploads."""
+
+    def __init__(self, connect, capacity: int, dim: int, dtype: str, deadline_s: float):
+        self.connect, self.capacity, self.dim = connect, capacity, dim
+        self.dtype, self.deadline_s = DTYPES[dtype], deadline_s
+        self.split_hidden = np.zeros((capacity, dim), np.float32)  # every position's split state, kept
+        self.known = 0  # positions whose split state the edge has
+        self.link, self.sid, self.seq, self.held = None, None, 0, 0
+        self.fallbacks = self.reconnects = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.network_s = 0.0
+        self._reconnecting: threading.Thread | None = None
+        self._ready: tuple | None = None  # (link, sid, seq, held) prepared by the reconnect thread
+        self.lock = threading.Lock()
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _call(self, link, message: dict, want_reply: bool, timeout: float | None = None):
+        future = link.request(message, want_reply)
+        if not want_reply:
+            return None
+        reply = future.result(timeout=timeout)
+        if reply["type"] == Msg.ERROR:
+            raise RemoteError(reply["code"], reply["msg"])
+        return reply
+
+    def start(self) -> None:
+        """Connects and opens a session (a failure leaves the session in fallback until reconnect)."""
+        try:
+            self._adopt(*self._establish(None))
+        except (OSError, RemoteError, FutureTimeout):
+            self._go_down()
+
+    def _establish(self, sid):
+        """A link with the session resumed (or newly opened) and the cloud's held count."""
+        link = self.connect()
+        seq = self.seq + 1000  # a fresh range: never collides with requests of the old link
+        if sid is not None:
+            try:
+                reply = self._call(link, {"type": Msg.RESUME, "seq": seq, "sid": sid}, True, self.deadline_s * 4)
+                return link, sid, seq, reply["pos"]
+            except RemoteError as exc:
+                if exc.code != Code.UNKNOWN_SESSION:
+                    raise
+        seq += 1
+        reply = self._call(link, {"type": Msg.OPEN, "seq": seq, "cap": self.capacity}, True, self.deadline_s * 4)
+        return link, reply["sid"], seq, 0
+
+    def _adopt(self, link, sid, seq, held) -> None:
+        self.link, self.sid, self.seq, self.held = link, sid, seq, held
+
+    def record(self, start: int, hidden: np.ndarray) -> None:
+        """Split states of positions [start, start + n) exist now."""
+        self.split_hidden[start : start + len(hidden)] = hidden
+        self.known = max(self.known, start + len(hidden))
+
+    def _message(self, kind: Msg, start: int, end: int) -> dict:
+        data = _core.hidden_encode(self.split_hidden[start:end], self.dtype)
+        return {"type": kind, "seq": self._next_seq(), "sid": self.sid, "pos": start, "n": end - start,
+                "dim": self.dim, "dtype": self.dtype, "data": data}  # fmt: skip
+
+    def upload_gap(self, end: int) -> None:
+        """Queues uploads of [held, end) (not waited for), in frames of at most MAX_UPLOAD_POSITIONS."""
+        while self.held < end:
+            stop = min(self.held + MAX_UPLOAD_POSITIONS, end)
+            self._call(self.link, self._message(Msg.UPLOAD, self.held, stop), False)
+            self.held = stop
+
+    def infer(self, start: int, end: int):
+        """Positions [held, start) are uploaded first, then [start, end) rides in one INFER.
+        Returns (token, cloud seconds) or None when the cloud could not answer in time."""
+        self._maybe_adopt_reconnect()
+        if self.link is None or not self.link.alive:
+            self._go_down()
+            return None
+        try:
+            self.upload_gap(start)
+            reply = self._call(self.link, self._message(Msg.INFER, start, end), True, self.deadline_s)
+            self.held = end
+            return reply["token"], reply.get("us", 0) / 1e6
+        except (OSError, ConnectionError, RemoteError, FutureTimeout):
+            self._go_down()
+            return None
+
+    def _go_down(self) -> None:
+        self.fallbacks += 1
+        if self.link is not None:
+            self._count(self.link)
+            self.link.close()
+            self.link = None
+        if self._reconnecting is None or not self._reconnecting.is_alive():
+            self._reconnecting = threading.Thread(target=self._reconnect, daemon=True, name="cecollm-reconnect")
+            self._reconnecting.start()
+
+    def _reconnect(self) -> None:
+        delay = 0.05
+        for _ in range(200):
+            try:
+                prepared = self._establish(self.sid)
+                with self.lock:
+                    self._ready = prepared
+                return
+            except (OSError, RemoteError, FutureTimeout, ConnectionError):
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _maybe_adopt_reconnect(self) -> None:
+        with self.lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            self._adopt(*ready)
+            self.reconnects += 1
+
+    def _count(self, link) -> None:
+        self.bytes_sent += link.bytes_sent
+        self.bytes_received += link.bytes_received
+        self.network_s += getattr(link, "network_s", 0.0)
+
+    def close(self) -> None:
+        self._maybe_adopt_reconnect()
+        if self.link is not None:
+            try:
+                if self.link.alive:
+                    self._call(self.link, {"type": Msg.CLOSE, "seq": self._next_seq(), "sid": self.sid}, True, 1.0)
+            except (OSError, ConnectionError, RemoteError, FutureTimeout):
+                pass
+            self._count(self.link)
+            self.link.close()
+            self.link = None
+
+
+def generate_collab(
+    model: Model,
+    prompt,
+    policy: ExitPolicy,
+    connect,
+    max_new_tokens: int = 64,
+    dtype: str = "f16",
+    deadline_s: float = 2.0,
+    chat: bool = False,
+    trace_full: bool = False,
+    on_token=None,
+) -> GenerationResult:
+    """Collaborative greedy generation: tokens exit at the edge when confident, else the cloud
+    finishes them; when the cloud fails, the edge finishes them at its exit at the split.
+
+    connect: a callable returning a fresh link (TcpLink or LocalLink), called again to reconnect.
+    on_token: called as on_token(step, trace) after each token is decided.
+
+    >>> cloud = Cloud(model, split=15)                                              # doctest: +SKIP
+    >>> r = generate_collab(model, "Hi", ExitPolicy(split=15), lambda: LocalLink(cloud))  # doctest: +SKIP
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if policy.split >= model.n_layers:
+        raise ValueError("collaboration needs split < n_layers: the cloud owns the layers after it")
+    ids = model._prompt_ids(prompt, chat)
+    capacity = len(ids) + max_new_tokens
+    runner = EdgeRunner(model, policy, capacity)
+    session = CollabSession(connect, capacity, model.config["dim"], dtype, deadline_s)
+    full = model.new_cache(capacity) if trace_full else None
+    edge_s = cloud_s = 0.0
+    t_start = time.perf_counter()
+    session.start()
+
+    def decide_at_split(start: int, hidden: np.ndarray, trace: TokenTrace) -> int:
+        """The cloud's token after positions [start, start+n), or the edge's own. The prompt rides in
+        one INFER (the cloud then computes it as the full model does, in one batch); later, caught-up
+        positions are uploaded and the INFER carries one position."""
+        nonlocal cloud_s, edge_s
+        session.record(start, hidden)
+        end = start + len(hidden)
+        answer = session.infer(0 if start == 0 else end - 1, end)
+        if answer is not None:
+            trace.source = "cloud"
+            cloud_s += answer[1]
+            return answer[0]
+        t = time.perf_counter()
+        trace.source = "fallback"
+        logits = model.core.head(hidden[-1:], policy.norm(policy.split))[0]
+        edge_s += time.perf_counter() - t
+        return int(np.argmax(logits))
+
+    t = time.perf_counter()
+    hidden = runner.prefill(ids)
+    edge_s += time.perf_counter() - t
+    trace = TokenTrace(-1, policy.split, 0.0, 0, 0)
+    token = decide_at_split(0, hidden, trace)
+    full_logits = model.core.head(full.forward(model.core.embed(np.asarray(ids, np.int32)), 0)[-1:])[0] if full else None
+    tokens, traces, finish = [], [], "length"
+    t_first = time.perf_counter()
+    for step in range(max_new_tokens):
+        if token in model.tokenizer.end_ids:
+            finish = "stop"
+            break
+        trace.token = token
+        if full_logits is not None:
+            trace.full_token = int(np.argmax(full_logits))
+        tokens.append(token)
+        traces.append(trace)
+        if on_token is not None:
+            on_token(step, trace)
+        if step + 1 == max_new_tokens:
+            break
+        t = time.perf_counter()
+        decision = runner.step(token, finish_at_split=False)
+        edge_s += time.perf_counter() - t
+        trace = TokenTrace(-1, decision.exit_layer, decision.confidence, decision.layers_run, decision.head_checks,
+                           decision.prechecks_skipped)  # fmt: skip
+        if decision.logits is not None:
+            token = int(np.argmax(decision.logits))
+        else:
+            token = decide_at_split(runner.n_pos - len(decision.split_hidden), decision.split_hidden, trace)
+        if full is not None:
+            pos = len(ids) + step
+            full_logits = model.core.head(full.forward(model.core.embed(np.array([tokens[-1]], np.int32)), pos))[0]
+    t_end = time.perf_counter()
+    session.close()
+    return GenerationResult(
+        text=model.detokenize(tokens),
+        tokens=tokens,
+        prompt_tokens=ids,
+        finish_reason=finish,
+        prefill_s=t_first - t_start,
+        decode_s=t_end - t_first,
+        decode_steps=len(tokens) - (finish == "length"),
+        extra={
+            "traces": traces,
+            "policy": policy,
+            "bytes_sent": session.bytes_sent,
+            "bytes_received": session.bytes_received,
+            "edge_s": edge_s,
+            "cloud_s": cloud_s,
+            "wall_s": t_end - t_start,
+            "network_s": session.network_s,
+            "fallbacks": session.fallbacks,
+            "reconnects": session.reconnects,
+        },
+    )
