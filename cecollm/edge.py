@@ -123,11 +123,11 @@ class EdgeRunner:
                 continue
             logits = self.model.core.head(batch[-1:], self.policy.norm(boundary))[0]
             checks += 1
-            conf, top1 = _core.confidence(logits, self.metric)
-            if at_split or conf[0] >= threshold:
+            accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
+            if accept:  # the split's threshold is 0: it always accepts
                 self._leave_pending(batch, start, boundary)
                 self.n_pos = p + 1
-                return ExitDecision(logits, boundary, float(conf[0]), batch[-1], layers_run, checks, skipped)
+                return ExitDecision(logits, boundary, conf, batch[-1], layers_run, checks, skipped)
         raise AssertionError("unreachable: the split always decides")
 
     def _precheck_fails(self, hidden: np.ndarray, exit_layer: int, threshold: float) -> bool:

@@ -39,3 +39,10 @@ ce_status ce_confidence(const float *logits, int n, int metric, float *conf, int
     *top1 = best;
     return CE_OK;
 }
+
+ce_status ce_exit_decide(const float *logits, int n, int metric, float threshold, int *accept, float *conf, int *top1,
+                         char *err, size_t errlen) {
+    ce_status st = ce_confidence(logits, n, metric, conf, top1, err, errlen);
+    *accept = st == CE_OK && threshold <= 1.0f && *conf >= threshold;
+    return st;
+}

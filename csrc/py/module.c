@@ -807,6 +807,28 @@ static PyObject *core_hidden_decode(PyObject *mod, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* exit_decide(logits (vocab,), metric, threshold) -> (accept: bool, top1, conf) */
+static PyObject *core_exit_decide(PyObject *mod, PyObject *args) {
+    PyObject *lo;
+    int metric;
+    double threshold;
+    if (!PyArg_ParseTuple(args, "Oid", &lo, &metric, &threshold)) return NULL;
+    PyArrayObject *logits = (PyArrayObject *)PyArray_FROMANY(lo, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (logits == NULL) return NULL;
+    if (PyArray_DIM(logits, 0) > INT32_MAX) {
+        Py_DECREF(logits);
+        return PyErr_Format(PyExc_ValueError, "too many logits");
+    }
+    int accept = 0, top1 = 0;
+    float conf = 0.0f;
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_exit_decide(PyArray_DATA(logits), (int)PyArray_DIM(logits, 0), metric, (float)threshold, &accept,
+                                  &conf, &top1, err, sizeof err);
+    Py_DECREF(logits);
+    if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
+    return Py_BuildValue("(Oid)", accept ? Py_True : Py_False, top1, (double)conf);
+}
+
 /* row_bytes(type, cols) -> bytes of one row, 0 when the type is unknown or cols do not fill its blocks */
 static PyObject *core_row_bytes(PyObject *mod, PyObject *args) {
     (void)mod;
@@ -866,6 +888,7 @@ static PyMethodDef core_methods[] = {
     {"frame_length", core_frame_length, METH_VARARGS, "frame_length(header, max_body) -> body length"},
     {"hidden_encode", core_hidden_encode, METH_VARARGS, "hidden_encode(x, dtype) -> payload bytes"},
     {"hidden_decode", core_hidden_decode, METH_VARARGS, "hidden_decode(data, n, dim, dtype) -> float32 (n, dim)"},
+    {"exit_decide", core_exit_decide, METH_VARARGS, "exit_decide(logits, metric, threshold) -> (accept, top1, conf)"},
     {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
     {"select_kernels", core_select_kernels, METH_VARARGS, "select_kernels(name='auto') -> active kernel set"},
     {NULL, NULL, 0, NULL},

@@ -302,6 +302,55 @@ static void test_forward_invariants(void) {
     tiny_free(&t);
 }
 
+/* Catch-up at the C level: token q stops after layer 1 (an exit), then rides along with token p
+ * through layers [1, 3); the cache equals one-at-a-time full passes, and the "exit at the last layer"
+ * head equals the full model's logits. */
+static void test_catch_up_composition(void) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_build(&t);
+    ce_model *m = &t.m;
+    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
+    int32_t tok[4] = {5, 9, 33, 2};
+    float plain[4 * 64], x[2 * 64], head_a[50], head_b[50];
+    ce_workspace ws = {0};
+    ce_kv_cache a, b;
+    ce_kv_cache_init(&a, &m->cfg, 0, 3, 8, err, sizeof err);
+    ce_kv_cache_init(&b, &m->cfg, 0, 3, 8, err, sizeof err);
+    tiny_forward_tokens(m, &a, &ws, tok, 4, plain);
+    /* positions 0, 1 in full; 2 exits after layer 1; 3 carries 2 through layers [1, 3) */
+    float h[64];
+    for (int i = 0; i < 2; i++) {
+        ce_embed(m, 1, tok + i, h, err, sizeof err);
+        ce_forward(m, &b, &ws, 0, 3, 1, i, h, err, sizeof err);
+    }
+    ce_embed(m, 1, tok + 2, x, err, sizeof err);
+    CHECK(ce_forward(m, &b, &ws, 0, 1, 1, 2, x, err, sizeof err) == CE_OK, "position 2 to its exit");
+    CHECK(b.len[0] == 3 && b.len[1] == 2, "layers after the exit lack position 2");
+    ce_embed(m, 1, tok + 3, x + 64, err, sizeof err);
+    CHECK(ce_forward(m, &b, &ws, 0, 1, 1, 3, x + 64, err, sizeof err) == CE_OK, "position 3, layer 0");
+    CHECK(ce_forward(m, &b, &ws, 1, 3, 2, 2, x, err, sizeof err) == CE_OK, "catch-up: positions 2-3 through [1, 3)");
+    for (int l = 0; l < 3; l++)
+        for (int g = 0; g < 2; g++)
+            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&b, l, g), sizeof(float) * 4 * 16) == 0 &&
+                      memcmp(ce_kv_cache_v(&a, l, g), ce_kv_cache_v(&b, l, g), sizeof(float) * 4 * 16) == 0,
+                  "catch-up cache equals the plain pass (layer %d head %d)", l, g);
+    CHECK(memcmp(x + 64, plain + 3 * 64, sizeof(float) * 64) == 0, "position 3's output equals the plain pass");
+    ce_head(m, &ws, NULL, 1, x + 64, 50, head_a, err, sizeof err);
+    ce_head(m, &ws, NULL, 1, plain + 3 * 64, 50, head_b, err, sizeof err);
+    CHECK(memcmp(head_a, head_b, sizeof head_a) == 0, "exit at the last layer gives the full logits");
+    int accept, top1;
+    float conf;
+    CHECK(ce_exit_decide(head_a, 50, CE_METRIC_MAX_PROB, 1.01f, &accept, &conf, &top1, err, sizeof err) == CE_OK && !accept,
+          "a threshold above 1 disables the exit");
+    CHECK(ce_exit_decide(head_a, 50, CE_METRIC_MAX_PROB, 0.0f, &accept, &conf, &top1, err, sizeof err) == CE_OK && accept,
+          "threshold 0 always accepts");
+    ce_kv_cache_free(&a);
+    ce_kv_cache_free(&b);
+    ce_workspace_free(&ws);
+    tiny_free(&t);
+}
+
 static void test_matmul_paths(void) {
     /* the sgemm path (n > CE_SMALL_BATCH) agrees with the kernel path within float rounding */
     char err[CE_ERRLEN];
@@ -453,6 +502,7 @@ int main(void) {
         CHECK(ce_threads_set(threads, err, sizeof err) == CE_OK, "threads %d", threads);
         test_model_validation();
         test_forward_invariants();
+        test_catch_up_composition();
         test_matmul_paths();
     }
     CHECK(ce_threads_set(1, err, sizeof err) == CE_OK, "back to one thread");

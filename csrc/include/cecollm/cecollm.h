@@ -198,6 +198,11 @@ typedef enum {
 /* Confidence in [0, 1] of p = softmax(logits) over n entries, and its argmax in top1. */
 ce_status ce_confidence(const float *logits, int n, int metric, float *conf, int *top1, char *err, size_t errlen);
 
+/* The exit decision: 1 when the confidence reaches threshold (the token leaves here), else 0; conf and
+ * top1 are filled either way. A threshold above 1 never accepts. */
+ce_status ce_exit_decide(const float *logits, int n, int metric, float threshold, int *accept, float *conf, int *top1,
+                         char *err, size_t errlen);
+
 /* ---- element-wise operations (ops.c) -------------------------------------------------------- */
 
 /* y = x / sqrt(mean(x²) + eps) * w, over n elements. y may alias x. */
