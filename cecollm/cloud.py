@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +68,7 @@ class Cloud:
     """
 
     def __init__(self, model: Model, split: int, kv_budget_bytes: int = 2 << 30, session_budget_bytes: int = 512 << 20,
-                 max_sessions: int = 256, ttl_s: float = 600.0):  # fmt: skip
+                 max_sessions: int = 256, ttl_s: float = 600.0, batching: bool = True):  # fmt: skip
         if not 1 <= split < model.n_layers:
             raise ValueError(f"split {split} outside [1, {model.n_layers})")
         self.model, self.split = model, split
@@ -78,6 +80,12 @@ class Cloud:
         self.sessions: dict[bytes, Session] = {}
         self.kv_in_use = 0
         self.lock = threading.Lock()  # guards the session table and the budget
+        # cross-session batching: small requests queue here and a worker runs them together
+        self.batching = batching
+        self.batch_queue: queue.Queue = queue.Queue()
+        self.batch_lock = threading.Lock()  # held by the worker while it computes a batch
+        self.batch_stats = {"passes": 0, "rows": 0, "most_sessions": 0}
+        self._worker: threading.Thread | None = None
 
     # ---- sessions ----
     def open(self, capacity: int) -> bytes:
@@ -151,13 +159,59 @@ class Cloud:
         return int(top1[0]), float(conf[0])
 
     def _compute(self, session: Session) -> np.ndarray:
-        """Runs every uploaded group not yet in the cache through [split, L); returns the last output."""
+        """Runs every uploaded group not yet in the cache through [split, L); returns the last output.
+        The request's own group, when small, joins other sessions' in one batched pass."""
         self._ensure_cache(session)
-        out = None
-        for start, end in session.groups[session.computed_groups :]:  # the last one is the new request's
-            out = session.cache.forward(session.hidden[start:end], start)
+        *earlier, (start, end) = session.groups[session.computed_groups :]
+        for a, b in earlier:
+            session.cache.forward(session.hidden[a:b], a)
             session.computed_groups += 1
+        if self.batching and end - start <= _core.SMALL_BATCH:
+            out = self._batched(session.cache, session.hidden[start:end], start)
+        else:
+            out = session.cache.forward(session.hidden[start:end], start)
+        session.computed_groups += 1
         return out[-1]
+
+    def _batched(self, cache, x: np.ndarray, pos0: int) -> np.ndarray:
+        future: Future = Future()
+        self.batch_queue.put((cache, x, pos0, future))
+        with self.lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._batch_worker, daemon=True, name="cecollm-batch")
+                self._worker.start()
+        return future.result()
+
+    def _batch_worker(self) -> None:
+        """Takes what is queued, up to SMALL_BATCH rows (so each row's result is what it would be
+        alone, bit for bit), and runs it as one pass of the cloud's layers."""
+        carry = None
+        while True:
+            item = carry or self.batch_queue.get()
+            carry = None
+            with self.batch_lock:
+                batch, rows = [item], len(item[1])
+                while True:
+                    try:
+                        nxt = self.batch_queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if rows + len(nxt[1]) > _core.SMALL_BATCH:
+                        carry = nxt
+                        break
+                    batch.append(nxt)
+                    rows += len(nxt[1])
+                try:
+                    outs = _core.forward_multi([(c, x, p) for c, x, p, _ in batch], self.split, self.model.n_layers)
+                except Exception as exc:  # reported to every waiting request
+                    for *_, future in batch:
+                        future.set_exception(exc)
+                    continue
+                self.batch_stats["passes"] += 1
+                self.batch_stats["rows"] += rows
+                self.batch_stats["most_sessions"] = max(self.batch_stats["most_sessions"], len(batch))
+                for (*_, future), out in zip(batch, outs):
+                    future.set_result(out)
 
     def _ensure_cache(self, session: Session) -> None:
         if session.cache is not None:

@@ -253,3 +253,35 @@ def test_hostile_input_gets_clear_errors_and_spares_honest_sessions(model, serve
 def test_without_key_only_loopback(model):
     with pytest.raises(ValueError, match="loopback"):
         CloudServer(Cloud(model, split=SPLIT), host="0.0.0.0", port=0)
+
+
+def test_ready_requests_of_different_sessions_share_one_pass(model):
+    """Requests queued while the worker is busy run together, and give what they give alone."""
+    cloud = Cloud(model, split=SPLIT)
+    alone = Cloud(model, split=SPLIT, batching=False)
+    rng = np.random.default_rng(5)
+    prompts = [rng.standard_normal((4, cloud.dim)).astype(np.float32) for _ in range(3)]
+    steps = [rng.standard_normal((1, cloud.dim)).astype(np.float32) for _ in range(3)]
+    expected = []
+    for p, x in zip(prompts, steps):
+        s = alone.get(alone.open(16))
+        alone.infer(s, 0, p)
+        expected.append(alone.infer(s, 4, x))
+    sessions = []
+    for p in prompts:
+        s = cloud.get(cloud.open(16))
+        cloud.infer(s, 0, p)
+        sessions.append(s)
+    got = [None] * 3
+    queued_before = cloud.batch_queue.unfinished_tasks  # counts every put (the worker never marks done)
+    with cloud.batch_lock:  # hold the worker: the three requests queue up behind it
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, cloud.infer(sessions[i], 4, steps[i])))
+                   for i in range(3)]  # fmt: skip
+        [t.start() for t in threads]
+        for _ in range(500):
+            if cloud.batch_queue.unfinished_tasks == queued_before + 3:
+                break
+            threading.Event().wait(0.01)
+    [t.join() for t in threads]
+    assert got == expected
+    assert cloud.batch_stats["most_sessions"] == 3

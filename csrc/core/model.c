@@ -139,6 +139,7 @@ static ce_status grow(void **p, size_t *cap, size_t need, size_t elem, char *err
 void ce_workspace_free(ce_workspace *ws) {
     free(ws->buf);
     free(ws->panel);
+    free(ws->ints);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -225,38 +226,38 @@ static void attend(const float *q, const float *K, const float *V, int pos, int 
     }
 }
 
-/* Attention of n positions × n_heads query heads, split across threads by (position, head). */
+/* Attention of every row × n_heads query heads, split across threads by (row, head); each row
+ * attends within its own sequence's cache. */
 typedef struct {
     const ce_config *c;
-    const ce_kv_cache *kv;
-    int layer, pos0;
-    const float *q; /* (n, n_heads*head_dim) */
-    float *att;     /* (n, n_heads*head_dim) */
-    float *scores;  /* (threads, capacity) */
+    const ce_seq_rows *seqs;
+    const int *row_seq; /* (rows) index into seqs */
+    const int *row_pos; /* (rows) position of the row in its sequence */
+    int layer;
+    int capacity;       /* largest capacity: the per-thread scores stride */
+    const float *q;     /* (rows, n_heads*head_dim) */
+    float *att;         /* (rows, n_heads*head_dim) */
+    float *scores;      /* (threads, capacity) */
 } attention_job;
 
 static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
     const attention_job *job = ctx;
     const int hd = job->c->head_dim, nh = job->c->n_heads, group = nh / job->c->n_kv_heads;
-    float *scores = job->scores + (size_t)thread * job->kv->capacity;
+    float *scores = job->scores + (size_t)thread * job->capacity;
     for (int64_t task = begin; task < end; task++) {
         const int i = (int)(task / nh), h = (int)(task % nh);
+        const ce_kv_cache *kv = job->seqs[job->row_seq[i]].kv;
         const size_t at = (size_t)i * nh * hd + (size_t)h * hd;
-        attend(job->q + at, ce_kv_cache_k(job->kv, job->layer, h / group), ce_kv_cache_v(job->kv, job->layer, h / group),
-               job->pos0 + i, hd, scores, job->att + at);
+        attend(job->q + at, ce_kv_cache_k(kv, job->layer, h / group), ce_kv_cache_v(kv, job->layer, h / group),
+               job->row_pos[i], hd, scores, job->att + at);
     }
 }
 
-/* Keys and values of layer l for positions pos0.. from normed inputs xn (n, dim), rotated and stored;
- * k, v: (n, n_kv_heads*head_dim) scratch. */
-static ce_status store_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l, int n, int pos0,
-                          const float *xn, float *k, float *v, char *err, size_t errlen) {
+/* Rotates the projected keys k (n, n_kv_heads*head_dim) of positions pos0.. and stores them and the
+ * values v in layer l of the cache. */
+static void store_kv(const ce_model *m, ce_kv_cache *kv, int l, int n, int pos0, float *k, const float *v) {
     const ce_config *c = &m->cfg;
     const int hd = c->head_dim, kvd = c->n_kv_heads * hd;
-    const ce_layer *L = &m->layers[l];
-    ce_status st;
-    if ((st = ce_matmul(&L->wk, ws, n, xn, k, err, errlen)) || (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
-        return st;
     for (int i = 0; i < n; i++) {
         for (int g = 0; g < c->n_kv_heads; g++) {
             float *ki = k + (size_t)i * kvd + g * hd;
@@ -266,7 +267,6 @@ static ce_status store_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, 
         }
     }
     kv->len[l - kv->layer_begin] = pos0 + n;
-    return CE_OK;
 }
 
 /* The checks every cache write shares: layers inside the cache, positions inside its capacity, and no
@@ -297,38 +297,66 @@ ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     for (int l = layer_begin; l < layer_end; l++) {
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, m->layers[l].attn_norm.data, d, c->norm_eps);
-        if ((st = store_kv(m, kv, ws, l, n, pos0, xn, k, v, err, errlen))) return st;
+        if ((st = ce_matmul(&m->layers[l].wk, ws, n, xn, k, err, errlen)) ||
+            (st = ce_matmul(&m->layers[l].wv, ws, n, xn, v, err, errlen)))
+            return st;
+        store_kv(m, kv, l, n, pos0, k, v);
     }
     return CE_OK;
 }
 
 ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin, int layer_end,
                      int n, int pos0, float *x, char *err, size_t errlen) {
+    ce_seq_rows one = {kv, pos0, n};
+    return ce_forward_multi(m, ws, layer_begin, layer_end, 1, &one, x, err, errlen);
+}
+
+ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin, int layer_end, int n_seqs,
+                           const ce_seq_rows *seqs, float *x, char *err, size_t errlen) {
     const ce_config *c = &m->cfg;
     const int d = c->dim, hd = c->head_dim, f = c->ffn_dim;
     const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
     ce_status st;
 
-    if ((st = check_positions(kv, layer_begin, layer_end, n, pos0, err, errlen))) return st;
+    if (n_seqs <= 0) return ce_fail(err, errlen, CE_EINVAL, "no sequences");
+    int n = 0, capacity = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        if ((st = check_positions(seqs[s].kv, layer_begin, layer_end, seqs[s].n, seqs[s].pos0, err, errlen))) return st;
+        for (int t = 0; t < s; t++)
+            if (seqs[t].kv == seqs[s].kv)
+                return ce_fail(err, errlen, CE_EINVAL, "sequences %d and %d share one cache", t, s);
+        if (seqs[s].n > (1 << 20) - n) return ce_fail(err, errlen, CE_ERANGE, "too many rows in one batch");
+        n += seqs[s].n;
+        if (seqs[s].kv->capacity > capacity) capacity = seqs[s].kv->capacity;
+    }
 
     /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d)
-     *          | scores (threads, capacity) */
-    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f) + (size_t)ce_threads_get() * kv->capacity;
-    if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen))) return st;
+     *          | scores (threads, capacity); ints: row_seq (n) | row_pos (n) */
+    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f) + (size_t)ce_threads_get() * capacity;
+    if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen)) ||
+        (st = grow((void **)&ws->ints, &ws->n_ints, 2 * (size_t)n, sizeof(int), err, errlen)))
+        return st;
     float *xn = ws->buf, *q = xn + (size_t)n * d, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd;
     float *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd, *up = gate + (size_t)n * f;
     float *o = up + (size_t)n * f, *scores = o + (size_t)n * d;
+    int *row_seq = ws->ints, *row_pos = row_seq + n;
+    for (int s = 0, i = 0; s < n_seqs; s++)
+        for (int j = 0; j < seqs[s].n; j++, i++) row_seq[i] = s, row_pos[i] = seqs[s].pos0 + j;
 
     for (int l = layer_begin; l < layer_end; l++) {
         const ce_layer *L = &m->layers[l];
         /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->attn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&L->wq, ws, n, xn, q, err, errlen)) || (st = store_kv(m, kv, ws, l, n, pos0, xn, k, v, err, errlen)))
+        if ((st = ce_matmul(&L->wq, ws, n, xn, q, err, errlen)) || (st = ce_matmul(&L->wk, ws, n, xn, k, err, errlen)) ||
+            (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
             return st;
+        for (int s = 0, i0 = 0; s < n_seqs; i0 += seqs[s].n, s++)
+            store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd);
         for (int i = 0; i < n; i++)
-            for (int h = 0; h < c->n_heads; h++) ce_rope(q + (size_t)i * qd + h * hd, hd, pos0 + i, m->rope_inv_freq, c->rope_style);
-        attention_job job = {c, kv, l, pos0, q, att, scores};
+            for (int h = 0; h < c->n_heads; h++)
+                ce_rope(q + (size_t)i * qd + h * hd, hd, row_pos[i], m->rope_inv_freq, c->rope_style);
+        attention_job job = {c, seqs, row_seq, row_pos, l, capacity, q, att, scores};
         ce_parallel_for((int64_t)n * c->n_heads, attention_heads, &job);
         if ((st = ce_matmul(&L->wo, ws, n, att, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];

@@ -462,6 +462,102 @@ static PyObject *Cache_get_int(CacheObject *self, void *which) {
     }
 }
 
+/* forward_multi(items, layer_begin, layer_end) -> list of outputs; items: [(KVCache, x (n, dim), pos0), ...]
+ * with distinct caches of one model. One pass over all rows: the cloud batching sessions. */
+static PyObject *core_forward_multi(PyObject *mod, PyObject *args) {
+    module_state *ms = PyModule_GetState(mod);
+    PyObject *items;
+    int begin, end;
+    if (!PyArg_ParseTuple(args, "O!ii", &PyList_Type, &items, &begin, &end)) return NULL;
+    Py_ssize_t n_seqs = PyList_GET_SIZE(items);
+    if (n_seqs < 1 || n_seqs > 4096) return PyErr_Format(PyExc_ValueError, "need 1 to 4096 sequences");
+    CacheObject **caches = PyMem_Calloc((size_t)n_seqs, sizeof *caches);
+    ce_seq_rows *seqs = PyMem_Calloc((size_t)n_seqs, sizeof *seqs);
+    PyArrayObject *x = NULL;
+    PyObject *result = NULL, *inputs = PyList_New(0);
+    if (caches == NULL || seqs == NULL || inputs == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    npy_intp rows = 0;
+    for (Py_ssize_t s = 0; s < n_seqs; s++) {
+        PyObject *cache, *xo;
+        int pos0;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(items, s), "O!Oi;items are (KVCache, x, pos0)", ms->cache_type, &cache,
+                              &xo, &pos0))
+            goto done;
+        caches[s] = (CacheObject *)cache;
+        if (!cache_ready(caches[s])) goto done;
+        if (caches[s]->model != caches[0]->model) {
+            PyErr_SetString(PyExc_ValueError, "all caches must belong to one model");
+            goto done;
+        }
+        PyArrayObject *xs = as_rows(xo, caches[0]->model->model.cfg.dim, "x");
+        if (xs == NULL || PyList_Append(inputs, (PyObject *)xs) < 0) {
+            Py_XDECREF(xs);
+            goto done;
+        }
+        Py_DECREF(xs);
+        seqs[s] = (ce_seq_rows){&caches[s]->kv, pos0, (int)n_rows(xs)};
+        rows += n_rows(xs);
+    }
+    const ce_model *m = &caches[0]->model->model;
+    npy_intp dims[2] = {rows, m->cfg.dim};
+    if ((x = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32)) == NULL) goto done;
+    for (Py_ssize_t s = 0, at = 0; s < n_seqs; s++) {
+        PyArrayObject *xs = (PyArrayObject *)PyList_GET_ITEM(inputs, s);
+        memcpy((float *)PyArray_DATA(x) + at * m->cfg.dim, PyArray_DATA(xs), PyArray_NBYTES(xs));
+        at += n_rows(xs);
+    }
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    /* every cache's lock, in address order so that concurrent callers cannot deadlock; distinct caches
+     * are checked by ce_forward_multi, which runs in the first cache's workspace */
+    for (Py_ssize_t s = 0; s < n_seqs; s++) {
+        for (Py_ssize_t t = s + 1; t < n_seqs; t++)
+            if ((uintptr_t)caches[t] < (uintptr_t)caches[s]) {
+                CacheObject *c = caches[s];
+                caches[s] = caches[t];
+                caches[t] = c;
+            }
+    }
+    Py_ssize_t locked = 0;
+    for (; locked < n_seqs; locked++)
+        if (locked > 0 && caches[locked] == caches[locked - 1]) break;
+        else PyThread_acquire_lock(caches[locked]->lock, WAIT_LOCK);
+    if (locked < n_seqs) {
+        snprintf(err, sizeof err, "one cache appears twice");
+        st = CE_EINVAL;
+    } else {
+        st = ce_forward_multi(m, &caches[0]->ws, begin, end, (int)n_seqs, seqs, PyArray_DATA(x), err, sizeof err);
+    }
+    for (Py_ssize_t s = 0; s < locked; s++) PyThread_release_lock(caches[s]->lock);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        raise_status(ms->error, st, err);
+        goto done;
+    }
+    if ((result = PyList_New(n_seqs)) == NULL) goto done;
+    for (Py_ssize_t s = 0, at = 0; s < n_seqs; s++) {
+        npy_intp d2[2] = {seqs[s].n, m->cfg.dim};
+        PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, d2, NPY_FLOAT32);
+        if (out == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        memcpy(PyArray_DATA(out), (float *)PyArray_DATA(x) + at * m->cfg.dim, PyArray_NBYTES(out));
+        at += seqs[s].n;
+        PyList_SET_ITEM(result, s, (PyObject *)out);
+    }
+done:
+    PyMem_Free(caches);
+    PyMem_Free(seqs);
+    Py_XDECREF(x);
+    Py_XDECREF(inputs);
+    return result;
+}
+
 /* ======================= module functions (kernels, for tests and research) ======================= */
 
 /* dequantize(raw, type, rows, cols) -> float32 (rows, cols) */
@@ -888,6 +984,8 @@ static PyMethodDef core_methods[] = {
     {"frame_length", core_frame_length, METH_VARARGS, "frame_length(header, max_body) -> body length"},
     {"hidden_encode", core_hidden_encode, METH_VARARGS, "hidden_encode(x, dtype) -> payload bytes"},
     {"hidden_decode", core_hidden_decode, METH_VARARGS, "hidden_decode(data, n, dim, dtype) -> float32 (n, dim)"},
+    {"forward_multi", core_forward_multi, METH_VARARGS,
+     "forward_multi([(cache, x, pos0), ...], layer_begin, layer_end) -> outputs: sessions in one pass"},
     {"exit_decide", core_exit_decide, METH_VARARGS, "exit_decide(logits, metric, threshold) -> (accept, top1, conf)"},
     {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
     {"select_kernels", core_select_kernels, METH_VARARGS, "select_kernels(name='auto') -> active kernel set"},

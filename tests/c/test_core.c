@@ -351,6 +351,51 @@ static void test_catch_up_composition(void) {
     tiny_free(&t);
 }
 
+/* Two sequences in one pass equal two separate passes, bit for bit (small batches). */
+static void test_forward_multi(void) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_build(&t);
+    ce_model *m = &t.m;
+    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
+    int32_t ta[3] = {1, 2, 3}, tb[2] = {40, 41};
+    float ha[3 * 64], hb[2 * 64], both[5 * 64];
+    ce_workspace ws = {0};
+    ce_kv_cache a, b, a2, b2;
+    ce_kv_cache_init(&a, &m->cfg, 1, 3, 8, err, sizeof err);
+    ce_kv_cache_init(&b, &m->cfg, 1, 3, 8, err, sizeof err);
+    ce_kv_cache_init(&a2, &m->cfg, 1, 3, 8, err, sizeof err);
+    ce_kv_cache_init(&b2, &m->cfg, 1, 3, 8, err, sizeof err);
+    /* the first two positions of a, one of b, separately; then one more each, together */
+    ce_embed(m, 3, ta, ha, err, sizeof err);
+    ce_embed(m, 2, tb, hb, err, sizeof err);
+    memcpy(both, ha, sizeof(float) * 2 * 64);
+    memcpy(both + 2 * 64, hb, sizeof(float) * 64);
+    CHECK(ce_forward(m, &a, &ws, 1, 3, 3, 0, ha, err, sizeof err) == CE_OK, "a alone");
+    CHECK(ce_forward(m, &b, &ws, 1, 3, 2, 0, hb, err, sizeof err) == CE_OK, "b alone");
+    ce_seq_rows first[2] = {{&a2, 0, 2}, {&b2, 0, 1}};
+    CHECK(ce_forward_multi(m, &ws, 1, 3, 2, first, both, err, sizeof err) == CE_OK, "together: %s", err);
+    ce_embed(m, 1, ta + 2, both, err, sizeof err);
+    ce_embed(m, 1, tb + 1, both + 64, err, sizeof err);
+    ce_seq_rows second[2] = {{&a2, 2, 1}, {&b2, 1, 1}};
+    CHECK(ce_forward_multi(m, &ws, 1, 3, 2, second, both, err, sizeof err) == CE_OK, "together again: %s", err);
+    CHECK(memcmp(both, ha + 2 * 64, sizeof(float) * 64) == 0 && memcmp(both + 64, hb + 64, sizeof(float) * 64) == 0,
+          "outputs equal separate passes");
+    for (int l = 1; l < 3; l++)
+        for (int g = 0; g < 2; g++)
+            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&a2, l, g), sizeof(float) * 3 * 16) == 0 &&
+                      memcmp(ce_kv_cache_v(&b, l, g), ce_kv_cache_v(&b2, l, g), sizeof(float) * 2 * 16) == 0,
+                  "caches equal separate passes (layer %d head %d)", l, g);
+    ce_seq_rows same[2] = {{&a2, 3, 1}, {&a2, 3, 1}};
+    CHECK(ce_forward_multi(m, &ws, 1, 3, 2, same, both, err, sizeof err) == CE_EINVAL, "one cache twice is refused");
+    ce_kv_cache_free(&a);
+    ce_kv_cache_free(&b);
+    ce_kv_cache_free(&a2);
+    ce_kv_cache_free(&b2);
+    ce_workspace_free(&ws);
+    tiny_free(&t);
+}
+
 static void test_matmul_paths(void) {
     /* the sgemm path (n > CE_SMALL_BATCH) agrees with the kernel path within float rounding */
     char err[CE_ERRLEN];
@@ -503,6 +548,7 @@ int main(void) {
         test_model_validation();
         test_forward_invariants();
         test_catch_up_composition();
+        test_forward_multi();
         test_matmul_paths();
     }
     CHECK(ce_threads_set(1, err, sizeof err) == CE_OK, "back to one thread");

@@ -153,6 +153,8 @@ typedef struct {
     float *buf;        /* activations of the forward pass */
     size_t n_panel;
     float *panel;      /* dequantized weight rows (large batches) */
+    size_t n_ints;
+    int *ints;         /* row -> sequence map of multi-sequence batches */
 } ce_workspace;
 
 void ce_workspace_free(ce_workspace *ws);
@@ -168,6 +170,20 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
  * batches are bitwise identical; larger batches run through sgemm. */
 ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin,
                      int layer_end, int n, int pos0, float *x, char *err, size_t errlen);
+
+/* One sequence's share of a multi-sequence batch: n positions pos0.. of the sequence cached in kv. */
+typedef struct {
+    ce_kv_cache *kv;
+    int pos0;
+    int n;
+} ce_seq_rows;
+
+/* ce_forward over several sequences at once (the cloud batching requests of different sessions):
+ * x holds each sequence's rows in turn (Σ n, dim). The matrix products run over all rows together,
+ * attention per sequence against its own cache. Results equal separate ce_forward calls bit for bit
+ * while Σ n <= CE_SMALL_BATCH. */
+ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin, int layer_end, int n_seqs,
+                           const ce_seq_rows *seqs, float *x, char *err, size_t errlen);
 
 /* Computes only the keys/values of layers [layer_begin, layer_end) at positions pos0.. from the same
  * hidden states x (n, dim), which are not changed: the "propagate" treatment of skipped layers, where
