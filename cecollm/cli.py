@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import threading
-import time
 
 DEMO_PROMPTS = (
     "What is the capital of France?",
@@ -44,14 +43,21 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
-def _policy(args, n_layers: int):
+def _policy(args, model):
+    n_layers = model.n_layers
     from .exits import ExitPolicy
 
     split = args.split if args.split is not None else n_layers // 2
     exits = _ints(args.exits) if args.exits else tuple(e for e in (split * 2 // 5, split * 2 // 3) if 0 < e < split)
     thresholds = _floats(args.thresholds) if args.thresholds else (args.threshold,)
     return ExitPolicy(exits=exits, split=split, thresholds=thresholds, metric=args.metric,
-                      precheck_rows=args.precheck_rows)  # fmt: skip
+                      precheck_rows=args.precheck_rows, exit_heads=_heads(args, model))  # fmt: skip
+
+
+def _heads(args, model) -> dict:
+    from .exits import load_exit_heads
+
+    return load_exit_heads(args.exit_heads, model) if args.exit_heads else {}
 
 
 def cmd_generate(args) -> int:
@@ -62,7 +68,7 @@ def cmd_generate(args) -> int:
     if args.mode == "edge":
         from .edge import generate_edge
 
-        policy = _policy(args, model.n_layers)
+        policy = _policy(args, model)
         result = generate_edge(model, args.prompt, policy, **kwargs)
         traces = result.extra["traces"]
         if args.json:
@@ -112,7 +118,7 @@ def _generate_collab(args, model, kwargs) -> int:
         raise ValueError("--mode collab needs --cloud HOST:PORT")
     if kwargs["temperature"]:
         raise ValueError("collaborative mode decodes greedily (--temperature 0)")
-    policy = _policy(args, model.n_layers)
+    policy = _policy(args, model)
     result = generate_collab(model, args.prompt, policy, _connect(args.cloud, args.key_file),
                              max_new_tokens=args.max_new_tokens, dtype=args.dtype, deadline_s=args.deadline,
                              chat=args.chat)  # fmt: skip
@@ -143,6 +149,18 @@ def _collab_summary(result) -> str:
             f"{f', {fallback} at the edge after a cloud failure' if fallback else ''}; cloud share {cloud / n:.0%}]\n"
             f"[bytes sent {extra['bytes_sent']}, received {extra['bytes_received']}; time {extra['wall_s']:.2f} s ="
             f" edge {extra['edge_s']:.2f} + cloud {extra['cloud_s']:.2f} + network/waiting {other:.2f}]")
+
+
+def cmd_train_exits(args) -> int:
+    from .train import train_and_save
+
+    model = _load(args)
+    report = train_and_save(model, args.out, _ints(args.exits), steps=args.steps, rank=args.rank,
+                            data_files=args.data or (), self_text=args.self_text, progress=not args.no_progress)  # fmt: skip
+    summary = {"out": args.out, "exits": report.exits, "positions": report.positions, "seconds": report.seconds,
+               "final_kl": report.final_kl, "gate_accuracy_train": report.gate_accuracy}  # fmt: skip
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -184,12 +202,13 @@ def _result_json(args, result) -> dict:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import sweep
+    from .sweep import eval_text, sweep
 
     model = _load(args)
     exit_sets = [_ints(group) for group in args.exit_sets.split(";")]
     result = sweep(model, thresholds=_floats(args.thresholds), exit_sets=exit_sets, splits=_ints(args.splits),
                    metric=args.metric, gen_tokens=args.gen_tokens, precheck_rows=args.precheck_rows,
+                   exit_heads=_heads(args, model), texts=eval_text(args.split_text),
                    progress=not args.no_progress)  # fmt: skip
     if args.csv:
         result.to_csv(args.csv)
@@ -255,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def exit_options(p):
         p.add_argument("--split", type=int, default=None, help="the edge owns layers [0, split) (default: half)")
-        p.add_argument("--metric", choices=("max_prob", "margin", "entropy"), default="max_prob")
+        p.add_argument("--metric", choices=("max_prob", "margin", "entropy", "gate"), default="max_prob")
+        p.add_argument("--exit-heads", default=None, help="trained exit heads (from train-exits)")
         p.add_argument("--precheck-rows", type=int, default=None,
                        help="skip exit checks that a head over this many leading tokens proves hopeless")  # fmt: skip
 
@@ -288,12 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99")
     p.add_argument("--exit-sets", default="6,10;4,8,12", help="semicolon-separated exit sets")
     p.add_argument("--splits", default="15")
+    p.add_argument("--split-text", default="test", help="which split of the shipped text to score on")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens per prompt for generation scores (0: skip)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--out-json", default=None, help="write the table as JSON")
     p.add_argument("--plot", default=None, help="write the agreement plot (PNG)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("train-exits", help="train exit heads and gates by distillation (needs torch)")
+    common(p)
+    p.add_argument("--exits", default="4,8,12,16")
+    p.add_argument("--out", required=True, help="output side file (.safetensors)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per exit (0: untrained heads)")
+    p.add_argument("--rank", type=int, default=32, help="rank of each exit's adapter")
+    p.add_argument("--data", action="append", help="text file(s); default: the shipped train split")
+    p.add_argument("--self-text", type=int, default=16, help="texts the model generates itself for training")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_exits)
 
     p = sub.add_parser("serve", help="run a cloud server for edge clients")
     common(p)

@@ -391,7 +391,7 @@ def generate_collab(
             return answer[0]
         t = time.perf_counter()
         trace.source = "fallback"
-        logits = model.core.head(hidden[-1:], policy.norm(policy.split))[0]
+        logits = policy.head(policy.split).logits(model, hidden[-1:])[0]
         edge_s += time.perf_counter() - t
         return int(np.argmax(logits))
 

@@ -10,6 +10,7 @@ and are rebuilt when they return; when even that cannot make room the answer is 
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import queue
@@ -325,9 +326,7 @@ class CloudServer:
         nonce = new_nonce()
         self._reply(conn, {"type": Msg.REPLY, "code": Code.OK, "ver": _core.WIRE_VERSION, "nonce": nonce})
         auth = recv_message(conn, MAX_BODY_BEFORE_AUTH)
-        import hmac as _hmac
-
-        if auth["type"] != Msg.AUTH or not _hmac.compare_digest(auth.get("mac", b""), mac(self.key, nonce)):
+        if auth["type"] != Msg.AUTH or not hmac.compare_digest(auth.get("mac", b""), mac(self.key, nonce)):
             self.stats["errors"] += 1
             self._reply(conn, {"type": Msg.ERROR, "code": Code.AUTH_FAILED, "msg": "authentication failed"})
             return False

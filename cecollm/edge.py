@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _core
-from .exits import METRICS, ExitPolicy
+from .exits import GATE, METRICS, ExitPolicy
 from .model import GenerationResult, Model, Sampler
 
 
@@ -72,7 +72,7 @@ class EdgeRunner:
         self.boundaries = [e for e in policy.exits if e < policy.split] + [policy.split]
         self.pending: dict[int, _Pending] = {}  # position -> exit layer and hidden state there
         self.n_pos = 0
-        self.metric = METRICS[policy.metric]
+        self.metric = METRICS.get(policy.metric, _core.METRIC_MAX_PROB)  # the gate's exits report their gate
 
     # ---- running layers ----
     def _run(self, hidden: np.ndarray, pos0: int, begin: int, end: int) -> np.ndarray:
@@ -105,7 +105,7 @@ class EdgeRunner:
             raise IndexError(f"the sequence is full ({self.cache.capacity} positions)")
         batch = self.model.core.embed(np.array([token], np.int32))
         start = p  # the batch holds positions [start, p]
-        layer, layers_run, checks, skipped = 0, 0, 0, 0
+        layer, layers_run, checks, skipped, gate = 0, 0, 0, 0, 0.0
         for boundary in self.boundaries:
             batch, start = self._catch_up_into(batch, start, layer)
             batch = self._run(batch, start, layer, boundary)
@@ -118,10 +118,20 @@ class EdgeRunner:
             threshold = 0.0 if at_split else self.policy.threshold(boundary)
             if threshold > 1.0:
                 continue
+            head = self.policy.head(boundary)
+            if not at_split and self.policy.metric == GATE:  # the gate decides; the head only names the token
+                gate = float(head.gate(batch[-1:], gate)[0])
+                if gate < threshold:
+                    continue
+                checks += 1
+                self._leave_pending(batch, start, boundary)
+                self.n_pos = p + 1
+                return ExitDecision(head.logits(self.model, batch[-1:])[0], boundary, gate, batch[-1], layers_run,
+                                    checks, skipped)  # fmt: skip
             if not at_split and self._precheck_fails(batch[-1], boundary, threshold):
                 skipped += 1
                 continue
-            logits = self.model.core.head(batch[-1:], self.policy.norm(boundary))[0]
+            logits = head.logits(self.model, batch[-1:])[0]
             checks += 1
             accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
             if accept:  # the split's threshold is 0: it always accepts
@@ -135,7 +145,7 @@ class EdgeRunner:
         rows = self.policy.precheck_rows
         if rows is None:
             return False
-        logits = self.model.core.head(hidden[None], self.policy.norm(exit_layer), rows)
+        logits = self.policy.head(exit_layer).logits(self.model, hidden[None], rows)
         bound, _ = _core.confidence(logits, _core.METRIC_MAX_PROB)  # ≥ full p(top1) and ≥ full margin
         return bool(bound[0] < threshold)
 
@@ -201,7 +211,7 @@ def generate_edge(
 
     t0 = time.perf_counter()
     hidden = runner.prefill(ids)
-    logits = model.core.head(hidden[-1:], policy.norm(policy.split))[0]  # the first token: the split's exit
+    logits = policy.head(policy.split).logits(model, hidden[-1:])[0]  # the first token: the split's exit
     full_logits = model.core.head(full.forward(model.core.embed(np.asarray(ids, np.int32)), 0)[-1:])[0] if full else None
     t1 = time.perf_counter()
     tokens, traces = [], []

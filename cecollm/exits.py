@@ -9,7 +9,54 @@ import numpy as np
 from . import _core
 
 METRICS = {"max_prob": _core.METRIC_MAX_PROB, "margin": _core.METRIC_MARGIN, "entropy": _core.METRIC_ENTROPY}
+GATE = "gate"  # the metric of a trained gate: its predicted probability that the exit agrees with the full model
 KV_MODES = ("catchup", "propagate")
+HEADS_FORMAT = "cecollm-exit-heads-1"
+
+
+@dataclass
+class ExitHead:
+    """What an exit applies to its hidden state h (dim,): an optional low-rank adapter
+    h' = h + up · (down · h), the RMSNorm weights, then the model's shared LM head. An optional gate
+    predicts, from h alone, whether this exit's top-1 will equal the full model's:
+    p = sigmoid(gate_w[:dim] · (h / rms(h)) + gate_w[dim] · p_prev + gate_b), p_prev being the previous
+    exit's gate probability (0 at the first exit)."""
+
+    norm: np.ndarray | None = None  # (dim,) float32; None: the model's final norm
+    down: np.ndarray | None = None  # (rank, dim)
+    up: np.ndarray | None = None  # (dim, rank)
+    gate_w: np.ndarray | None = None  # (dim + 1,)
+    gate_b: float = 0.0
+
+    def adapt(self, h: np.ndarray) -> np.ndarray:
+        if self.down is None:
+            return h
+        return np.ascontiguousarray(h + (h @ self.down.T) @ self.up.T, dtype=np.float32)
+
+    def logits(self, model, h: np.ndarray, rows: int | None = None) -> np.ndarray:
+        """(n, rows or vocab) logits of hidden states h (n, dim) at this exit, LM head in C."""
+        norm = None if self.norm is None else np.ascontiguousarray(self.norm, np.float32)
+        if rows is None:
+            return model.core.head(self.adapt(h), norm)
+        return model.core.head(self.adapt(h), norm, rows)
+
+    def gate(self, h: np.ndarray, prev: np.ndarray | float) -> np.ndarray:
+        """Gate probabilities for hidden states h (n, dim) given the previous exit's (n,) or scalar."""
+        hn = h / np.sqrt(np.mean(h.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6)
+        z = hn @ self.gate_w[:-1] + np.asarray(prev, np.float64) * self.gate_w[-1] + self.gate_b
+        return 1.0 / (1.0 + np.exp(-z))
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's configuration and of some of its weights' bytes."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps({k: model.config[k] for k in sorted(model.config)}).encode())
+    tensors = model.weights.tensors
+    for name in ("output_norm.weight", "blk.0.attn_q.weight", "token_embd.weight"):
+        digest.update(np.asarray(tensors[name][0]).reshape(-1).view(np.uint8)[: 1 << 16].tobytes())
+    return digest.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -28,7 +75,9 @@ class ExitPolicy:
         over this many leading vocabulary entries (BPE vocabularies list frequent tokens first). Their
         softmax bounds the full confidence from above whenever the full top-1 is among them, so a
         check whose bound is below the threshold is skipped without the full LM head.
-    exit_norms: {exit: (dim,) float32} norm weights replacing the final norm at that exit.
+    exit_heads: {exit: ExitHead} trained heads (see load_exit_heads); exits not listed use the
+        model's final norm and LM head. With metric "gate", each exit before the split needs a gate:
+        the gate's probability is the confidence, and the LM head runs only for exits taken.
 
     >>> ExitPolicy(exits=(6, 10), split=15, thresholds=(0.9, 0.8))  # doctest: +ELLIPSIS
     ExitPolicy(exits=(6, 10), split=15, ...)
@@ -40,7 +89,7 @@ class ExitPolicy:
     metric: str = "max_prob"
     kv: str = "catchup"
     precheck_rows: int | None = None
-    exit_norms: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+    exit_heads: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     def __post_init__(self):
         exits = tuple(sorted(int(e) for e in self.exits))
@@ -55,31 +104,34 @@ class ExitPolicy:
             raise ValueError(f"{len(thresholds)} thresholds for {len(exits)} exits")
         if any(t < 0 for t in thresholds):
             raise ValueError("thresholds must be >= 0 (above 1 disables an exit)")
-        if self.metric not in METRICS:
-            raise ValueError(f"metric {self.metric!r} is not one of {sorted(METRICS)}")
+        if self.metric not in METRICS and self.metric != GATE:
+            raise ValueError(f"metric {self.metric!r} is not one of {sorted(METRICS) + [GATE]}")
+        if self.metric == GATE and any(self.head(e).gate_w is None for e in exits if e < self.split):
+            raise ValueError("metric 'gate' needs a trained gate at every exit before the split")
         if self.kv not in KV_MODES:
             raise ValueError(f"kv {self.kv!r} is not one of {KV_MODES}")
-        if self.precheck_rows is not None and self.metric == "entropy":
-            raise ValueError("the candidate pre-check bounds max_prob and margin, not entropy")
+        if self.precheck_rows is not None and self.metric not in ("max_prob", "margin"):
+            raise ValueError("the candidate pre-check bounds max_prob and margin only")
 
     def validate_for(self, n_layers: int, vocab: int, dim: int) -> None:
         if not 1 <= self.split <= n_layers:
             raise ValueError(f"split {self.split} outside [1, {n_layers}]")
         if self.precheck_rows is not None and not 2 <= self.precheck_rows < vocab:
             raise ValueError(f"precheck_rows {self.precheck_rows} outside [2, {vocab})")
-        for e, w in self.exit_norms.items():
-            if e not in self.exits and e != self.split:
-                raise ValueError(f"an exit norm is given for {e}, which is not an exit")
-            if np.shape(w) != (dim,):
-                raise ValueError(f"exit norm for {e} has shape {np.shape(w)}, expected ({dim},)")
+        for e, head in self.exit_heads.items():
+            if head.norm is not None and np.shape(head.norm) != (dim,):
+                raise ValueError(f"exit norm for {e} has shape {np.shape(head.norm)}, expected ({dim},)")
+            if head.down is not None and (np.shape(head.down)[1:] != (dim,) or np.shape(head.up) != (dim, len(head.down))):
+                raise ValueError(f"exit adapter for {e} has shapes {np.shape(head.down)}, {np.shape(head.up)}")
+            if head.gate_w is not None and np.shape(head.gate_w) != (dim + 1,):
+                raise ValueError(f"exit gate for {e} has shape {np.shape(head.gate_w)}, expected ({dim + 1},)")
 
     def threshold(self, exit_layer: int) -> float:
         return self.thresholds[self.exits.index(exit_layer)]
 
-    def norm(self, exit_layer: int):
-        """The exit head's norm weights, or None for the model's final norm."""
-        w = self.exit_norms.get(exit_layer)
-        return None if w is None else np.ascontiguousarray(w, dtype=np.float32)
+    def head(self, exit_layer: int) -> ExitHead:
+        """The exit's head: the trained one when given, else the model's final norm and LM head."""
+        return self.exit_heads.get(exit_layer) or ExitHead()
 
 
 def confidence(logits: np.ndarray, metric: str = "max_prob") -> tuple[np.ndarray, np.ndarray]:
@@ -87,31 +139,70 @@ def confidence(logits: np.ndarray, metric: str = "max_prob") -> tuple[np.ndarray
     return _core.confidence(np.asarray(logits, np.float32), METRICS[metric])
 
 
-def load_exit_norms(path) -> dict[int, np.ndarray]:
-    """Exit-head norms from a side file: tensors named ``exit.{E}.norm.weight`` (E = the exit point),
-    in safetensors or GGUF. Returns {E: (dim,) float32}."""
+def save_exit_heads(path, heads: dict[int, ExitHead], model, extra_metadata: dict | None = None) -> None:
+    """Writes trained heads as safetensors, with the base model's fingerprint in the metadata."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for e, head in heads.items():
+        for name in ("norm", "down", "up", "gate_w"):
+            value = getattr(head, name)
+            if value is not None:
+                tensors[f"exit.{e}.{name}"] = np.ascontiguousarray(value, np.float32)
+        if head.gate_w is not None:
+            tensors[f"exit.{e}.gate_b"] = np.array([head.gate_b], np.float32)
+    metadata = {"format": HEADS_FORMAT, "base_fingerprint": model_fingerprint(model),
+                "exits": ",".join(str(e) for e in sorted(heads)), **(extra_metadata or {})}  # fmt: skip
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_exit_heads(path, model=None) -> dict[int, ExitHead]:
+    """Exit heads from a side file: safetensors written by save_exit_heads / `cecollm train-exits`, or a
+    GGUF or safetensors holding tensors named ``exit.{E}.norm`` (also ``exit.{E}.norm.weight``),
+    ``exit.{E}.down``, ``exit.{E}.up``, ``exit.{E}.gate_w``, ``exit.{E}.gate_b``. With model given,
+    a file that records another base model's fingerprint is refused."""
     import re
 
     path = str(path)
-    pattern = re.compile(r"exit\.(\d+)\.norm\.weight")
+    fingerprint = None
     if path.endswith(".gguf"):
-        from .gguf_loader import ModelFormatError
-
         import gguf
 
+        from .gguf_loader import ModelFormatError
+
         try:
-            tensors = {t.name: np.array(t.data, np.float32) for t in gguf.GGUFReader(path, "r").tensors}
+            reader = gguf.GGUFReader(path, "r")
+            tensors = {t.name: np.array(t.data, np.float32) for t in reader.tensors}
+            field_ = reader.fields.get("cecollm.base_fingerprint")
+            fingerprint = field_.contents() if field_ is not None else None
         except Exception as exc:
             raise ModelFormatError(f"{path}: not a readable GGUF file ({exc})") from None
     else:
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
-        tensors = load_file(path)
-    norms = {}
+        with safe_open(path, framework="numpy") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            fingerprint = (f.metadata() or {}).get("base_fingerprint")
+    if model is not None and fingerprint is not None and fingerprint != model_fingerprint(model):
+        raise ValueError(f"{path} was trained for another model (fingerprint {fingerprint}); "
+                         f"this model's is {model_fingerprint(model)}")  # fmt: skip
+    pattern = re.compile(r"exit\.(\d+)\.(norm|down|up|gate_w|gate_b)(?:\.weight)?")
+    heads: dict[int, ExitHead] = {}
     for name, value in tensors.items():
         match = pattern.fullmatch(name)
-        if match:
-            norms[int(match.group(1))] = np.ascontiguousarray(value, np.float32).reshape(-1)
-    if not norms:
-        raise ValueError(f"{path}: no tensors named exit.<E>.norm.weight")
-    return norms
+        if not match:
+            continue
+        head = heads.setdefault(int(match.group(1)), ExitHead())
+        value = np.ascontiguousarray(value, np.float32)
+        kind = match.group(2)
+        if kind == "norm":
+            head.norm = value.reshape(-1)
+        elif kind == "gate_b":
+            head.gate_b = float(value.reshape(-1)[0])
+        elif kind == "gate_w":
+            head.gate_w = value.reshape(-1)
+        else:
+            setattr(head, kind, value)
+    if not heads:
+        raise ValueError(f"{path}: no tensors named exit.<E>.norm / down / up / gate_w")
+    return heads

@@ -20,7 +20,7 @@ from importlib import resources
 import numpy as np
 
 from .edge import generate_edge
-from .exits import METRICS, ExitPolicy
+from .exits import GATE, METRICS, ExitPolicy
 from .model import Model
 
 SWEEP_PROMPTS = (
@@ -67,15 +67,17 @@ def _log_softmax_at(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return z[np.arange(len(ids)), ids] - np.log(np.exp(z).sum(-1))
 
 
-def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict | None = None,
+def collect_layer_stats(model: Model, texts: list[str], layers, exit_heads: dict | None = None,
                         precheck_rows: int | None = None) -> LayerStats:  # fmt: skip
     """Runs each text through the model once, reading the exit heads at every layer in `layers`
-    (and, with precheck_rows, the candidate head's bound)."""
+    (and, with precheck_rows, the candidate head's bound; with gated heads, the gates' chain)."""
     from . import _core
+    from .exits import ExitHead
 
     layers = sorted(set(int(x) for x in layers))
-    exit_norms = exit_norms or {}
-    conf = {m: [[] for _ in layers] for m in METRICS}
+    exit_heads = exit_heads or {}
+    metrics = list(METRICS) + ([GATE] if any(h.gate_w is not None for h in exit_heads.values()) else [])
+    conf = {m: [[] for _ in layers] for m in metrics}
     top1, logprob = [[] for _ in layers], [[] for _ in layers]
     full_top1, full_logprob, bound = [], [], [[] for _ in layers]
     for text in texts:
@@ -84,15 +86,18 @@ def collect_layer_stats(model: Model, texts: list[str], layers, exit_norms: dict
             continue
         targets = ids[1:]
         cache = model.new_cache(len(ids))
-        hidden, done = model.core.embed(ids), 0
+        hidden, done, gate = model.core.embed(ids), 0, np.zeros(len(ids) - 1)
         for i, layer in enumerate(layers):
             hidden = cache.forward(hidden, 0, done, layer) if layer > done else hidden
             done = layer
-            norm = exit_norms.get(layer)
-            logits = model.core.head(hidden[:-1], None if norm is None else np.asarray(norm, np.float32))
+            head = exit_heads.get(layer) or ExitHead()
+            logits = head.logits(model, hidden[:-1])
             for metric, code in METRICS.items():
                 c, t = _core.confidence(logits, code)
                 conf[metric][i].append(c)
+            if GATE in conf:  # the chain of gates: each sees the previous exit's probability
+                gate = head.gate(hidden[:-1], gate) if head.gate_w is not None else np.zeros_like(gate)
+                conf[GATE][i].append(gate.astype(np.float32))
             top1[i].append(t)
             logprob[i].append(_log_softmax_at(logits, targets))
             if precheck_rows:
@@ -126,7 +131,9 @@ def score_policy(stats: LayerStats, policy: ExitPolicy) -> dict:
             continue
         i = row[exit_layer]
         passes = stats.confidence[policy.metric][i] >= threshold
-        if policy.precheck_rows is not None:  # a failed pre-check skips the full head
+        if policy.metric == GATE:  # the head runs only for the exit taken
+            checks += ~decided & passes
+        elif policy.precheck_rows is not None:  # a failed pre-check skips the full head
             if stats.precheck_bound is None:
                 raise ValueError("score a pre-check policy on statistics collected with precheck_rows")
             hopeful = stats.precheck_bound[i] >= threshold
@@ -214,7 +221,10 @@ class SweepResult:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         groups: dict[str, list[dict]] = {}
         for r in self.rows:
-            groups.setdefault(f"exits {r['exits']} split {r['split']}", []).append(r)
+            label = f"exits {r['exits']} split {r['split']}"
+            if r.get("heads"):
+                label = f"{r['heads']} heads, {r['metric']}, {label}"
+            groups.setdefault(label, []).append(r)
         for label, rows in groups.items():
             rows = sorted(rows, key=lambda r: r["early_exit_fraction"])
             ax.plot([r["early_exit_fraction"] for r in rows], [r["agreement_tf"] for r in rows], "o-", label=label)
@@ -251,7 +261,8 @@ def sweep(
     gen_prompts=SWEEP_PROMPTS,
     gen_tokens: int = 32,
     precheck_rows: int | None = None,
-    exit_norms: dict | None = None,
+    exit_heads: dict | None = None,
+    label: str | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Scores every (exit set, threshold, split) configuration; returns a tidy table.
@@ -266,13 +277,15 @@ def sweep(
         raise ValueError("no configuration has all its exits inside the split")
     layers = {x for e, _, s in configs for x in (*e, s)}
     bar = _progress(len(configs) + 1, progress)
-    stats = collect_layer_stats(model, texts, layers, exit_norms, precheck_rows)
+    stats = collect_layer_stats(model, texts, layers, exit_heads, precheck_rows)
     bar.update("teacher-forced statistics")
     result = SweepResult()
     for exits, threshold, split in configs:
         policy = ExitPolicy(exits=exits, split=split, thresholds=(threshold,), metric=metric,
-                            precheck_rows=precheck_rows, exit_norms=dict(exit_norms or {}))  # fmt: skip
+                            precheck_rows=precheck_rows, exit_heads=dict(exit_heads or {}))  # fmt: skip
         row = {"exits": ",".join(map(str, exits)), "split": split, "thresholds": threshold, "metric": metric}
+        if label:
+            row = {"heads": label, **row}
         row.update(score_policy(stats, policy))
         if gen_tokens:
             row.update(score_generation(model, policy, gen_prompts, gen_tokens))

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from cecollm import _core
 from cecollm.edge import EdgeRunner, generate_edge
-from cecollm.exits import ExitPolicy, confidence
+from cecollm.exits import ExitHead, ExitPolicy, confidence
 
 pytestmark = pytest.mark.model
 
@@ -169,12 +168,12 @@ def test_policy_validation(model):
     with pytest.raises(ValueError, match="split"):
         EdgeRunner(model, ExitPolicy(exits=(4,), split=31), 16)
     with pytest.raises(ValueError, match="exit norm"):
-        EdgeRunner(model, ExitPolicy(exits=(4,), split=15, exit_norms={4: np.ones(3, np.float32)}), 16)
+        EdgeRunner(model, ExitPolicy(exits=(4,), split=15, exit_heads={4: ExitHead(norm=np.ones(3, np.float32))}), 16)
 
 
 def test_exit_norm_changes_the_exit_head(model):
     final_norm = np.asarray(model.weights.tensors["output_norm.weight"][0], np.float32)
-    scaled = ExitPolicy(exits=(8,), split=15, thresholds=(1.1,), exit_norms={15: 0.5 * final_norm})
+    scaled = ExitPolicy(exits=(8,), split=15, thresholds=(1.1,), exit_heads={15: ExitHead(norm=0.5 * final_norm)})
     plain = ExitPolicy(exits=(8,), split=15, thresholds=(1.1,))
     ids = model.tokenize(PROMPT)
     a, b = EdgeRunner(model, scaled, 32), EdgeRunner(model, plain, 32)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cecollm.exits import ExitPolicy, load_exit_norms
+from cecollm.exits import ExitPolicy, load_exit_heads
 from cecollm.sweep import collect_layer_stats, eval_text, score_policy, sweep
 
 pytestmark = pytest.mark.model
@@ -67,18 +67,19 @@ def test_sweep_rows_csv_json_plot(model, tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_exit_norm_side_file_round_trip(model, tmp_path):
+def test_exit_norm_side_file_from_elsewhere(model, tmp_path):
+    """A side file written by another tool: tensors named exit.<E>.norm.weight, no fingerprint."""
     dim = model.config["dim"]
     norms = {"exit.8.norm.weight": np.linspace(0.5, 1.5, dim, dtype=np.float32)}
     save_file(norms, str(tmp_path / "exits.safetensors"))
-    loaded = load_exit_norms(tmp_path / "exits.safetensors")
-    np.testing.assert_array_equal(loaded[8], norms["exit.8.norm.weight"])
-    policy = ExitPolicy(exits=(8,), split=15, exit_norms=loaded)
-    np.testing.assert_array_equal(policy.norm(8), loaded[8])
-    assert policy.norm(15) is None
+    loaded = load_exit_heads(tmp_path / "exits.safetensors", model)
+    np.testing.assert_array_equal(loaded[8].norm, norms["exit.8.norm.weight"])
+    policy = ExitPolicy(exits=(8,), split=15, exit_heads=loaded)
+    np.testing.assert_array_equal(policy.head(8).norm, loaded[8].norm)
+    assert policy.head(15).norm is None
     save_file({"something.else": np.ones(3, np.float32)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="no tensors named"):
-        load_exit_norms(tmp_path / "bad.safetensors")
+        load_exit_heads(tmp_path / "bad.safetensors")
 
 
 def test_cli_sweep_json(model):
