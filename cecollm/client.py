@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _core
 from .cloud import Cloud, CloudError
-from .edge import EdgeRunner, TokenTrace
+from .edge import EdgeRunner, FullModelShadow, TokenTrace, decode_loop
 from .exits import ExitPolicy
 from .model import GenerationResult, Model
 from .protocol import (
@@ -372,7 +372,6 @@ def generate_collab(
     capacity = len(ids) + max_new_tokens
     runner = EdgeRunner(model, policy, capacity)
     session = CollabSession(connect, capacity, model.config["dim"], dtype, deadline_s)
-    full = model.new_cache(capacity) if trace_full else None
     edge_s = cloud_s = 0.0
     t_start = time.perf_counter()
     session.start()
@@ -395,50 +394,35 @@ def generate_collab(
         edge_s += time.perf_counter() - t
         return int(np.argmax(logits))
 
+    def step(token: int) -> tuple[int, TokenTrace]:
+        nonlocal edge_s
+        t = time.perf_counter()
+        d = runner.step(token, finish_at_split=False)
+        edge_s += time.perf_counter() - t
+        trace = TokenTrace(-1, d.exit_layer, d.confidence, d.layers_run, d.head_checks, d.prechecks_skipped)
+        if d.logits is not None:
+            return int(np.argmax(d.logits)), trace
+        return decide_at_split(runner.n_pos - len(d.split_hidden), d.split_hidden, trace), trace
+
     t = time.perf_counter()
     hidden = runner.prefill(ids)
     edge_s += time.perf_counter() - t
     trace = TokenTrace(-1, policy.split, 0.0, 0, 0)
-    token = decide_at_split(0, hidden, trace)
-    full_logits = model.core.head(full.forward(model.core.embed(np.asarray(ids, np.int32)), 0)[-1:])[0] if full else None
-    tokens, traces, finish = [], [], "length"
+    first = (decide_at_split(0, hidden, trace), trace)
+    shadow = FullModelShadow(model, ids, capacity) if trace_full else None
     t_first = time.perf_counter()
-    for step in range(max_new_tokens):
-        if token in model.tokenizer.end_ids:
-            finish = "stop"
-            break
-        trace.token = token
-        if full_logits is not None:
-            trace.full_token = int(np.argmax(full_logits))
-        tokens.append(token)
-        traces.append(trace)
-        if on_token is not None:
-            on_token(step, trace)
-        if step + 1 == max_new_tokens:
-            break
-        t = time.perf_counter()
-        decision = runner.step(token, finish_at_split=False)
-        edge_s += time.perf_counter() - t
-        trace = TokenTrace(-1, decision.exit_layer, decision.confidence, decision.layers_run, decision.head_checks,
-                           decision.prechecks_skipped)  # fmt: skip
-        if decision.logits is not None:
-            token = int(np.argmax(decision.logits))
-        else:
-            token = decide_at_split(runner.n_pos - len(decision.split_hidden), decision.split_hidden, trace)
-        if full is not None:
-            pos = len(ids) + step
-            full_logits = model.core.head(full.forward(model.core.embed(np.array([tokens[-1]], np.int32)), pos))[0]
+    tokens, traces, finish = decode_loop(model, first, step, max_new_tokens, shadow, on_token)
     t_end = time.perf_counter()
     session.close()
-    return GenerationResult(
-        text=model.detokenize(tokens),
-        tokens=tokens,
-        prompt_tokens=ids,
-        finish_reason=finish,
-        prefill_s=t_first - t_start,
-        decode_s=t_end - t_first,
-        decode_steps=len(tokens) - (finish == "length"),
-        extra={
+    return GenerationResult.of_run(
+        model,
+        tokens,
+        ids,
+        finish,
+        t_start,
+        t_first,
+        t_end,
+        {
             "traces": traces,
             "policy": policy,
             "bytes_sent": session.bytes_sent,

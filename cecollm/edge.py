@@ -184,6 +184,46 @@ class EdgeRunner:
         return start, batch
 
 
+class FullModelShadow:
+    """The full model run alongside on the same tokens, for traces: its greedy choice at each step."""
+
+    def __init__(self, model: Model, ids, capacity: int):
+        self.model, self.pos = model, len(ids)
+        self.cache = model.new_cache(capacity)
+        self.choice = int(np.argmax(model.core.head(self.cache.forward(model.core.embed(np.asarray(ids, np.int32)), 0)[-1:])))
+
+    def advance(self, token: int) -> None:
+        hidden = self.cache.forward(self.model.core.embed(np.array([token], np.int32)), self.pos)
+        self.pos += 1
+        self.choice = int(np.argmax(self.model.core.head(hidden)[0]))
+
+
+def decode_loop(model: Model, first: tuple[int, TokenTrace], step, max_new_tokens: int,
+                shadow: FullModelShadow | None = None, on_token=None) -> tuple[list, list, str]:  # fmt: skip
+    """The token loop shared by edge and collaborative generation. first: the token decided from the
+    prompt and its trace; step(token) runs that token and returns the next (token, trace).
+    Returns (tokens, traces, finish reason)."""
+    token, trace = first
+    tokens, traces, finish = [], [], "length"
+    for i in range(max_new_tokens):
+        if token in model.tokenizer.end_ids:
+            finish = "stop"
+            break
+        trace.token = token
+        if shadow is not None:
+            trace.full_token = shadow.choice
+        tokens.append(token)
+        traces.append(trace)
+        if on_token is not None:
+            on_token(i, trace)
+        if i + 1 == max_new_tokens:
+            break
+        if shadow is not None:
+            shadow.advance(token)
+        token, trace = step(token)
+    return tokens, traces, finish
+
+
 def generate_edge(
     model: Model,
     prompt,
@@ -207,43 +247,18 @@ def generate_edge(
     ids = model._prompt_ids(prompt, chat)
     capacity = len(ids) + max_new_tokens
     runner = EdgeRunner(model, policy, capacity)
-    full = model.new_cache(capacity) if trace_full else None
+
+    def step(token: int) -> tuple[int, TokenTrace]:
+        d = runner.step(token)
+        return sample(d.logits), TokenTrace(-1, d.exit_layer, d.confidence, d.layers_run, d.head_checks,
+                                            d.prechecks_skipped)  # fmt: skip
 
     t0 = time.perf_counter()
     hidden = runner.prefill(ids)
     logits = policy.head(policy.split).logits(model, hidden[-1:])[0]  # the first token: the split's exit
-    full_logits = model.core.head(full.forward(model.core.embed(np.asarray(ids, np.int32)), 0)[-1:])[0] if full else None
+    shadow = FullModelShadow(model, ids, capacity) if trace_full else None
     t1 = time.perf_counter()
-    tokens, traces = [], []
-    trace = TokenTrace(-1, policy.split, 0.0, 0, 1)  # prompt work is not a decode step's
-    finish = "length"
-    for step in range(max_new_tokens):
-        token = sample(logits)
-        if token in model.tokenizer.end_ids:
-            finish = "stop"
-            break
-        trace.token = token
-        if full_logits is not None:
-            trace.full_token = int(np.argmax(full_logits))
-        tokens.append(token)
-        traces.append(trace)
-        if step + 1 == max_new_tokens:
-            break
-        decision = runner.step(token)
-        logits = decision.logits
-        trace = TokenTrace(-1, decision.exit_layer, decision.confidence, decision.layers_run, decision.head_checks,
-                           decision.prechecks_skipped)  # fmt: skip
-        if full is not None:
-            pos = len(ids) + step
-            full_logits = model.core.head(full.forward(model.core.embed(np.array([token], np.int32)), pos))[0]
-    t2 = time.perf_counter()
-    return GenerationResult(
-        text=model.detokenize(tokens),
-        tokens=tokens,
-        prompt_tokens=ids,
-        finish_reason=finish,
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
-        decode_steps=len(tokens) - (finish == "length"),
-        extra={"traces": traces, "policy": policy},
-    )
+    first = (sample(logits), TokenTrace(-1, policy.split, 0.0, 0, 1))  # prompt work is not a decode step's
+    tokens, traces, finish = decode_loop(model, first, step, max_new_tokens, shadow)
+    return GenerationResult.of_run(model, tokens, ids, finish, t0, t1, time.perf_counter(),
+                                   {"traces": traces, "policy": policy})  # fmt: skip

@@ -26,6 +26,14 @@ class GenerationResult:
     decode_steps: int  # forward passes after the prompt's
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def of_run(cls, model, tokens: list, prompt_ids: list, finish: str, t_start: float, t_first: float, t_end: float,
+               extra: dict | None = None) -> GenerationResult:  # fmt: skip
+        """A result from a run's tokens and its three clock readings (start, prompt done, end)."""
+        return cls(text=model.detokenize(tokens), tokens=tokens, prompt_tokens=prompt_ids, finish_reason=finish,
+                   prefill_s=t_first - t_start, decode_s=t_end - t_first,
+                   decode_steps=len(tokens) - (finish == "length"), extra=extra or {})  # fmt: skip
+
     @property
     def tokens_per_s(self) -> float:
         """Decode speed: single-token forward passes (with head and sampling) per second."""
@@ -151,16 +159,7 @@ class Model:
                 break
             hidden = cache.forward(self.core.embed(np.asarray([token], dtype=np.int32)), len(prompt_ids) + step)
             logits = self.core.head(hidden)[0]
-        t2 = time.perf_counter()
-        return GenerationResult(
-            text=self.detokenize(tokens),
-            tokens=tokens,
-            prompt_tokens=prompt_ids,
-            finish_reason=finish,
-            prefill_s=t1 - t0,
-            decode_s=t2 - t1,
-            decode_steps=len(tokens) - (finish == "length"),
-        )
+        return GenerationResult.of_run(self, tokens, prompt_ids, finish, t0, t1, time.perf_counter())
 
     def _stream_text(self, steps) -> Iterator[str]:
         """Text pieces as tokens arrive; a piece is held back while it ends inside a UTF-8 character."""
