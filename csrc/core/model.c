@@ -211,12 +211,8 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
 static void attend(const float *q, const float *K, const float *V, int pos, int head_dim, float *scores,
                    float *out) {
     const float scale = 1.0f / sqrtf((float)head_dim);
-    for (int t = 0; t <= pos; t++) {
-        const float *kt = K + (size_t)t * head_dim;
-        float s = 0.0f;
-        for (int j = 0; j < head_dim; j++) s += q[j] * kt[j];
-        scores[t] = s * scale;
-    }
+    const ce_vec_dot_fn dot = ce_kernels_active()->vec_dot[CE_TYPE_F32];
+    for (int t = 0; t <= pos; t++) scores[t] = dot(K + (size_t)t * head_dim, q, head_dim) * scale;
     ce_softmax(scores, pos + 1);
     for (int j = 0; j < head_dim; j++) out[j] = 0.0f;
     for (int t = 0; t <= pos; t++) {
@@ -253,15 +249,16 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
     }
 }
 
-/* Rotates the projected keys k (n, n_kv_heads*head_dim) of positions pos0.. and stores them and the
- * values v in layer l of the cache. */
-static void store_kv(const ce_model *m, ce_kv_cache *kv, int l, int n, int pos0, float *k, const float *v) {
+/* Rotates the projected keys k (n, n_kv_heads*head_dim) of positions pos0.. with the rope tables
+ * cs (n, head_dim) and stores them and the values v in layer l of the cache. */
+static void store_kv(const ce_model *m, ce_kv_cache *kv, int l, int n, int pos0, float *k, const float *v,
+                     const float *cs) {
     const ce_config *c = &m->cfg;
     const int hd = c->head_dim, kvd = c->n_kv_heads * hd;
     for (int i = 0; i < n; i++) {
         for (int g = 0; g < c->n_kv_heads; g++) {
             float *ki = k + (size_t)i * kvd + g * hd;
-            ce_rope(ki, hd, pos0 + i, m->rope_inv_freq, c->rope_style);
+            ce_rope_apply(ki, hd, cs + (size_t)i * hd, c->rope_style);
             memcpy(ce_kv_cache_k(kv, l, g) + (size_t)(pos0 + i) * hd, ki, sizeof(float) * hd);
             memcpy(ce_kv_cache_v(kv, l, g) + (size_t)(pos0 + i) * hd, v + (size_t)i * kvd + g * hd, sizeof(float) * hd);
         }
@@ -292,15 +289,17 @@ ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     const int d = c->dim, kvd = c->n_kv_heads * c->head_dim;
     ce_status st;
     if ((st = check_positions(kv, layer_begin, layer_end, n, pos0, err, errlen))) return st;
-    if ((st = grow((void **)&ws->buf, &ws->n_floats, (size_t)n * (d + 2 * kvd), sizeof(float), err, errlen))) return st;
-    float *xn = ws->buf, *k = xn + (size_t)n * d, *v = k + (size_t)n * kvd;
+    if ((st = grow((void **)&ws->buf, &ws->n_floats, (size_t)n * (d + 2 * kvd + c->head_dim), sizeof(float), err, errlen)))
+        return st;
+    float *xn = ws->buf, *k = xn + (size_t)n * d, *v = k + (size_t)n * kvd, *cs = v + (size_t)n * kvd;
+    for (int i = 0; i < n; i++) ce_rope_table(cs + (size_t)i * c->head_dim, c->head_dim, pos0 + i, m->rope_inv_freq);
     for (int l = layer_begin; l < layer_end; l++) {
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, m->layers[l].attn_norm.data, d, c->norm_eps);
         if ((st = ce_matmul(&m->layers[l].wk, ws, n, xn, k, err, errlen)) ||
             (st = ce_matmul(&m->layers[l].wv, ws, n, xn, v, err, errlen)))
             return st;
-        store_kv(m, kv, l, n, pos0, k, v);
+        store_kv(m, kv, l, n, pos0, k, v, cs);
     }
     return CE_OK;
 }
@@ -331,17 +330,18 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
     }
 
     /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d)
-     *          | scores (threads, capacity); ints: row_seq (n) | row_pos (n) */
-    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f) + (size_t)ce_threads_get() * capacity;
+     *          | rope tables (n,hd) | scores (threads, capacity); ints: row_seq (n) | row_pos (n) */
+    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f + hd) + (size_t)ce_threads_get() * capacity;
     if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen)) ||
         (st = grow((void **)&ws->ints, &ws->n_ints, 2 * (size_t)n, sizeof(int), err, errlen)))
         return st;
     float *xn = ws->buf, *q = xn + (size_t)n * d, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd;
     float *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd, *up = gate + (size_t)n * f;
-    float *o = up + (size_t)n * f, *scores = o + (size_t)n * d;
+    float *o = up + (size_t)n * f, *cs = o + (size_t)n * d, *scores = cs + (size_t)n * hd;
     int *row_seq = ws->ints, *row_pos = row_seq + n;
     for (int s = 0, i = 0; s < n_seqs; s++)
         for (int j = 0; j < seqs[s].n; j++, i++) row_seq[i] = s, row_pos[i] = seqs[s].pos0 + j;
+    for (int i = 0; i < n; i++) ce_rope_table(cs + (size_t)i * hd, hd, row_pos[i], m->rope_inv_freq);
 
     for (int l = layer_begin; l < layer_end; l++) {
         const ce_layer *L = &m->layers[l];
@@ -352,10 +352,10 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
             (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
             return st;
         for (int s = 0, i0 = 0; s < n_seqs; i0 += seqs[s].n, s++)
-            store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd);
+            store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd,
+                     cs + (size_t)i0 * hd);
         for (int i = 0; i < n; i++)
-            for (int h = 0; h < c->n_heads; h++)
-                ce_rope(q + (size_t)i * qd + h * hd, hd, row_pos[i], m->rope_inv_freq, c->rope_style);
+            for (int h = 0; h < c->n_heads; h++) ce_rope_apply(q + (size_t)i * qd + h * hd, hd, cs + (size_t)i * hd, c->rope_style);
         attention_job job = {c, seqs, row_seq, row_pos, l, capacity, q, att, scores};
         ce_parallel_for((int64_t)n * c->n_heads, attention_heads, &job);
         if ((st = ce_matmul(&L->wo, ws, n, att, o, err, errlen))) return st;

@@ -10,18 +10,32 @@ void ce_rmsnorm(float *y, const float *x, const float *w, int n, float eps) {
     for (int j = 0; j < n; j++) y[j] = x[j] * scale * w[j];
 }
 
-/* Rotation of pair (a, b) by angle pos * inv_freq[i], the pair chosen by the weights' convention. */
-void ce_rope(float *v, int head_dim, int pos, const float *inv_freq, int style) {
+/* cs (head_dim): (cos, sin) of angle pos * inv_freq[i] for each pair i. */
+void ce_rope_table(float *cs, int head_dim, int pos, const float *inv_freq) {
+    for (int i = 0; i < head_dim / 2; i++) {
+        float angle = (float)pos * inv_freq[i];
+        cs[2 * i] = cosf(angle);
+        cs[2 * i + 1] = sinf(angle);
+    }
+}
+
+/* Rotation of each pair (a, b) by its angle, the pair chosen by the weights' convention. */
+void ce_rope_apply(float *v, int head_dim, const float *cs, int style) {
     const int half = head_dim / 2;
     for (int i = 0; i < half; i++) {
-        float angle = (float)pos * inv_freq[i];
-        float c = cosf(angle), s = sinf(angle);
-        int ia = style == CE_ROPE_ADJACENT ? 2 * i : i;
-        int ib = style == CE_ROPE_ADJACENT ? 2 * i + 1 : i + half;
-        float a = v[ia], b = v[ib];
+        const float c = cs[2 * i], s = cs[2 * i + 1];
+        const int ia = style == CE_ROPE_ADJACENT ? 2 * i : i;
+        const int ib = style == CE_ROPE_ADJACENT ? 2 * i + 1 : i + half;
+        const float a = v[ia], b = v[ib];
         v[ia] = a * c - b * s;
         v[ib] = a * s + b * c;
     }
+}
+
+void ce_rope(float *v, int head_dim, int pos, const float *inv_freq, int style) {
+    float cs[2048];
+    ce_rope_table(cs, head_dim, pos, inv_freq);
+    ce_rope_apply(v, head_dim, cs, style);
 }
 
 void ce_softmax(float *x, int n) {

@@ -646,9 +646,9 @@ static PyObject *core_rope(PyObject *mod, PyObject *args) {
     PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(xo, NPY_FLOAT32, 2, 2, NPY_ARRAY_ENSURECOPY | NPY_ARRAY_IN_ARRAY);
     if (x == NULL) return NULL;
     int hd = (int)PyArray_DIM(x, 1);
-    if (hd % 2 || hd == 0 || hd > 4096 || (style != CE_ROPE_ADJACENT && style != CE_ROPE_HALF) || pos < 0) {
+    if (hd % 2 || hd == 0 || hd > 2048 || (style != CE_ROPE_ADJACENT && style != CE_ROPE_HALF) || pos < 0) {
         Py_DECREF(x);
-        PyErr_SetString(PyExc_ValueError, "need an even head_dim <= 4096, pos >= 0 and style 0 or 1");
+        PyErr_SetString(PyExc_ValueError, "need an even head_dim <= 2048, pos >= 0 and style 0 or 1");
         return NULL;
     }
     float inv_freq[2048];

@@ -223,8 +223,12 @@ ce_status ce_exit_decide(const float *logits, int n, int metric, float threshold
 
 /* y = x / sqrt(mean(x²) + eps) * w, over n elements. y may alias x. */
 void ce_rmsnorm(float *y, const float *x, const float *w, int n, float eps);
-/* In-place rotary embedding of one head vector at position pos. */
+/* In-place rotary embedding of one head vector at position pos (head_dim <= 2048). */
 void ce_rope(float *v, int head_dim, int pos, const float *inv_freq, int style);
+/* The same in two steps, so a position's table serves every head and layer: cs (head_dim) holds
+ * (cos, sin) per pair. */
+void ce_rope_table(float *cs, int head_dim, int pos, const float *inv_freq);
+void ce_rope_apply(float *v, int head_dim, const float *cs, int style);
 /* In-place softmax over n values. */
 void ce_softmax(float *x, int n);
 
