@@ -15,50 +15,19 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import numpy as np
 
-PP, TG = 512, 128
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def prompt_ids(vocab: int) -> list[int]:
-    rng = np.random.default_rng(0)
-    return rng.integers(100, vocab - 100, PP).tolist()
+from cecollm.bench import PP, TG, median_time, prompt_ids
 
 
 def bench_cecollm(path, threads, repeats):
     import cecollm
-    from cecollm import _core
+    from cecollm.bench import bench_model
 
-    _core.set_threads(threads)
-    model = cecollm.load_model(path)
-    ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
-
-    def pp():
-        cache = model.new_cache(PP)
-        hidden = cache.forward(model.core.embed(ids), 0)
-        model.core.head(hidden[-1:])
-
-    def tg():
-        cache = model.new_cache(TG)
-        token = np.array([1], np.int32)
-        for pos in range(TG):
-            logits = model.core.head(cache.forward(model.core.embed(token), pos))
-            token[0] = int(logits[0].argmax())
-
-    return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats)}
+    result = bench_model(cecollm.load_model(path), threads, repeats)
+    return {"pp512": result["pp512"], "tg128": result["tg128"]}
 
 
 def bench_llama_cpp(path, threads, repeats):

@@ -151,6 +151,22 @@ def _collab_summary(result) -> str:
             f" edge {extra['edge_s']:.2f} + cloud {extra['cloud_s']:.2f} + network/waiting {other:.2f}]")
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench_model
+
+    model = _load(args)
+    result = bench_model(model, args.threads, args.repeats)
+    if args.json:
+        print(json.dumps({"model": model.path, **result}))
+        return 0
+    name = model.info()["name"]
+    print(f"| {'model':<34} | {'threads':>7} | {'kernels':>7} | {'test':>6} | {'t/s':>9} |")
+    print(f"| {'-' * 34} | {'-' * 7}:| {'-' * 7}:| {'-' * 6}:| {'-' * 9}:|")
+    for test in ("pp512", "tg128"):
+        print(f"| {name[:34]:<34} | {result['threads']:>7} | {result['kernels']:>7} | {test:>6} | {result[test]:>9.2f} |")
+    return 0
+
+
 def cmd_train_exits(args) -> int:
     from .train import train_and_save
 
@@ -315,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write the agreement plot (PNG)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("bench", help="pp512 and tg128 tokens/s, as llama-bench reports them")
+    common(p)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-exits", help="train exit heads and gates by distillation (needs torch)")
     common(p)

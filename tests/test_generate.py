@@ -93,3 +93,9 @@ def test_cli_error_is_clear(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cecollm.cli", "info", "--model", str(tmp_path / "x.gguf")],
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 2 and "model file not found" in out.stderr
+
+
+def test_cli_bench_json(model):
+    data = json.loads(run_cli("bench", "--threads", "1", "--repeats", "1", "--json"))
+    assert data["threads"] == 1 and data["pp512"] > 0 and data["tg128"] > 0
+    assert data["kernels"] in ("avx2", "generic")

@@ -1,0 +1,53 @@
+"""Speed of the engine in llama-bench's terms: pp512 (prompt processing) and tg128 (generation).
+
+pp512 evaluates a 512-token prompt in one batch (logits for its last position only); tg128 decodes
+128 tokens one at a time from an empty context (logits every step, greedy pick). Median of
+`repeats` runs after a warm-up. benchmarks/bench.py runs the same measurement for the peers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from . import _core
+from .model import Model
+
+PP, TG = 512, 128
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    """A fixed pseudo-random prompt of PP token ids, the same for every engine."""
+    return np.random.default_rng(0).integers(100, vocab - 100, PP).tolist()
+
+
+def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> dict:
+    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name}."""
+    if threads:
+        _core.set_threads(threads)
+    ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
+
+    def pp():
+        cache = model.new_cache(PP)
+        model.core.head(cache.forward(model.core.embed(ids), 0)[-1:])
+
+    def tg():
+        cache = model.new_cache(TG)
+        token = np.array([1], np.int32)
+        for pos in range(TG):
+            token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
+
+    return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats),
+            "threads": _core.get_threads(), "kernels": _core.active_kernels()}  # fmt: skip
