@@ -435,3 +435,47 @@ def generate_collab(
             "reconnects": session.reconnects,
         },
     )
+
+
+class Edge:
+    """An edge device: the model's layers [0, split) with early exits, optionally backed by a cloud.
+
+    cloud: None (standalone), a Cloud (in process; with `network`, over an emulated link), or
+    "HOST:PORT" of a `cecollm serve` (key: the shared key, default $CECOLLM_KEY).
+
+    >>> edge = Edge(model, ExitPolicy(exits=(6, 10), split=15), cloud="127.0.0.1:7433")  # doctest: +SKIP
+    >>> edge.generate("Once upon a time", max_new_tokens=32).text                        # doctest: +SKIP
+    """
+
+    def __init__(self, model: Model, policy: ExitPolicy, cloud=None, key: bytes | None = None, dtype: str = "f16",
+                 deadline_s: float = 2.0, network: NetworkModel | None = None):  # fmt: skip
+        from .protocol import load_key
+
+        self.model, self.policy, self.dtype, self.deadline_s = model, policy, dtype, deadline_s
+        if cloud is None:
+            self.connect = None
+        elif isinstance(cloud, Cloud):
+            if cloud.split != policy.split:
+                raise ValueError(f"the cloud starts at layer {cloud.split}, the policy splits at {policy.split}")
+            self.connect = lambda: LocalLink(cloud, network)
+        elif isinstance(cloud, str):
+            host, _, port = cloud.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"cloud address must be HOST:PORT, got {cloud!r}")
+            key = key if key is not None else load_key()
+            self.connect = lambda: TcpLink(host.strip("[]"), int(port), key=key)
+        else:
+            raise TypeError("cloud must be None, a Cloud or 'HOST:PORT'")
+
+    def generate(self, prompt, max_new_tokens: int = 64, chat: bool = False, trace_full: bool = False,
+                 **sampling) -> GenerationResult:  # fmt: skip
+        """Standalone (sampling allowed) or collaborative (greedy) generation with per-token traces."""
+        from .edge import generate_edge
+
+        if self.connect is None:
+            return generate_edge(self.model, prompt, self.policy, max_new_tokens=max_new_tokens, chat=chat,
+                                 trace_full=trace_full, **sampling)  # fmt: skip
+        if sampling.get("temperature", 0.0):
+            raise ValueError("collaborative generation is greedy (temperature 0)")
+        return generate_collab(self.model, prompt, self.policy, self.connect, max_new_tokens=max_new_tokens,
+                               dtype=self.dtype, deadline_s=self.deadline_s, chat=chat, trace_full=trace_full)  # fmt: skip

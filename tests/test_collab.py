@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+import cecollm
 from cecollm import _core
 from cecollm.client import LocalLink, NetworkModel, TcpLink, generate_collab
 from cecollm.cloud import Cloud, CloudServer
@@ -285,3 +286,15 @@ def test_ready_requests_of_different_sessions_share_one_pass(model):
     [t.join() for t in threads]
     assert got == expected
     assert cloud.batch_stats["most_sessions"] == 3
+
+
+def test_edge_object_points_at_a_local_cloud_or_a_server(model, server):
+    policy = ExitPolicy(exits=(6, 10), split=SPLIT, thresholds=(0.7,))
+    local = cecollm.Edge(model, policy, cloud=Cloud(model, split=SPLIT)).generate(PROMPT, max_new_tokens=12)
+    remote = cecollm.Edge(model, policy, cloud="%s:%d" % server.address, key=KEY).generate(PROMPT, max_new_tokens=12)
+    alone = cecollm.Edge(model, policy).generate(PROMPT, max_new_tokens=12)
+    assert local.tokens == remote.tokens
+    assert {t.source for t in remote.extra["traces"]} >= {"cloud"}
+    assert {t.source for t in alone.extra["traces"]} == {"edge"}
+    with pytest.raises(ValueError, match="splits at"):
+        cecollm.Edge(model, policy, cloud=Cloud(model, split=10))
