@@ -1,4 +1,5 @@
-"""Prefill (pp512) and decode (tg128) speed of cecollm, llama.cpp (llama-cpp-python) and transformers.
+"""Prefill (pp512) and decode (tg128) speed of cecollm (fp32 and 8-bit activations), llama.cpp
+(llama-cpp-python) and transformers.
 
 All engines run the same GGUF with the same thread count, in one process, one after another, and
 report the median of --repeats runs after a warm-up. As llama-bench does: pp512 evaluates a
@@ -6,7 +7,7 @@ report the median of --repeats runs after a warm-up. As llama-bench does: pp512 
 from an empty context (logits every step, greedy pick). The memory-bandwidth line turns the
 decode speed into a fraction of the machine's limit: weight bytes read per token / copy bandwidth.
 
-    python benchmarks/bench.py --threads 2 [--json out.json] [--engines cecollm,llama.cpp,transformers]
+    python benchmarks/bench.py --threads 2 [--json out.json] [--engines cecollm,cecollm-q8,llama.cpp,transformers]
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ import numpy as np
 from cecollm.bench import PP, TG, median_time, prompt_ids
 
 
-def bench_cecollm(path, threads, repeats):
+def bench_cecollm(path, threads, repeats, activations="f32"):
     import cecollm
     from cecollm.bench import bench_model
 
-    result = bench_model(cecollm.load_model(path), threads, repeats)
+    result = bench_model(cecollm.load_model(path, activations), threads, repeats)
     return {"pp512": result["pp512"], "tg128": result["tg128"]}
+
+
+def bench_cecollm_q8(path, threads, repeats):
+    return bench_cecollm(path, threads, repeats, "q8")
 
 
 def bench_llama_cpp(path, threads, repeats):
@@ -96,7 +101,8 @@ def weight_bytes_per_token(path) -> int:
     return sum(t[0].nbytes for name, t in tensors.items())
 
 
-ENGINES = {"cecollm": bench_cecollm, "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}
+ENGINES = {"cecollm": bench_cecollm, "cecollm-q8": bench_cecollm_q8, "llama.cpp": bench_llama_cpp,
+           "transformers": bench_transformers}  # fmt: skip
 
 
 def main():
@@ -119,13 +125,17 @@ def main():
     bandwidth = copy_bandwidth()
     per_token = weight_bytes_per_token(path)
     limit = bandwidth / per_token
-    ours = results.get("cecollm")
+    anchor = results.get("llama.cpp")
 
     print(f"\nmodel {os.path.basename(path)}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"{'engine':<14}{'pp512 tok/s':>14}{'tg128 tok/s':>14}{'cecollm/x pp':>14}{'cecollm/x tg':>14}")
+    print(f"{'engine':<14}{'pp512 tok/s':>14}{'tg128 tok/s':>14}{'x llama.cpp pp':>16}{'x llama.cpp tg':>16}")
     for engine, r in results.items():
-        ratio = (f"{ours['pp512'] / r['pp512']:>14.2f}{ours['tg128'] / r['tg128']:>14.2f}" if ours else "")
+        ratio = f"{r['pp512'] / anchor['pp512']:>16.2f}{r['tg128'] / anchor['tg128']:>16.2f}" if anchor else ""
         print(f"{engine:<14}{r['pp512']:>14.1f}{r['tg128']:>14.1f}{ratio}")
+    if "transformers" in results:
+        for engine in ("cecollm", "cecollm-q8"):
+            if engine in results:
+                print(f"  {engine} decode = {results[engine]['tg128'] / results['transformers']['tg128']:.2f} x transformers")
     print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per token {per_token / 1e6:.1f} MB;"
           f" decode limit {limit:.0f} tok/s")  # fmt: skip
     for engine, r in results.items():

@@ -34,7 +34,7 @@ def prompt_ids(vocab: int) -> list[int]:
 
 
 def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> dict:
-    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name}."""
+    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode}."""
     if threads:
         _core.set_threads(threads)
     ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
@@ -50,4 +50,4 @@ def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> d
             token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
 
     return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats),
-            "threads": _core.get_threads(), "kernels": _core.active_kernels()}  # fmt: skip
+            "threads": _core.get_threads(), "kernels": _core.active_kernels(), "activations": model.activations}  # fmt: skip

@@ -21,7 +21,7 @@ def _load(args):
         from . import _core
 
         _core.set_threads(args.threads)
-    return load_model(args.model)
+    return load_model(args.model, args.activations)
 
 
 def cmd_info(args) -> int:
@@ -160,10 +160,11 @@ def cmd_bench(args) -> int:
         print(json.dumps({"model": model.path, **result}))
         return 0
     name = model.info()["name"]
-    print(f"| {'model':<34} | {'threads':>7} | {'kernels':>7} | {'test':>6} | {'t/s':>9} |")
-    print(f"| {'-' * 34} | {'-' * 7}:| {'-' * 7}:| {'-' * 6}:| {'-' * 9}:|")
+    print(f"| {'model':<34} | {'threads':>7} | {'kernels':>7} | {'act':>4} | {'test':>6} | {'t/s':>9} |")
+    print(f"| {'-' * 34} | {'-' * 7}:| {'-' * 7}:| {'-' * 4}:| {'-' * 6}:| {'-' * 9}:|")
     for test in ("pp512", "tg128"):
-        print(f"| {name[:34]:<34} | {result['threads']:>7} | {result['kernels']:>7} | {test:>6} | {result[test]:>9.2f} |")
+        print(f"| {name[:34]:<34} | {result['threads']:>7} | {result['kernels']:>7} | {result['activations']:>4} | {test:>6} |"
+              f" {result[test]:>9.2f} |")  # fmt: skip
     return 0
 
 
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="path to a llama GGUF (default: SmolLM2-135M-Instruct)")
         p.add_argument("--threads", type=int, default=None, help="threads for the C core (default: all cores)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--activations", choices=("f32", "q8"), default="f32",
+                       help="f32: exact fp32 activations; q8: 8-bit activations, integer dots (faster decode)")  # fmt: skip
 
     def exit_options(p):
         p.add_argument("--split", type=int, default=None, help="the edge owns layers [0, split) (default: half)")

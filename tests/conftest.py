@@ -13,6 +13,12 @@ def model():
 
 
 @pytest.fixture(scope="session")
+def model_q8():
+    """The default model with 8-bit activations (integer dot products)."""
+    return cecollm.load_model(activations="q8")
+
+
+@pytest.fixture(scope="session")
 def hf_reference(model):
     """transformers loading the same GGUF on CPU torch, dequantized to fp32: (model, tokenizer)."""
     import torch

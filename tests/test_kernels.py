@@ -65,6 +65,45 @@ def test_matmul_matches_numpy(rng, kernels, type_name, n):
     assert np.all(np.abs(got - ref) <= cols * FP32_EPS * scale)
 
 
+def reference_quantize_q8a(x):
+    """NumPy statement of the 8-bit activation blocks: d = max|x| / 127 per 32 values,
+    q = round-half-even(x * (1 / d)), s = d * Σq, computed in float32 like the C code."""
+    blocks = x.astype(np.float32).reshape(-1, 32)
+    d = (np.abs(blocks).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    q = np.rint(blocks * inv[:, None]).astype(np.int8)
+    return d, d * q.sum(axis=1, dtype=np.int32).astype(np.float32), q.reshape(-1)
+
+
+def test_quantize_q8a_matches_numpy(rng, kernels):
+    x = (rng.standard_normal(1536) * np.repeat(10.0 ** rng.integers(-4, 3, 48), 32)).astype(np.float32)
+    x[:32] = 0.0  # an all-zero block
+    x[32:64] = np.arange(-16, 16) * 0.5  # halves: ties round to even
+    x[33] = 127.0
+    got, want = _core.quantize_q8a(x), reference_quantize_q8a(x)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n", [1, _core.SMALL_BATCH])
+def test_q8_matmul_matches_numpy(rng, kernels, type_name, n):
+    """With activations="q8" the product equals dequantized weights times the dequantized 8-bit
+    activations, up to float summation (the per-block integer sums are exact)."""
+    ours, theirs = TYPES[type_name]
+    rows, cols = 300, 576
+    raw = quantized(rng, rows, cols, theirs)
+    w = reference_dequantize(raw, theirs, rows, cols).astype(np.float64)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    xq = np.stack([np.repeat(d, 32) * q for d, _, q in map(reference_quantize_q8a, x)]).astype(np.float64)
+    got = _core.matmul(raw, ours, rows, cols, x, "q8")
+    ref = xq @ w.T
+    scale = np.abs(xq) @ np.abs(w).T
+    assert np.all(np.abs(got - ref) <= cols * FP32_EPS * scale)
+    exact = x.astype(np.float64) @ w.T  # and it is not the fp32 product: the quantization shows
+    assert np.abs(got - exact).max() > 1e3 * np.abs(_core.matmul(raw, ours, rows, cols, x) - exact).max()
+
+
 def test_small_batches_are_bitwise_row_independent(rng, kernels):
     raw = quantized(rng, 64, 128, gguf.GGMLQuantizationType.Q4_1)
     x = rng.standard_normal((_core.SMALL_BATCH, 128)).astype(np.float32)
@@ -124,5 +163,9 @@ def test_bad_arguments_raise(rng):
         _core.dequantize(raw, 6, 4, 64)
     with pytest.raises(ValueError, match="shape"):
         _core.matmul(raw, _core.TYPE_Q4_1, 4, 64, np.zeros((2, 65), np.float32))
+    with pytest.raises(ValueError, match="'f32' or 'q8'"):
+        _core.matmul(raw, _core.TYPE_Q4_1, 4, 64, np.zeros((2, 64), np.float32), "int4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.quantize_q8a(np.zeros(48, np.float32))
     with pytest.raises(ValueError, match="unknown kernel set"):
         _core.select_kernels("neon-on-x86")

@@ -3,6 +3,7 @@
  * attributes and installed only when the CPU reports the features. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include <string.h>
 
 #include "quant.h"
 
@@ -109,6 +110,104 @@ TARGET static float vec_dot_q8_0_avx2(const void *wrow, const float *x, int64_t 
     return hsum(acc);
 }
 
+/* ---- 8-bit activations ---- */
+
+/* Same float operations as quantize_q8a_generic, eight lanes at a time; NaN lanes become 0 as there. */
+TARGET static void quantize_q8a_avx2(const float *x, ce_block_q8a *out, int64_t cols) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < cols / CE_QK; i++, x += CE_QK) {
+        __m256 v[4], amax = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) { /* max_ps returns its second operand when the first is NaN */
+            v[k] = _mm256_loadu_ps(x + 8 * k);
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float d = _mm_cvtss_f32(m) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], _mm256_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[k] = _mm256_cvtps_epi32(_mm256_and_ps(r, _mm256_cmp_ps(r, r, _CMP_ORD_Q)));
+        }
+        __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        /* packs interleave 128-bit lanes: 32-bit groups come out as 0 4 1 5 2 6 3 7 */
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)out[i].qs, b);
+        out[i].d = d;
+        out[i].s = d * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+/* Eight int32 sums of four u8 × i8 products each (|u| <= 255 pairs with |s| <= 127 never saturate
+ * maddubs' int16 when u is a nibble or an absolute value <= 128). */
+TARGET static inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* The 32 nibbles of a Q4 block as bytes in element order: low nibbles (0-15), then high (16-31). */
+TARGET static inline __m256i nibbles_epi8(const uint8_t *qs) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+}
+
+TARGET static inline __m256i load_q8a(const ce_block_q8a *x) { return _mm256_loadu_si256((const __m256i *)x->qs); }
+
+/* (d_x, s_x) of an activation block in lanes 0 and 1 */
+TARGET static inline __m128 load_ds(const ce_block_q8a *x) { return _mm_castpd_ps(_mm_load_sd((const double *)&x->d)); }
+
+/* Both dot products accumulate per-block products in acc (lane-wise) and the offset terms in lane 1
+ * of `offset`, whose lane 0 collects an unused copy of the scales. */
+
+/* Σ_blocks d_w d_x Σ_j q_j y_j - 8 d_w s_x */
+TARGET static float vec_dot_q4_0_q8a_avx2(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q4_0 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    __m128 offset = _mm_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        /* (d_w d_x, d_w s_x) */
+        const __m128 scales = _mm_mul_ps(_mm_set1_ps(half(w[i].d)), load_ds(x + i));
+        const __m256i dot = dot_u8_i8(nibbles_epi8(w[i].qs), load_q8a(x + i));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(dot), acc);
+        offset = _mm_add_ps(offset, scales);
+    }
+    return hsum(acc) - 8.0f * _mm_cvtss_f32(_mm_movehdup_ps(offset));
+}
+
+/* Σ_blocks d_w d_x Σ_j q_j y_j + m_w s_x */
+TARGET static float vec_dot_q4_1_q8a_avx2(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q4_1 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    __m128 offset = _mm_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        /* (d_w, m_w) converted together, times (d_x, s_x): (d_w d_x, m_w s_x) */
+        int32_t dm_bits;
+        memcpy(&dm_bits, &w[i].d, sizeof dm_bits); /* d and m: adjacent halves */
+        const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+        const __m128 scales = _mm_mul_ps(dm, load_ds(x + i));
+        const __m256i dot = dot_u8_i8(nibbles_epi8(w[i].qs), load_q8a(x + i));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(dot), acc);
+        offset = _mm_add_ps(offset, scales);
+    }
+    return hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(offset));
+}
+
+/* Σ_blocks d_w d_x Σ_j q_j y_j, signed × signed through |q| and y carrying q's sign */
+TARGET static float vec_dot_q8_0_q8a_avx2(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q8_0 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)w[i].qs), y = load_q8a(x + i);
+        __m256i dot = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d) * x[i].d), _mm256_cvtepi32_ps(dot), acc);
+    }
+    return hsum(acc);
+}
+
 static const ce_kernels kernels_avx2 = {
     .name = "avx2",
     .vec_dot =
@@ -118,6 +217,13 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q4_0] = vec_dot_q4_0_avx2,
             [CE_TYPE_Q4_1] = vec_dot_q4_1_avx2,
             [CE_TYPE_Q8_0] = vec_dot_q8_0_avx2,
+        },
+    .quantize_q8a = quantize_q8a_avx2,
+    .vec_dot_q8a =
+        {
+            [CE_TYPE_Q4_0] = vec_dot_q4_0_q8a_avx2,
+            [CE_TYPE_Q4_1] = vec_dot_q4_1_q8a_avx2,
+            [CE_TYPE_Q8_0] = vec_dot_q8_0_q8a_avx2,
         },
 };
 

@@ -50,6 +50,8 @@ ce_status ce_model_init(ce_model *m, char *err, size_t errlen) {
         return ce_fail(err, errlen, CE_EINVAL, "bad rope_theta %g, norm_eps %g or rope style %d",
                        (double)c->rope_theta, (double)c->norm_eps, c->rope_style);
     if (m->layers == NULL) return ce_fail(err, errlen, CE_EINVAL, "model has no layers array");
+    if (m->activations != CE_ACT_F32 && m->activations != CE_ACT_Q8)
+        return ce_fail(err, errlen, CE_EINVAL, "unknown activation mode %d", m->activations);
 
     const int64_t qd = (int64_t)c->n_heads * c->head_dim, kvd = (int64_t)c->n_kv_heads * c->head_dim;
     ce_status st;
@@ -140,6 +142,7 @@ void ce_workspace_free(ce_workspace *ws) {
     free(ws->buf);
     free(ws->panel);
     free(ws->ints);
+    free(ws->q8);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -149,9 +152,11 @@ void ce_workspace_free(ce_workspace *ws) {
  * x[i]: the result is the same for every n. Rows are split across the pool's threads. */
 typedef struct {
     const ce_tensor *w;
-    ce_vec_dot_fn dot;
+    ce_vec_dot_fn dot;         /* fp32 activations x ... */
+    ce_vec_dot_q8a_fn dot_q8a; /* ... or, when set, quantized activations x_q8 */
     int n;
     const float *x;
+    const ce_block_q8a *x_q8;  /* (n, cols / CE_QK) */
     float *y;
 } matvec_job;
 
@@ -160,19 +165,31 @@ static void matvec_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
     const matvec_job *job = ctx;
     const ce_tensor *w = job->w;
     const size_t row_bytes = ce_row_bytes(w->type, w->cols);
+    const int64_t blocks = w->cols / CE_QK;
     for (int64_t r = r0; r < r1; r++) {
         const void *wrow = (const uint8_t *)w->data + (size_t)r * row_bytes;
-        for (int i = 0; i < job->n; i++)
-            job->y[(size_t)i * w->rows + r] = job->dot(wrow, job->x + (size_t)i * w->cols, w->cols);
+        float *yr = job->y + r;
+        if (job->dot_q8a)
+            for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot_q8a(wrow, job->x_q8 + i * blocks, w->cols);
+        else
+            for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot(wrow, job->x + (size_t)i * w->cols, w->cols);
     }
 }
 
-ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int n, const float *x, float *y, char *err,
-                    size_t errlen) {
+ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n, const float *x, float *y,
+                    char *err, size_t errlen) {
     ce_status st;
     const int64_t cols = w->cols, rows = w->rows;
     if (n <= CE_SMALL_BATCH) {
-        matvec_job job = {w, ce_kernels_active()->vec_dot[w->type], n, x, y};
+        const ce_kernels *k = ce_kernels_active();
+        matvec_job job = {w, k->vec_dot[w->type], NULL, n, x, NULL, y};
+        if (activations == CE_ACT_Q8 && k->vec_dot_q8a[w->type]) { /* quantize each row once, then all rows reuse it */
+            const int64_t blocks = cols / CE_QK;
+            if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
+            for (int i = 0; i < n; i++) k->quantize_q8a(x + (size_t)i * cols, ws->q8 + i * blocks, cols);
+            job.dot_q8a = k->vec_dot_q8a[w->type];
+            job.x_q8 = ws->q8;
+        }
         ce_parallel_for(rows, matvec_rows, &job);
         return CE_OK;
     }
@@ -296,8 +313,8 @@ ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     for (int l = layer_begin; l < layer_end; l++) {
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, m->layers[l].attn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&m->layers[l].wk, ws, n, xn, k, err, errlen)) ||
-            (st = ce_matmul(&m->layers[l].wv, ws, n, xn, v, err, errlen)))
+        if ((st = ce_matmul(&m->layers[l].wk, ws, m->activations, n, xn, k, err, errlen)) ||
+            (st = ce_matmul(&m->layers[l].wv, ws, m->activations, n, xn, v, err, errlen)))
             return st;
         store_kv(m, kv, l, n, pos0, k, v, cs);
     }
@@ -348,8 +365,8 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
         /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->attn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&L->wq, ws, n, xn, q, err, errlen)) || (st = ce_matmul(&L->wk, ws, n, xn, k, err, errlen)) ||
-            (st = ce_matmul(&L->wv, ws, n, xn, v, err, errlen)))
+        if ((st = ce_matmul(&L->wq, ws, m->activations, n, xn, q, err, errlen)) || (st = ce_matmul(&L->wk, ws, m->activations, n, xn, k, err, errlen)) ||
+            (st = ce_matmul(&L->wv, ws, m->activations, n, xn, v, err, errlen)))
             return st;
         for (int s = 0, i0 = 0; s < n_seqs; i0 += seqs[s].n, s++)
             store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd,
@@ -358,17 +375,17 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
             for (int h = 0; h < c->n_heads; h++) ce_rope_apply(q + (size_t)i * qd + h * hd, hd, cs + (size_t)i * hd, c->rope_style);
         attention_job job = {c, seqs, row_seq, row_pos, l, capacity, q, att, scores};
         ce_parallel_for((int64_t)n * c->n_heads, attention_heads, &job);
-        if ((st = ce_matmul(&L->wo, ws, n, att, o, err, errlen))) return st;
+        if ((st = ce_matmul(&L->wo, ws, m->activations, n, att, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
 
         /* feed-forward block: x += W_down · (silu(W_gate xn) ⊙ W_up xn), xn = rmsnorm(x) */
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->ffn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&L->w_gate, ws, n, xn, gate, err, errlen)) ||
-            (st = ce_matmul(&L->w_up, ws, n, xn, up, err, errlen)))
+        if ((st = ce_matmul(&L->w_gate, ws, m->activations, n, xn, gate, err, errlen)) ||
+            (st = ce_matmul(&L->w_up, ws, m->activations, n, xn, up, err, errlen)))
             return st;
         for (size_t j = 0; j < (size_t)n * f; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
-        if ((st = ce_matmul(&L->w_down, ws, n, gate, o, err, errlen))) return st;
+        if ((st = ce_matmul(&L->w_down, ws, m->activations, n, gate, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
     }
     return CE_OK;
@@ -387,5 +404,5 @@ ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, in
     for (int i = 0; i < n; i++) ce_rmsnorm(ws->buf + (size_t)i * d, x + (size_t)i * d, norm->data, d, m->cfg.norm_eps);
     ce_tensor head = m->output; /* the first `rows` rows: contiguous, so a view */
     head.rows = rows;
-    return ce_matmul(&head, ws, n, ws->buf, logits, err, errlen);
+    return ce_matmul(&head, ws, m->activations, n, ws->buf, logits, err, errlen);
 }

@@ -188,6 +188,65 @@ static float vec_dot_q8_0_generic(const void *wrow, const float *x, int64_t n) {
     return sum;
 }
 
+/* ---- 8-bit activations and integer dot products (the specification) ---- */
+
+/* d = amax / 127, q = nearest(x / d) computed as x * (1 / d), ties to even: the SIMD kernels perform
+ * the same float operations, so they produce the same blocks bit for bit. */
+static void quantize_q8a_generic(const float *x, ce_block_q8a *out, int64_t cols) {
+    for (int64_t i = 0; i < cols / CE_QK; i++, x += CE_QK) {
+        float amax = 0.0f;
+        for (int j = 0; j < CE_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+        const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int32_t sum = 0;
+        for (int j = 0; j < CE_QK; j++) {
+            float v = nearbyintf(x[j] * id); /* |v| <= 127 for finite x; NaN maps to 0 */
+            int8_t q = (int8_t)(v >= -127.0f && v <= 127.0f ? v : 0.0f);
+            out[i].qs[j] = q;
+            sum += q;
+        }
+        out[i].d = d;
+        out[i].s = d * (float)sum;
+    }
+}
+
+/* Σ_blocks d_w d_x Σ_j (q_j - 8) y_j */
+static float vec_dot_q4_0_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q4_0 *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        int32_t acc = 0;
+        for (int j = 0; j < CE_QK / 2; j++)
+            acc += ((w[i].qs[j] & 0x0f) - 8) * x[i].qs[j] + ((w[i].qs[j] >> 4) - 8) * x[i].qs[j + CE_QK / 2];
+        sum += ce_fp16_to_fp32(w[i].d) * x[i].d * (float)acc;
+    }
+    return sum;
+}
+
+/* Σ_blocks d_w d_x Σ_j q_j y_j + m_w s_x */
+static float vec_dot_q4_1_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q4_1 *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        int32_t acc = 0;
+        for (int j = 0; j < CE_QK / 2; j++)
+            acc += (w[i].qs[j] & 0x0f) * x[i].qs[j] + (w[i].qs[j] >> 4) * x[i].qs[j + CE_QK / 2];
+        sum += ce_fp16_to_fp32(w[i].d) * x[i].d * (float)acc + ce_fp16_to_fp32(w[i].m) * x[i].s;
+    }
+    return sum;
+}
+
+/* Σ_blocks d_w d_x Σ_j q_j y_j */
+static float vec_dot_q8_0_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q8_0 *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        int32_t acc = 0;
+        for (int j = 0; j < CE_QK; j++) acc += w[i].qs[j] * x[i].qs[j];
+        sum += ce_fp16_to_fp32(w[i].d) * x[i].d * (float)acc;
+    }
+    return sum;
+}
+
 static const ce_kernels kernels_generic = {
     .name = "generic",
     .vec_dot =
@@ -197,6 +256,13 @@ static const ce_kernels kernels_generic = {
             [CE_TYPE_Q4_0] = vec_dot_q4_0_generic,
             [CE_TYPE_Q4_1] = vec_dot_q4_1_generic,
             [CE_TYPE_Q8_0] = vec_dot_q8_0_generic,
+        },
+    .quantize_q8a = quantize_q8a_generic,
+    .vec_dot_q8a =
+        {
+            [CE_TYPE_Q4_0] = vec_dot_q4_0_q8a_generic,
+            [CE_TYPE_Q4_1] = vec_dot_q4_1_q8a_generic,
+            [CE_TYPE_Q8_0] = vec_dot_q8_0_q8a_generic,
         },
 };
 

@@ -3,6 +3,7 @@
 #define CECOLLM_QUANT_H
 
 #include <assert.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "cecollm/cecollm.h"
@@ -17,7 +18,7 @@ typedef struct {
     uint16_t d, m;           /* fp16 scale and minimum */
     uint8_t qs[CE_QK / 2];
 } ce_block_q4_1;             /* x = d * q + m */
-static_assert(sizeof(ce_block_q4_1) == 20, "q4_1 block is 20 bytes");
+static_assert(sizeof(ce_block_q4_1) == 20 && offsetof(ce_block_q4_1, m) == 2, "q4_1 block is d, m, qs: 20 bytes");
 
 typedef struct {
     uint16_t d;

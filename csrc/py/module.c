@@ -132,14 +132,28 @@ static int cfg_float(PyObject *cfg, const char *key, float *out) {
     return 0;
 }
 
+static const char *const activation_names[] = {[CE_ACT_F32] = "f32", [CE_ACT_Q8] = "q8"};
+
+/* "f32" -> CE_ACT_F32, "q8" -> CE_ACT_Q8; -1 with ValueError otherwise */
+static int parse_activations(const char *name) {
+    for (int i = 0; i < (int)(sizeof activation_names / sizeof activation_names[0]); i++)
+        if (strcmp(name, activation_names[i]) == 0) return i;
+    PyErr_Format(PyExc_ValueError, "activations must be 'f32' or 'q8', not '%s'", name);
+    return -1;
+}
+
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"config", "tensors", NULL};
+    static char *kwlist[] = {"config", "tensors", "activations", NULL};
     PyObject *cfg, *tensors;
+    const char *activations = "f32";
     if (self->initialized) {
         PyErr_SetString(PyExc_RuntimeError, "Model is already initialized");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!", kwlist, &PyDict_Type, &cfg, &PyDict_Type, &tensors)) return -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O!|s", kwlist, &PyDict_Type, &cfg, &PyDict_Type, &tensors,
+                                     &activations))
+        return -1;
+    if ((self->model.activations = parse_activations(activations)) < 0) return -1;
     ce_config *c = &self->model.cfg;
     if (cfg_int(cfg, "n_layers", &c->n_layers) || cfg_int(cfg, "dim", &c->dim) || cfg_int(cfg, "ffn_dim", &c->ffn_dim) ||
         cfg_int(cfg, "n_heads", &c->n_heads) || cfg_int(cfg, "n_kv_heads", &c->n_kv_heads) ||
@@ -297,6 +311,12 @@ static PyObject *Model_get_config(ModelObject *self, void *closure) {
                          c->ffn_dim, "n_heads", c->n_heads, "n_kv_heads", c->n_kv_heads, "head_dim", c->head_dim,
                          "vocab", c->vocab, "rope_theta", (double)c->rope_theta, "norm_eps", (double)c->norm_eps,
                          "rope_style", c->rope_style);
+}
+
+static PyObject *Model_get_activations(ModelObject *self, void *closure) {
+    (void)closure;
+    if (!model_ready(self)) return NULL;
+    return PyUnicode_FromString(activation_names[self->model.activations]);
 }
 
 /* ======================= KVCache ======================= */
@@ -581,12 +601,14 @@ static PyObject *core_dequantize(PyObject *mod, PyObject *args) {
     return (PyObject *)out;
 }
 
-/* matmul(raw, type, rows, cols, x) -> float32 (n, rows) = x · Wᵀ with the active kernels */
+/* matmul(raw, type, rows, cols, x, activations="f32") -> float32 (n, rows) = x · Wᵀ with the active kernels */
 static PyObject *core_matmul(PyObject *mod, PyObject *args) {
     PyObject *raw, *xo;
-    int type;
+    int type, act;
     long long rows, cols;
-    if (!PyArg_ParseTuple(args, "OiLLO", &raw, &type, &rows, &cols, &xo)) return NULL;
+    const char *activations = "f32";
+    if (!PyArg_ParseTuple(args, "OiLLO|s", &raw, &type, &rows, &cols, &xo, &activations)) return NULL;
+    if ((act = parse_activations(activations)) < 0) return NULL;
     PyObject *tup = Py_BuildValue("(OiLL)", raw, type, rows, cols), *keep = PyList_New(0);
     PyArrayObject *x = NULL, *out = NULL;
     ce_tensor t;
@@ -598,7 +620,7 @@ static PyObject *core_matmul(PyObject *mod, PyObject *args) {
     char err[CE_ERRLEN] = "";
     ce_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = ce_matmul(&t, &ws, (int)dims[0], PyArray_DATA(x), PyArray_DATA(out), err, sizeof err);
+    st = ce_matmul(&t, &ws, act, (int)dims[0], PyArray_DATA(x), PyArray_DATA(out), err, sizeof err);
     ce_workspace_free(&ws);
     Py_END_ALLOW_THREADS
     if (st != CE_OK) {
@@ -615,6 +637,42 @@ fail:
     Py_XDECREF(x);
     Py_XDECREF(out);
     return NULL;
+}
+
+/* quantize_q8a(x) -> (d float32 (blocks,), s float32 (blocks,), q int8 (cols,)): one row of activations
+ * in the active kernels' 8-bit blocks */
+static PyObject *core_quantize_q8a(PyObject *mod, PyObject *arg) {
+    (void)mod;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(arg, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (x == NULL) return NULL;
+    const npy_intp cols = PyArray_DIM(x, 0), blocks = cols / CE_QK;
+    if (cols == 0 || cols % CE_QK != 0) {
+        PyErr_Format(PyExc_ValueError, "x must have a positive multiple of %d elements, got %zd", CE_QK, (Py_ssize_t)cols);
+        Py_DECREF(x);
+        return NULL;
+    }
+    ce_block_q8a *b = PyMem_Malloc(sizeof(ce_block_q8a) * (size_t)blocks);
+    PyArrayObject *d = (PyArrayObject *)PyArray_SimpleNew(1, &blocks, NPY_FLOAT32);
+    PyArrayObject *sum = (PyArrayObject *)PyArray_SimpleNew(1, &blocks, NPY_FLOAT32);
+    PyArrayObject *q = (PyArrayObject *)PyArray_SimpleNew(1, &cols, NPY_INT8);
+    PyObject *result = NULL;
+    if (b == NULL || d == NULL || sum == NULL || q == NULL) {
+        if (b == NULL) PyErr_NoMemory();
+    } else {
+        ce_kernels_active()->quantize_q8a(PyArray_DATA(x), b, cols);
+        for (npy_intp i = 0; i < blocks; i++) {
+            ((float *)PyArray_DATA(d))[i] = b[i].d;
+            ((float *)PyArray_DATA(sum))[i] = b[i].s;
+            memcpy((int8_t *)PyArray_DATA(q) + i * CE_QK, b[i].qs, CE_QK);
+        }
+        result = PyTuple_Pack(3, d, sum, q);
+    }
+    PyMem_Free(b);
+    Py_DECREF(x);
+    Py_XDECREF(d);
+    Py_XDECREF(sum);
+    Py_XDECREF(q);
+    return result;
 }
 
 /* rmsnorm(x, w, eps) -> rows of x normalized and scaled by w */
@@ -974,7 +1032,8 @@ static PyMethodDef core_methods[] = {
     {"get_threads", core_get_threads, METH_NOARGS, "get_threads() -> threads used by the core"},
     {"active_kernels", core_active_kernels, METH_NOARGS, "active_kernels() -> name of the kernel set in use"},
     {"dequantize", core_dequantize, METH_VARARGS, "dequantize(raw, type, rows, cols) -> float32 (rows, cols)"},
-    {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x) -> x @ W.T with the active kernels"},
+    {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x, activations='f32') -> x @ W.T with the active kernels"},
+    {"quantize_q8a", core_quantize_q8a, METH_O, "quantize_q8a(x) -> (d, s, q): 8-bit activation blocks of one row (s = d * sum(q))"},
     {"rmsnorm", core_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps) -> x / sqrt(mean(x^2) + eps) * w per row"},
     {"rope", core_rope, METH_VARARGS, "rope(x, pos, theta, style) -> heads of x rotated for pos"},
     {"confidence", core_confidence, METH_VARARGS,
@@ -1001,6 +1060,7 @@ static PyMethodDef Model_methods[] = {
 
 static PyGetSetDef Model_getset[] = {
     {"config", (getter)Model_get_config, NULL, "the model's configuration as a dict", NULL},
+    {"activations", (getter)Model_get_activations, NULL, "'f32' or 'q8': how matrix products take activations", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -123,6 +123,57 @@ static void test_vec_dot(const ce_kernels *k) {
     }
 }
 
+/* 8-bit activations: every kernel set quantizes exactly as the generic specification (bit for bit,
+ * edge values included), and its integer dots match a double-precision dot of the dequantized weights
+ * with the dequantized activations. */
+static void test_q8a(const ce_kernels *k) {
+    enum { COLS = 1536, BLOCKS = COLS / CE_QK };
+    static float x[COLS];
+    static ce_block_q8a got[BLOCKS], want[BLOCKS];
+    for (int j = 0; j < COLS; j++) x[j] = rng_uniform() * (j < 512 ? 1.0f : 1e-3f);
+    for (int j = 0; j < CE_QK; j++) x[j] = 0.0f;                    /* block 0: all zero */
+    x[CE_QK] = NAN, x[2 * CE_QK] = INFINITY, x[3 * CE_QK] = -1e30f; /* blocks 1-3: hostile values */
+    for (int j = 0; j < CE_QK; j++) x[4 * CE_QK + j] = (float)(j - 16) * 0.5f; /* block 4: ties at .5 */
+    x[4 * CE_QK + 1] = 127.0f;
+    k->quantize_q8a(x, got, COLS);
+    ce_kernels_generic()->quantize_q8a(x, want, COLS);
+    for (int b = 0; b < BLOCKS; b++) {
+        CHECK(memcmp(&got[b], &want[b], sizeof got[b]) == 0, "%s quantize_q8a block %d equals generic", k->name, b);
+        int32_t sum = 0;
+        for (int j = 0; j < CE_QK; j++) sum += got[b].qs[j];
+        CHECK(!isfinite(got[b].d) || got[b].s == got[b].d * (float)sum, "%s block %d s = d * sum", k->name, b);
+        if (b >= 4) /* finite blocks: |x - d q| <= d / 2 */
+            for (int j = 0; j < CE_QK; j++)
+                CHECK(fabsf(x[b * CE_QK + j] - got[b].d * got[b].qs[j]) <= 0.5001f * got[b].d, "%s block %d elem %d",
+                      k->name, b, j);
+    }
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
+    float *row = malloc(sizeof(float) * COLS);
+    for (int c = 0; c < 3; c++) {
+        const int64_t cols = c == 0 ? 32 : c == 1 ? 576 : COLS;
+        for (int j = 0; j < cols; j++) x[j] = rng_uniform();
+        k->quantize_q8a(x, got, cols);
+        for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+            void *w = random_tensor(types[t], 4, cols); /* random bytes: Q8_0 rows include -128 */
+            ce_tensor tensor = {w, types[t], cols, 4};
+            for (int64_t r = 0; r < 4; r++) {
+                ce_dequantize_row(&tensor, r, row);
+                double ref = 0.0, mag = 0.0;
+                for (int64_t j = 0; j < cols; j++) {
+                    double xj = (double)got[j / CE_QK].d * got[j / CE_QK].qs[j % CE_QK];
+                    ref += (double)row[j] * xj;
+                    mag += fabs((double)row[j] * xj);
+                }
+                float dot = k->vec_dot_q8a[types[t]]((const uint8_t *)w + r * ce_row_bytes(types[t], cols), got, cols);
+                CHECK(fabs(dot - ref) <= TOL_DOT_REL * mag + 1e-30, "%s vec_dot_q8a %s cols %lld: %g vs %g (mag %g)",
+                      k->name, ce_type_name(types[t]), (long long)cols, (double)dot, ref, mag);
+            }
+            free(w);
+        }
+    }
+    free(row);
+}
+
 static void test_ops(void) {
     float x[64], w[64], y[64];
     for (int j = 0; j < 64; j++) x[j] = rng_uniform(), w[j] = rng_uniform();
@@ -206,6 +257,10 @@ static void test_model_validation(void) {
     CHECK(ce_model_init(&t.m, err, sizeof err) == CE_OK, "tiny model initializes: %s", err);
     ce_model_free(&t.m);
 
+    t.m.activations = 7;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "activation"), "bad activations: %s", err);
+    t.m.activations = CE_ACT_F32;
+
     ce_tensor saved = t.layers[1].wk;
     t.layers[1].wk.rows = 31;
     err[0] = 0;
@@ -235,10 +290,11 @@ static void tiny_forward_tokens(const ce_model *m, ce_kv_cache *kv, ce_workspace
     }
 }
 
-static void test_forward_invariants(void) {
+static void test_forward_invariants(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
     tiny_build(&t);
+    t.m.activations = activations;
     ce_model *m = &t.m;
     CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init: %s", err);
     const int n = 6, d = 64;
@@ -267,11 +323,11 @@ static void test_forward_invariants(void) {
     CHECK(ce_forward(m, &c, &ws, 1, 3, n, 0, split, err, sizeof err) == CE_OK, "upper layers");
     CHECK(memcmp(split, batch, sizeof split) == 0, "split forward == whole forward");
 
-    /* head on the last position: logits agree with a sum over dequantized embedding rows */
+    /* head on the last position (fp32 activations): logits agree with a sum over dequantized embedding rows */
     float logits[50], xn[64], row[64];
     CHECK(ce_head(m, &ws, NULL, 1, one + (n - 1) * d, 50, logits, err, sizeof err) == CE_OK, "head: %s", err);
     ce_rmsnorm(xn, one + (n - 1) * d, m->output_norm.data, d, m->cfg.norm_eps);
-    for (int v = 0; v < 50; v += 7) {
+    for (int v = 0; v < 50 && activations == CE_ACT_F32; v += 7) {
         ce_dequantize_row(&m->output, v, row);
         double ref = 0, mag = 0;
         for (int j = 0; j < d; j++) ref += (double)row[j] * xn[j], mag += fabs((double)row[j] * xn[j]);
@@ -305,10 +361,11 @@ static void test_forward_invariants(void) {
 /* Catch-up at the C level: token q stops after layer 1 (an exit), then rides along with token p
  * through layers [1, 3); the cache equals one-at-a-time full passes, and the "exit at the last layer"
  * head equals the full model's logits. */
-static void test_catch_up_composition(void) {
+static void test_catch_up_composition(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
     tiny_build(&t);
+    t.m.activations = activations;
     ce_model *m = &t.m;
     CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
     int32_t tok[4] = {5, 9, 33, 2};
@@ -352,10 +409,11 @@ static void test_catch_up_composition(void) {
 }
 
 /* Two sequences in one pass equal two separate passes, bit for bit (small batches). */
-static void test_forward_multi(void) {
+static void test_forward_multi(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
     tiny_build(&t);
+    t.m.activations = activations;
     ce_model *m = &t.m;
     CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
     int32_t ta[3] = {1, 2, 3}, tb[2] = {40, 41};
@@ -405,12 +463,18 @@ static void test_matmul_paths(void) {
     float *x = malloc(sizeof(float) * n * cols), *big = malloc(sizeof(float) * n * rows), small[300];
     for (int j = 0; j < n * cols; j++) x[j] = rng_uniform();
     ce_workspace ws = {0};
-    CHECK(ce_matmul(&t, &ws, n, x, big, err, sizeof err) == CE_OK, "sgemm path");
+    CHECK(ce_matmul(&t, &ws, CE_ACT_F32, n, x, big, err, sizeof err) == CE_OK, "sgemm path");
     for (int i = 0; i < n; i++) {
-        CHECK(ce_matmul(&t, &ws, 1, x + i * cols, small, err, sizeof err) == CE_OK, "kernel path");
+        CHECK(ce_matmul(&t, &ws, CE_ACT_F32, 1, x + i * cols, small, err, sizeof err) == CE_OK, "kernel path");
         for (int r = 0; r < rows; r++)
             CHECK(fabsf(small[r] - big[i * rows + r]) <= 1e-4f * (1.0f + fabsf(small[r])), "row %d col %d: %g vs %g", i, r,
                   (double)small[r], (double)big[i * rows + r]);
+    }
+    /* 8-bit activations: a row's result does not depend on the batch it shares */
+    CHECK(ce_matmul(&t, &ws, CE_ACT_Q8, CE_SMALL_BATCH, x, big, err, sizeof err) == CE_OK, "q8 batch");
+    for (int i = 0; i < CE_SMALL_BATCH; i++) {
+        CHECK(ce_matmul(&t, &ws, CE_ACT_Q8, 1, x + i * cols, small, err, sizeof err) == CE_OK, "q8 row");
+        CHECK(memcmp(small, big + i * rows, sizeof(float) * rows) == 0, "q8 row %d equals its batch result", i);
     }
     ce_workspace_free(&ws);
     free(w);
@@ -543,12 +607,16 @@ int main(void) {
     test_ops();
     test_vec_dot(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_vec_dot(ce_kernels_active());
+    test_q8a(ce_kernels_generic());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_q8a(ce_kernels_active());
     for (int threads = 1; threads <= 3; threads += 2) { /* the invariants hold with and without the pool */
         CHECK(ce_threads_set(threads, err, sizeof err) == CE_OK, "threads %d", threads);
         test_model_validation();
-        test_forward_invariants();
-        test_catch_up_composition();
-        test_forward_multi();
+        for (int act = CE_ACT_F32; act <= CE_ACT_Q8; act++) { /* exactness invariants in both activation modes */
+            test_forward_invariants(act);
+            test_catch_up_composition(act);
+            test_forward_multi(act);
+        }
         test_matmul_paths();
     }
     CHECK(ce_threads_set(1, err, sizeof err) == CE_OK, "back to one thread");

@@ -63,11 +63,30 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out);
  * the dequantized weights up to summation order. */
 typedef float (*ce_vec_dot_fn)(const void *wrow, const float *x, int64_t cols);
 
+/* Activations quantized to 8 bits per element for integer dot products (the llama.cpp scheme):
+ * x_j ≈ d * qs[j] with d = max_j |x_j| / 127, q rounded to nearest (ties to even). s = d * Σ_j qs[j]
+ * serves the weight formats with an offset (Q4_0's -8, Q4_1's minimum); d and s sit side by side so
+ * a kernel scales both with one multiply. */
+typedef struct {
+    float d;
+    float s;
+    int8_t qs[CE_QK];
+} ce_block_q8a;
+
+/* x (cols floats, cols a multiple of CE_QK) -> cols / CE_QK blocks. */
+typedef void (*ce_quantize_q8a_fn)(const float *x, ce_block_q8a *out, int64_t cols);
+/* Dot product of one weight row with quantized activations: each block's integer sum is exact, so
+ * results differ between kernel sets only in the float sum over blocks. */
+typedef float (*ce_vec_dot_q8a_fn)(const void *wrow, const ce_block_q8a *x, int64_t cols);
+
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
- * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point). */
+ * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
+ * vec_dot_q8a is NULL for the float weight types, which always take fp32 activations. */
 typedef struct {
     const char *name;
     ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
+    ce_quantize_q8a_fn quantize_q8a;
+    ce_vec_dot_q8a_fn vec_dot_q8a[CE_TYPE_Q8_0 + 1];
 } ce_kernels;
 
 const ce_kernels *ce_kernels_generic(void);
@@ -115,8 +134,16 @@ typedef struct {
     ce_tensor w_down;    /* (dim, ffn_dim) */
 } ce_layer;
 
+/* How activations enter the small-batch matrix products (batches > CE_SMALL_BATCH use sgemm in fp32
+ * either way; so do F32/F16 weights). */
+typedef enum {
+    CE_ACT_F32 = 0, /* fp32, weights dequantized inside the dot: matches an fp32 reference to ~1e-4 */
+    CE_ACT_Q8 = 1,  /* quantized per product to ce_block_q8a, integer dots: llama.cpp's numerics */
+} ce_activations;
+
 typedef struct {
     ce_config cfg;
+    int activations;       /* ce_activations */
     ce_tensor token_embd;  /* (vocab, dim) */
     ce_tensor output_norm; /* (dim) F32 */
     ce_tensor output;      /* (vocab, dim): the LM head; equals token_embd when tied */
@@ -155,6 +182,8 @@ typedef struct {
     float *panel;      /* dequantized weight rows (large batches) */
     size_t n_ints;
     int *ints;         /* row -> sequence map of multi-sequence batches */
+    size_t n_q8;
+    ce_block_q8a *q8;  /* quantized activations (CE_ACT_Q8) */
 } ce_workspace;
 
 void ce_workspace_free(ce_workspace *ws);
@@ -197,9 +226,10 @@ ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
 ce_status ce_head(const ce_model *m, ce_workspace *ws, const ce_tensor *norm, int n, const float *x, int rows,
                   float *logits, char *err, size_t errlen);
 
-/* y (n, w->rows) = x (n, w->cols) · wᵀ. The building block of every projection. */
-ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int n, const float *x, float *y, char *err,
-                    size_t errlen);
+/* y (n, w->rows) = x (n, w->cols) · wᵀ. The building block of every projection. activations: a
+ * ce_activations value. */
+ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n, const float *x, float *y,
+                    char *err, size_t errlen);
 
 #define CE_SMALL_BATCH 8
 
