@@ -166,16 +166,19 @@ def load_exit_heads(path, model=None) -> dict[int, ExitHead]:
     path = str(path)
     fingerprint = None
     if path.endswith(".gguf"):
-        import gguf
-
+        from .gguf_file import GGUFFile, GGUFFormatError, tensor_nbytes
         from .gguf_loader import ModelFormatError
 
         try:
-            reader = gguf.GGUFReader(path, "r")
-            tensors = {t.name: np.array(t.data, np.float32) for t in reader.tensors}
-            field_ = reader.fields.get("cecollm.base_fingerprint")
-            fingerprint = field_.contents() if field_ is not None else None
-        except Exception as exc:
+            reader = GGUFFile(path)
+            tensors = {}
+            for t in reader.tensors:
+                if t.type_id not in (0, 1):
+                    raise GGUFFormatError(f"exit tensor {t.name} has type {t.type_name}; F32 or F16 expected")
+                raw = reader.data(t, tensor_nbytes(t)).view(np.float32 if t.type_id == 0 else np.float16)
+                tensors[t.name] = raw.reshape(t.shape[::-1]).astype(np.float32)
+            fingerprint = reader.fields.get("cecollm.base_fingerprint")
+        except GGUFFormatError as exc:
             raise ModelFormatError(f"{path}: not a readable GGUF file ({exc})") from None
     else:
         from safetensors import safe_open

