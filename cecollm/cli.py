@@ -21,7 +21,7 @@ def _load(args):
         from . import _core
 
         _core.set_threads(args.threads)
-    return load_model(args.model, args.activations)
+    return load_model(args.model, args.activations, args.kv_dtype)
 
 
 def cmd_info(args) -> int:
@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--activations", choices=("f32", "q8"), default="f32",
                        help="f32: exact fp32 activations; q8: 8-bit activations, integer dots (faster decode)")  # fmt: skip
+        p.add_argument("--kv-dtype", choices=("f32", "f16"), default="f32", help="KV cache storage (f16: half the memory)")
 
     def exit_options(p):
         p.add_argument("--split", type=int, default=None, help="the edge owns layers [0, split) (default: half)")

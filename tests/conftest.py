@@ -19,6 +19,12 @@ def model_q8():
 
 
 @pytest.fixture(scope="session")
+def model_kv16():
+    """The default model with an F16 KV cache."""
+    return cecollm.load_model(kv_dtype="f16")
+
+
+@pytest.fixture(scope="session")
 def hf_reference(model):
     """transformers loading the same GGUF on CPU torch, dequantized to fp32: (model, tokenizer)."""
     import torch

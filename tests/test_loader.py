@@ -141,3 +141,14 @@ def test_tensor_data_is_mapped_not_copied(tiny_path):
     data = weights.tensors["blk.0.ffn_up.weight"][0]
     assert not data.flags.owndata and not data.flags.writeable
     assert weights.tensors["output_norm.weight"][0].dtype == np.float32
+
+
+def test_kv_dtype_choices(tiny_path):
+    with pytest.raises(ValueError, match="'f32' or 'f16'"):
+        cecollm.load_model(tiny_path, kv_dtype="q4")
+    model = cecollm.load_model(tiny_path, kv_dtype="f16")
+    with pytest.raises(ValueError, match="'f32' or 'f16'"):
+        cecollm._core.KVCache(model.core, 8, 0, 2, "bf16")
+    ids = model.tokenize("hello world")
+    half, full = model.logits(ids), cecollm.load_model(tiny_path).logits(ids)
+    assert model.new_cache(4).dtype == "f16" and 0 < np.abs(half - full).max() < 1e-2

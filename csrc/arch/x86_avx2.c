@@ -3,6 +3,7 @@
  * attributes and installed only when the CPU reports the features. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 
 #include "quant.h"
@@ -208,6 +209,84 @@ TARGET static float vec_dot_q8_0_q8a_avx2(const void *wrow, const ce_block_q8a *
     return hsum(acc);
 }
 
+/* Eight floats of row t, column j of a float-typed block (F32 or F16 converted). */
+#define LOAD_ROW8(X, is_f16, t, n, j)                                                                     \
+    ((is_f16) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(X) + (t) * (n) + (j)))) \
+              : _mm256_loadu_ps((const float *)(X) + (t) * (n) + (j)))
+
+TARGET static void dot_rows_f32_avx2(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
+    for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f32_avx2((const float *)X + t * n, q, n);
+}
+
+TARGET static void dot_rows_f16_avx2(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
+    for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f16_avx2((const uint16_t *)X + t * n, q, n);
+}
+
+/* y = Σ_t a[t] X[t, :], 64 columns at a time held in eight registers across all rows */
+TARGET static inline void sum_rows_avx2(const void *X, int is_f16, const float *a, int64_t rows, int64_t n,
+                                        float *y) {
+    int64_t j0 = 0;
+    for (; j0 + 64 <= n; j0 += 64) {
+        __m256 acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < rows; t++) {
+            const __m256 at = _mm256_set1_ps(a[t]);
+            for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(at, LOAD_ROW8(X, is_f16, t, n, j0 + 8 * k), acc[k]);
+        }
+        for (int k = 0; k < 8; k++) _mm256_storeu_ps(y + j0 + 8 * k, acc[k]);
+    }
+    for (int64_t j = j0; j < n; j++) { /* columns past the last multiple of 64 */
+        float sum = 0.0f;
+        for (int64_t t = 0; t < rows; t++)
+            sum += a[t] * (is_f16 ? half(((const uint16_t *)X)[t * n + j]) : ((const float *)X)[t * n + j]);
+        y[j] = sum;
+    }
+}
+
+TARGET static void sum_rows_f32_avx2(const void *X, const float *a, int64_t rows, int64_t n, float *y) {
+    sum_rows_avx2(X, 0, a, rows, n, y);
+}
+
+TARGET static void sum_rows_f16_avx2(const void *X, const float *a, int64_t rows, int64_t n, float *y) {
+    sum_rows_avx2(X, 1, a, rows, n, y);
+}
+
+/* exp(x) for x <= 0, eight lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts so r is exact
+ * to float precision), exp(r) by Cephes' degree-6 polynomial (about 1 ulp), times 2^n built in the
+ * exponent bits. Below -87.3 the result (< 2^-126) is flushed to 0. */
+TARGET static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 min_x = _mm256_set1_ps(-87.3f);
+    const __m256 underflow = _mm256_cmp_ps(x, min_x, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, min_x);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+TARGET static double exp_shifted_avx2(float *x, float shift, int64_t n) {
+    const __m256 s = _mm256_set1_ps(shift);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+        _mm256_storeu_ps(x + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    double total = hsum(sum);
+    for (; j < n; j++) total += x[j] = expf(x[j] - shift);
+    return total;
+}
+
 static const ce_kernels kernels_avx2 = {
     .name = "avx2",
     .vec_dot =
@@ -225,6 +304,9 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q4_1] = vec_dot_q4_1_q8a_avx2,
             [CE_TYPE_Q8_0] = vec_dot_q8_0_q8a_avx2,
         },
+    .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_avx2, [CE_TYPE_F16] = dot_rows_f16_avx2},
+    .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_avx2, [CE_TYPE_F16] = sum_rows_f16_avx2},
+    .exp_shifted = exp_shifted_avx2,
 };
 
 const ce_kernels *ce_kernels_avx2(void) { return &kernels_avx2; }

@@ -89,8 +89,10 @@ void ce_model_free(ce_model *m) {
 /* ---- KV cache ---- */
 
 ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begin, int layer_end,
-                           int capacity, char *err, size_t errlen) {
+                           int capacity, int type, char *err, size_t errlen) {
     memset(kv, 0, sizeof *kv);
+    if (type != CE_TYPE_F32 && type != CE_TYPE_F16)
+        return ce_fail(err, errlen, CE_EINVAL, "KV cache type %s is not F32 or F16", ce_type_name(type));
     if (layer_begin < 0 || layer_end > cfg->n_layers || layer_begin >= layer_end)
         return ce_fail(err, errlen, CE_EINVAL, "layer range [%d, %d) is not inside [0, %d)", layer_begin,
                        layer_end, cfg->n_layers);
@@ -102,13 +104,14 @@ ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begi
     kv->capacity = capacity;
     kv->n_kv_heads = cfg->n_kv_heads;
     kv->head_dim = cfg->head_dim;
+    kv->type = type;
+    const size_t elem = ce_row_bytes(type, 1);
     kv->len = calloc((size_t)(layer_end - layer_begin), sizeof(int));
-    kv->k = malloc(n * sizeof(float));
-    kv->v = malloc(n * sizeof(float));
+    kv->k = malloc(n * elem);
+    kv->v = malloc(n * elem);
     if (kv->len == NULL || kv->k == NULL || kv->v == NULL) {
         ce_kv_cache_free(kv);
-        return ce_fail(err, errlen, CE_ENOMEM, "out of memory for a KV cache of %zu MiB",
-                       2 * n * sizeof(float) >> 20);
+        return ce_fail(err, errlen, CE_ENOMEM, "out of memory for a KV cache of %zu MiB", 2 * n * elem >> 20);
     }
     return CE_OK;
 }
@@ -120,12 +123,14 @@ void ce_kv_cache_free(ce_kv_cache *kv) {
     memset(kv, 0, sizeof *kv);
 }
 
+/* Byte offset of (layer, kv_head)'s (capacity, head_dim) block. */
 static size_t kv_offset(const ce_kv_cache *kv, int layer, int kv_head) {
-    return ((size_t)(layer - kv->layer_begin) * kv->n_kv_heads + kv_head) * (size_t)kv->capacity * kv->head_dim;
+    return ((size_t)(layer - kv->layer_begin) * kv->n_kv_heads + kv_head) * (size_t)kv->capacity * kv->head_dim *
+           ce_row_bytes(kv->type, 1);
 }
 
-float *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head) { return kv->k + kv_offset(kv, layer, kv_head); }
-float *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head) { return kv->v + kv_offset(kv, layer, kv_head); }
+void *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head) { return (uint8_t *)kv->k + kv_offset(kv, layer, kv_head); }
+void *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head) { return (uint8_t *)kv->v + kv_offset(kv, layer, kv_head); }
 
 /* ---- workspace ---- */
 
@@ -224,19 +229,15 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
 }
 
 /* Causal attention for one query head at position pos: out = Σ_t softmax(q·k_t / √hd) v_t over t ≤ pos.
- * K, V: (capacity, head_dim) of the matching kv head. */
-static void attend(const float *q, const float *K, const float *V, int pos, int head_dim, float *scores,
+ * K, V: (capacity, head_dim) elements of `type` (F32 or F16) of the matching kv head. */
+static void attend(const float *q, const void *K, const void *V, int type, int pos, int head_dim, float *scores,
                    float *out) {
+    const ce_kernels *k = ce_kernels_active();
     const float scale = 1.0f / sqrtf((float)head_dim);
-    const ce_vec_dot_fn dot = ce_kernels_active()->vec_dot[CE_TYPE_F32];
-    for (int t = 0; t <= pos; t++) scores[t] = dot(K + (size_t)t * head_dim, q, head_dim) * scale;
+    k->dot_rows[type](K, q, pos + 1, head_dim, scores);
+    for (int t = 0; t <= pos; t++) scores[t] *= scale;
     ce_softmax(scores, pos + 1);
-    for (int j = 0; j < head_dim; j++) out[j] = 0.0f;
-    for (int t = 0; t <= pos; t++) {
-        const float *vt = V + (size_t)t * head_dim;
-        const float p = scores[t];
-        for (int j = 0; j < head_dim; j++) out[j] += p * vt[j];
-    }
+    k->sum_rows[type](V, scores, pos + 1, head_dim, out);
 }
 
 /* Attention of every row × n_heads query heads, split across threads by (row, head); each row
@@ -262,7 +263,7 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
         const ce_kv_cache *kv = job->seqs[job->row_seq[i]].kv;
         const size_t at = (size_t)i * nh * hd + (size_t)h * hd;
         attend(job->q + at, ce_kv_cache_k(kv, job->layer, h / group), ce_kv_cache_v(kv, job->layer, h / group),
-               job->row_pos[i], hd, scores, job->att + at);
+               kv->type, job->row_pos[i], hd, scores, job->att + at);
     }
 }
 
@@ -272,12 +273,23 @@ static void store_kv(const ce_model *m, ce_kv_cache *kv, int l, int n, int pos0,
                      const float *cs) {
     const ce_config *c = &m->cfg;
     const int hd = c->head_dim, kvd = c->n_kv_heads * hd;
+    const size_t row_bytes = ce_row_bytes(kv->type, hd);
     for (int i = 0; i < n; i++) {
         for (int g = 0; g < c->n_kv_heads; g++) {
             float *ki = k + (size_t)i * kvd + g * hd;
+            const float *vi = v + (size_t)i * kvd + g * hd;
             ce_rope_apply(ki, hd, cs + (size_t)i * hd, c->rope_style);
-            memcpy(ce_kv_cache_k(kv, l, g) + (size_t)(pos0 + i) * hd, ki, sizeof(float) * hd);
-            memcpy(ce_kv_cache_v(kv, l, g) + (size_t)(pos0 + i) * hd, v + (size_t)i * kvd + g * hd, sizeof(float) * hd);
+            uint8_t *kdst = (uint8_t *)ce_kv_cache_k(kv, l, g) + (size_t)(pos0 + i) * row_bytes;
+            uint8_t *vdst = (uint8_t *)ce_kv_cache_v(kv, l, g) + (size_t)(pos0 + i) * row_bytes;
+            if (kv->type == CE_TYPE_F16) {
+                for (int j = 0; j < hd; j++) {
+                    ((uint16_t *)kdst)[j] = ce_fp32_to_fp16(ki[j]);
+                    ((uint16_t *)vdst)[j] = ce_fp32_to_fp16(vi[j]);
+                }
+            } else {
+                memcpy(kdst, ki, row_bytes);
+                memcpy(vdst, vi, row_bytes);
+            }
         }
     }
     kv->len[l - kv->layer_begin] = pos0 + n;

@@ -40,12 +40,7 @@ void ce_rope(float *v, int head_dim, int pos, const float *inv_freq, int style) 
 
 void ce_softmax(float *x, int n) {
     float max = x[0];
-    for (int j = 1; j < n; j++) max = fmaxf(max, x[j]);
-    double sum = 0.0;
-    for (int j = 0; j < n; j++) {
-        x[j] = expf(x[j] - max);
-        sum += x[j];
-    }
-    float inv = (float)(1.0 / sum);
+    for (int j = 1; j < n; j++) max = x[j] > max ? x[j] : max; /* a compare, not a call to fmaxf */
+    const float inv = (float)(1.0 / ce_kernels_active()->exp_shifted(x, max, n));
     for (int j = 0; j < n; j++) x[j] *= inv;
 }

@@ -247,6 +247,32 @@ static float vec_dot_q8_0_q8a_generic(const void *wrow, const ce_block_q8a *x, i
     return sum;
 }
 
+static void dot_rows_f32_generic(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
+    for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f32_generic((const float *)X + t * n, q, n);
+}
+
+static void dot_rows_f16_generic(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
+    for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f16_generic((const uint16_t *)X + t * n, q, n);
+}
+
+static void sum_rows_f32_generic(const void *X, const float *a, int64_t rows, int64_t n, float *y) {
+    for (int64_t j = 0; j < n; j++) y[j] = 0.0f;
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t j = 0; j < n; j++) y[j] += a[t] * ((const float *)X)[t * n + j];
+}
+
+static void sum_rows_f16_generic(const void *X, const float *a, int64_t rows, int64_t n, float *y) {
+    for (int64_t j = 0; j < n; j++) y[j] = 0.0f;
+    for (int64_t t = 0; t < rows; t++)
+        for (int64_t j = 0; j < n; j++) y[j] += a[t] * ce_fp16_to_fp32(((const uint16_t *)X)[t * n + j]);
+}
+
+static double exp_shifted_generic(float *x, float shift, int64_t n) {
+    double sum = 0.0;
+    for (int64_t j = 0; j < n; j++) sum += x[j] = expf(x[j] - shift);
+    return sum;
+}
+
 static const ce_kernels kernels_generic = {
     .name = "generic",
     .vec_dot =
@@ -264,6 +290,9 @@ static const ce_kernels kernels_generic = {
             [CE_TYPE_Q4_1] = vec_dot_q4_1_q8a_generic,
             [CE_TYPE_Q8_0] = vec_dot_q8_0_q8a_generic,
         },
+    .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_generic, [CE_TYPE_F16] = dot_rows_f16_generic},
+    .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_generic, [CE_TYPE_F16] = sum_rows_f16_generic},
+    .exp_shifted = exp_shifted_generic,
 };
 
 const ce_kernels *ce_kernels_generic(void) { return &kernels_generic; }

@@ -330,7 +330,7 @@ typedef struct {
 } CacheObject;
 
 static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"model", "capacity", "layer_begin", "layer_end", NULL};
+    static char *kwlist[] = {"model", "capacity", "layer_begin", "layer_end", "dtype", NULL};
     PyObject *model;
     int capacity, begin = 0, end = -1;
     module_state *ms = state_of_type(Py_TYPE(self));
@@ -338,8 +338,15 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_RuntimeError, "KVCache is already initialized");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!i|ii", kwlist, ms->model_type, &model, &capacity, &begin, &end))
+    const char *dtype = "f32";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!i|iis", kwlist, ms->model_type, &model, &capacity, &begin, &end,
+                                     &dtype))
         return -1;
+    int type = strcmp(dtype, "f32") == 0 ? CE_TYPE_F32 : strcmp(dtype, "f16") == 0 ? CE_TYPE_F16 : -1;
+    if (type < 0) {
+        PyErr_Format(PyExc_ValueError, "KV cache dtype must be 'f32' or 'f16', not '%s'", dtype);
+        return -1;
+    }
     if (!model_ready((ModelObject *)model)) return -1;
     if (end < 0) end = ((ModelObject *)model)->model.cfg.n_layers;
     if ((self->lock = PyThread_allocate_lock()) == NULL) {
@@ -347,7 +354,8 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     }
     char err[CE_ERRLEN] = "";
-    ce_status st = ce_kv_cache_init(&self->kv, &((ModelObject *)model)->model.cfg, begin, end, capacity, err, sizeof err);
+    ce_status st =
+        ce_kv_cache_init(&self->kv, &((ModelObject *)model)->model.cfg, begin, end, capacity, type, err, sizeof err);
     if (st != CE_OK) {
         raise_status(ms->error, st, err);
         return -1;
@@ -464,11 +472,13 @@ static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
         Py_XDECREF(v);
         return NULL;
     }
+    const size_t count = (size_t)len * hd; /* as floats, whatever the cache stores */
     for (int g = 0; g < self->kv.n_kv_heads; g++) {
-        memcpy((float *)PyArray_DATA(k) + (size_t)g * len * hd, ce_kv_cache_k(&self->kv, (int)layer, g),
-               sizeof(float) * (size_t)len * hd);
-        memcpy((float *)PyArray_DATA(v) + (size_t)g * len * hd, ce_kv_cache_v(&self->kv, (int)layer, g),
-               sizeof(float) * (size_t)len * hd);
+        float *kd = (float *)PyArray_DATA(k) + g * count, *vd = (float *)PyArray_DATA(v) + g * count;
+        const void *ks = ce_kv_cache_k(&self->kv, (int)layer, g), *vs = ce_kv_cache_v(&self->kv, (int)layer, g);
+        const ce_tensor kt = {ks, self->kv.type, (int64_t)count, 1}, vt = {vs, self->kv.type, (int64_t)count, 1};
+        ce_dequantize_row(&kt, 0, kd);
+        ce_dequantize_row(&vt, 0, vd);
     }
     return Py_BuildValue("(NN)", k, v);
 }
@@ -476,6 +486,7 @@ static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
 static PyObject *Cache_get_int(CacheObject *self, void *which) {
     if (!cache_ready(self)) return NULL;
     switch ((int)(intptr_t)which) {
+    case 3: return PyUnicode_FromString(self->kv.type == CE_TYPE_F16 ? "f16" : "f32");
     case 0: return PyLong_FromLong(self->kv.capacity);
     case 1: return PyLong_FromLong(self->kv.layer_begin);
     default: return PyLong_FromLong(self->kv.layer_end);
@@ -1092,6 +1103,7 @@ static PyGetSetDef Cache_getset[] = {
     {"capacity", (getter)Cache_get_int, NULL, "positions the cache holds", (void *)0},
     {"layer_begin", (getter)Cache_get_int, NULL, "first layer held", (void *)1},
     {"layer_end", (getter)Cache_get_int, NULL, "one past the last layer held", (void *)2},
+    {"dtype", (getter)Cache_get_int, NULL, "'f32' or 'f16': how keys and values are stored", (void *)3},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -174,6 +174,59 @@ static void test_q8a(const ce_kernels *k) {
     free(row);
 }
 
+/* exp_shifted of every kernel set against double-precision exp: each value within TOL_EXP_REL
+ * (or below 1e-37 where exp underflows), and the returned sum within TOL_EXP_REL of the true sum. */
+#define TOL_EXP_REL 1e-6
+static void test_exp_shifted(const ce_kernels *k) {
+    enum { N = 1003 }; /* not a multiple of 8: the scalar tail runs too */
+    static float x[N];
+    for (int j = 0; j < N; j++) x[j] = -100.0f * (float)j / (N - 1) + 2.0f; /* [-98, 2], shift 2 */
+    x[7] = -INFINITY;
+    x[8] = 2.0f;
+    double want[N], total = 0.0;
+    for (int j = 0; j < N; j++) total += want[j] = exp((double)x[j] - 2.0);
+    const double sum = k->exp_shifted(x, 2.0f, N);
+    for (int j = 0; j < N; j++)
+        CHECK(fabs(x[j] - want[j]) <= TOL_EXP_REL * want[j] || (want[j] < 1e-37 && fabs(x[j]) < 1e-37),
+              "%s exp_shifted element %d: %g vs %g", k->name, j, (double)x[j], want[j]);
+    CHECK(fabs(sum - total) <= TOL_EXP_REL * total, "%s exp_shifted sum %g vs %g", k->name, sum, total);
+}
+
+/* Attention's row kernels (scores and weighted value sums over a KV block) for F32 and F16 blocks,
+ * against double precision, with widths that do and do not fill the 64-column register block. */
+static void test_attention_rows(const ce_kernels *k) {
+    enum { ROWS = 37, MAXN = 72 };
+    static const int types[] = {CE_TYPE_F32, CE_TYPE_F16};
+    static const int widths[] = {64, 72, 16};
+    float q[MAXN], a[ROWS], out[ROWS], y[MAXN], row[MAXN];
+    for (int j = 0; j < MAXN; j++) q[j] = rng_uniform();
+    for (int t = 0; t < ROWS; t++) a[t] = rng_uniform();
+    for (int ti = 0; ti < 2; ti++) {
+        for (int wi = 0; wi < 3; wi++) {
+            const int n = widths[wi], type = types[ti];
+            void *X = random_tensor(type, ROWS, n);
+            const ce_tensor tensor = {X, type, n, ROWS};
+            k->dot_rows[type](X, q, ROWS, n, out);
+            k->sum_rows[type](X, a, ROWS, n, y);
+            double ysum[MAXN] = {0}, ymag[MAXN] = {0};
+            for (int t = 0; t < ROWS; t++) {
+                ce_dequantize_row(&tensor, t, row);
+                double ref = 0.0, mag = 0.0;
+                for (int j = 0; j < n; j++) {
+                    ref += (double)row[j] * q[j], mag += fabs((double)row[j] * q[j]);
+                    ysum[j] += (double)a[t] * row[j], ymag[j] += fabs((double)a[t] * row[j]);
+                }
+                CHECK(fabs(out[t] - ref) <= TOL_DOT_REL * mag + 1e-30, "%s dot_rows %s n %d row %d", k->name,
+                      ce_type_name(type), n, t);
+            }
+            for (int j = 0; j < n; j++)
+                CHECK(fabs(y[j] - ysum[j]) <= TOL_DOT_REL * ymag[j] + 1e-30, "%s sum_rows %s n %d col %d", k->name,
+                      ce_type_name(type), n, j);
+            free(X);
+        }
+    }
+}
+
 static void test_ops(void) {
     float x[64], w[64], y[64];
     for (int j = 0; j < 64; j++) x[j] = rng_uniform(), w[j] = rng_uniform();
@@ -290,6 +343,12 @@ static void tiny_forward_tokens(const ce_model *m, ce_kv_cache *kv, ce_workspace
     }
 }
 
+/* The KV cache type the model-level tests run with (both are exercised from main). */
+static int test_kv_type = CE_TYPE_F32;
+
+/* Bytes of npos positions of one kv head of the tiny model (head_dim 16). */
+static size_t kv_bytes(int npos) { return ce_row_bytes(test_kv_type, 16) * (size_t)npos; }
+
 static void test_forward_invariants(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
@@ -302,9 +361,9 @@ static void test_forward_invariants(int activations) {
     float one[6 * 64], batch[6 * 64], split[6 * 64];
     ce_workspace ws = {0};
     ce_kv_cache a, b, c;
-    CHECK(ce_kv_cache_init(&a, &m->cfg, 0, 3, 16, err, sizeof err) == CE_OK, "cache a");
-    CHECK(ce_kv_cache_init(&b, &m->cfg, 0, 3, 16, err, sizeof err) == CE_OK, "cache b");
-    CHECK(ce_kv_cache_init(&c, &m->cfg, 0, 3, 16, err, sizeof err) == CE_OK, "cache c");
+    CHECK(ce_kv_cache_init(&a, &m->cfg, 0, 3, 16, test_kv_type, err, sizeof err) == CE_OK, "cache a");
+    CHECK(ce_kv_cache_init(&b, &m->cfg, 0, 3, 16, test_kv_type, err, sizeof err) == CE_OK, "cache b");
+    CHECK(ce_kv_cache_init(&c, &m->cfg, 0, 3, 16, test_kv_type, err, sizeof err) == CE_OK, "cache c");
 
     /* small batches are bitwise identical to one position at a time */
     tiny_forward_tokens(m, &a, &ws, tok, n, one);
@@ -313,8 +372,8 @@ static void test_forward_invariants(int activations) {
     CHECK(memcmp(one, batch, sizeof one) == 0, "batch of %d == one at a time", n);
     for (int l = 0; l < 3; l++)
         for (int g = 0; g < 2; g++)
-            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&b, l, g), sizeof(float) * n * 16) == 0 &&
-                      memcmp(ce_kv_cache_v(&a, l, g), ce_kv_cache_v(&b, l, g), sizeof(float) * n * 16) == 0,
+            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&b, l, g), kv_bytes(n)) == 0 &&
+                      memcmp(ce_kv_cache_v(&a, l, g), ce_kv_cache_v(&b, l, g), kv_bytes(n)) == 0,
                   "kv equal layer %d head %d", l, g);
 
     /* a layer range split (edge [0,1), cloud [1,3)) composes to the whole */
@@ -339,10 +398,10 @@ static void test_forward_invariants(int activations) {
     CHECK(ce_forward(m, &a, &ws, 0, 3, 1, n + 1, h, err, sizeof err) == CE_ERANGE, "gap rejected: %s", err);
     CHECK(ce_forward(m, &a, &ws, 0, 3, 1, 16, h, err, sizeof err) == CE_ERANGE, "past capacity rejected");
     ce_kv_cache upper;
-    CHECK(ce_kv_cache_init(&upper, &m->cfg, 1, 3, 8, err, sizeof err) == CE_OK, "upper cache");
+    CHECK(ce_kv_cache_init(&upper, &m->cfg, 1, 3, 8, test_kv_type, err, sizeof err) == CE_OK, "upper cache");
     CHECK(ce_forward(m, &upper, &ws, 0, 3, 1, 0, h, err, sizeof err) == CE_EINVAL, "layer 0 not in upper cache");
     ce_kv_cache_free(&upper);
-    CHECK(ce_kv_cache_init(&upper, &m->cfg, 2, 4, 8, err, sizeof err) == CE_EINVAL, "range past n_layers");
+    CHECK(ce_kv_cache_init(&upper, &m->cfg, 2, 4, 8, test_kv_type, err, sizeof err) == CE_EINVAL, "range past n_layers");
     int32_t bad = 50;
     CHECK(ce_embed(m, 1, &bad, h, err, sizeof err) == CE_EINVAL, "token outside vocab");
 
@@ -354,6 +413,36 @@ static void test_forward_invariants(int activations) {
     ce_kv_cache_free(&a);
     ce_kv_cache_free(&b);
     ce_kv_cache_free(&c);
+    ce_workspace_free(&ws);
+    tiny_free(&t);
+}
+
+/* An F16 cache stores each key and value rounded to half precision (relative error <= 2^-11); the
+ * hidden states after three layers stay within TOL_KV_F16 of the F32 cache's, relative to their
+ * largest magnitude, and an unknown cache type is refused. */
+#define TOL_KV_F16 2e-3
+static void test_kv_f16_matches_f32(void) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_build(&t);
+    ce_model *m = &t.m;
+    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init: %s", err);
+    int32_t tok[6] = {3, 17, 42, 0, 49, 8};
+    float h32[6 * 64], h16[6 * 64];
+    ce_workspace ws = {0};
+    ce_kv_cache a, b;
+    CHECK(ce_kv_cache_init(&a, &m->cfg, 0, 3, 8, CE_TYPE_F32, err, sizeof err) == CE_OK, "f32 cache");
+    CHECK(ce_kv_cache_init(&b, &m->cfg, 0, 3, 8, CE_TYPE_F16, err, sizeof err) == CE_OK, "f16 cache");
+    tiny_forward_tokens(m, &a, &ws, tok, 6, h32);
+    tiny_forward_tokens(m, &b, &ws, tok, 6, h16);
+    float amax = 0.0f, diff = 0.0f;
+    for (int j = 0; j < 6 * 64; j++) amax = fmaxf(amax, fabsf(h32[j])), diff = fmaxf(diff, fabsf(h16[j] - h32[j]));
+    CHECK(diff <= TOL_KV_F16 * amax && diff > 0.0f, "f16 cache: max diff %g of max %g", (double)diff, (double)amax);
+    ce_kv_cache c;
+    CHECK(ce_kv_cache_init(&c, &m->cfg, 0, 3, 8, CE_TYPE_Q8_0, err, sizeof err) == CE_EINVAL && strstr(err, "F16"),
+          "q8_0 cache refused: %s", err);
+    ce_kv_cache_free(&a);
+    ce_kv_cache_free(&b);
     ce_workspace_free(&ws);
     tiny_free(&t);
 }
@@ -372,8 +461,8 @@ static void test_catch_up_composition(int activations) {
     float plain[4 * 64], x[2 * 64], head_a[50], head_b[50];
     ce_workspace ws = {0};
     ce_kv_cache a, b;
-    ce_kv_cache_init(&a, &m->cfg, 0, 3, 8, err, sizeof err);
-    ce_kv_cache_init(&b, &m->cfg, 0, 3, 8, err, sizeof err);
+    ce_kv_cache_init(&a, &m->cfg, 0, 3, 8, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&b, &m->cfg, 0, 3, 8, test_kv_type, err, sizeof err);
     tiny_forward_tokens(m, &a, &ws, tok, 4, plain);
     /* positions 0, 1 in full; 2 exits after layer 1; 3 carries 2 through layers [1, 3) */
     float h[64];
@@ -389,8 +478,8 @@ static void test_catch_up_composition(int activations) {
     CHECK(ce_forward(m, &b, &ws, 1, 3, 2, 2, x, err, sizeof err) == CE_OK, "catch-up: positions 2-3 through [1, 3)");
     for (int l = 0; l < 3; l++)
         for (int g = 0; g < 2; g++)
-            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&b, l, g), sizeof(float) * 4 * 16) == 0 &&
-                      memcmp(ce_kv_cache_v(&a, l, g), ce_kv_cache_v(&b, l, g), sizeof(float) * 4 * 16) == 0,
+            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&b, l, g), kv_bytes(4)) == 0 &&
+                      memcmp(ce_kv_cache_v(&a, l, g), ce_kv_cache_v(&b, l, g), kv_bytes(4)) == 0,
                   "catch-up cache equals the plain pass (layer %d head %d)", l, g);
     CHECK(memcmp(x + 64, plain + 3 * 64, sizeof(float) * 64) == 0, "position 3's output equals the plain pass");
     ce_head(m, &ws, NULL, 1, x + 64, 50, head_a, err, sizeof err);
@@ -420,10 +509,10 @@ static void test_forward_multi(int activations) {
     float ha[3 * 64], hb[2 * 64], both[5 * 64];
     ce_workspace ws = {0};
     ce_kv_cache a, b, a2, b2;
-    ce_kv_cache_init(&a, &m->cfg, 1, 3, 8, err, sizeof err);
-    ce_kv_cache_init(&b, &m->cfg, 1, 3, 8, err, sizeof err);
-    ce_kv_cache_init(&a2, &m->cfg, 1, 3, 8, err, sizeof err);
-    ce_kv_cache_init(&b2, &m->cfg, 1, 3, 8, err, sizeof err);
+    ce_kv_cache_init(&a, &m->cfg, 1, 3, 8, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&b, &m->cfg, 1, 3, 8, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&a2, &m->cfg, 1, 3, 8, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&b2, &m->cfg, 1, 3, 8, test_kv_type, err, sizeof err);
     /* the first two positions of a, one of b, separately; then one more each, together */
     ce_embed(m, 3, ta, ha, err, sizeof err);
     ce_embed(m, 2, tb, hb, err, sizeof err);
@@ -441,8 +530,8 @@ static void test_forward_multi(int activations) {
           "outputs equal separate passes");
     for (int l = 1; l < 3; l++)
         for (int g = 0; g < 2; g++)
-            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&a2, l, g), sizeof(float) * 3 * 16) == 0 &&
-                      memcmp(ce_kv_cache_v(&b, l, g), ce_kv_cache_v(&b2, l, g), sizeof(float) * 2 * 16) == 0,
+            CHECK(memcmp(ce_kv_cache_k(&a, l, g), ce_kv_cache_k(&a2, l, g), kv_bytes(3)) == 0 &&
+                      memcmp(ce_kv_cache_v(&b, l, g), ce_kv_cache_v(&b2, l, g), kv_bytes(2)) == 0,
                   "caches equal separate passes (layer %d head %d)", l, g);
     ce_seq_rows same[2] = {{&a2, 3, 1}, {&a2, 3, 1}};
     CHECK(ce_forward_multi(m, &ws, 1, 3, 2, same, both, err, sizeof err) == CE_EINVAL, "one cache twice is refused");
@@ -527,15 +616,18 @@ static void test_wire_round_trip(void) {
     ce_msg_clear(&d);
     free(frame);
 
-    /* Q8_0: error at most half a quantization step (d / 2) per element */
+    /* Q8_0: error at most half a quantization step d / 2, plus what storing d as fp16 moves the
+     * largest code (|q| <= 127) by: 127 |d - fp16(d)| */
     uint8_t q[2 * 2 * 34];
     CHECK(ce_wire_hidden_encode(CE_WIRE_Q8_0, x, 2, 64, q, err, sizeof err) == CE_OK, "q8 encode");
     CHECK(ce_wire_hidden_decode(CE_WIRE_Q8_0, q, sizeof q, 2, 64, y, err, sizeof err) == CE_OK, "q8 decode");
     for (int b = 0; b < 4; b++) {
         float amax = 0;
         for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[b * 32 + j]));
+        const float d = amax / 127.0f, d16 = ce_fp16_to_fp32(ce_fp32_to_fp16(d));
         for (int j = 0; j < 32; j++)
-            CHECK(fabsf(y[b * 32 + j] - x[b * 32 + j]) <= amax / 127.0f * 0.5f * 1.01f + 1e-6f, "q8 value");
+            CHECK(fabsf(y[b * 32 + j] - x[b * 32 + j]) <= 0.5f * d + 127.0f * fabsf(d - d16) + 1e-6f, "q8 value %d: %g vs %g",
+                  b * 32 + j, (double)y[b * 32 + j], (double)x[b * 32 + j]);
     }
     CHECK(ce_wire_hidden_decode(CE_WIRE_Q8_0, q, sizeof q - 1, 2, 64, y, err, sizeof err) == CE_EINVAL, "q8 size");
     CHECK(ce_wire_hidden_bytes(CE_WIRE_Q8_0, 1, 33) == 0, "q8 needs whole blocks");
@@ -607,16 +699,25 @@ int main(void) {
     test_ops();
     test_vec_dot(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_vec_dot(ce_kernels_active());
+    test_attention_rows(ce_kernels_generic());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_attention_rows(ce_kernels_active());
+    test_exp_shifted(ce_kernels_generic());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_exp_shifted(ce_kernels_active());
     test_q8a(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_q8a(ce_kernels_active());
     for (int threads = 1; threads <= 3; threads += 2) { /* the invariants hold with and without the pool */
         CHECK(ce_threads_set(threads, err, sizeof err) == CE_OK, "threads %d", threads);
         test_model_validation();
-        for (int act = CE_ACT_F32; act <= CE_ACT_Q8; act++) { /* exactness invariants in both activation modes */
-            test_forward_invariants(act);
-            test_catch_up_composition(act);
-            test_forward_multi(act);
+        for (int act = CE_ACT_F32; act <= CE_ACT_Q8; act++) { /* exactness invariants in every mode */
+            for (int kv_f16 = 0; kv_f16 <= 1; kv_f16++) {
+                test_kv_type = kv_f16 ? CE_TYPE_F16 : CE_TYPE_F32;
+                test_forward_invariants(act);
+                test_catch_up_composition(act);
+                test_forward_multi(act);
+            }
         }
+        test_kv_type = CE_TYPE_F32;
+        test_kv_f16_matches_f32();
         test_matmul_paths();
     }
     CHECK(ce_threads_set(1, err, sizeof err) == CE_OK, "back to one thread");

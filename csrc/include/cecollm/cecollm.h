@@ -87,6 +87,12 @@ typedef struct {
     ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
     ce_quantize_q8a_fn quantize_q8a;
     ce_vec_dot_q8a_fn vec_dot_q8a[CE_TYPE_Q8_0 + 1];
+    /* Attention over a KV cache block X (rows, n) of a float type:
+     * dot_rows: out[t] = X[t, :] · q (scores);  sum_rows: y = Σ_t a[t] X[t, :] (weighted values). */
+    void (*dot_rows[CE_TYPE_F16 + 1])(const void *X, const float *q, int64_t rows, int64_t n, float *out);
+    void (*sum_rows[CE_TYPE_F16 + 1])(const void *X, const float *a, int64_t rows, int64_t n, float *y);
+    /* x[j] = exp(x[j] - shift) for n elements (x[j] <= shift); returns their sum (softmax's numerator) */
+    double (*exp_shifted)(float *x, float shift, int64_t n);
 } ce_kernels;
 
 const ce_kernels *ce_kernels_generic(void);
@@ -157,22 +163,24 @@ ce_status ce_model_init(ce_model *m, char *err, size_t errlen);
 void ce_model_free(ce_model *m);
 
 /* Per-sequence key/value cache for layers [layer_begin, layer_end).
- * k, v: (layer_end-layer_begin, n_kv_heads, capacity, head_dim) floats: each head's keys contiguous. */
+ * k, v: (layer_end-layer_begin, n_kv_heads, capacity, head_dim) elements of `type` (CE_TYPE_F32, or
+ * CE_TYPE_F16 for half the memory and memory traffic at long context): each head's keys contiguous. */
 typedef struct {
     int layer_begin, layer_end;
     int capacity;
     int n_kv_heads, head_dim;
+    int type;
     int *len; /* per local layer: positions [0, len) hold valid keys/values */
-    float *k;
-    float *v;
+    void *k;
+    void *v;
 } ce_kv_cache;
 
 ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begin, int layer_end,
-                           int capacity, char *err, size_t errlen);
+                           int capacity, int type, char *err, size_t errlen);
 void ce_kv_cache_free(ce_kv_cache *kv);
-/* Keys (or values) of one layer and kv head: (capacity, head_dim). */
-float *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head);
-float *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head);
+/* Keys (or values) of one layer and kv head: (capacity, head_dim) elements of kv->type. */
+void *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head);
+void *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head);
 
 /* Scratch buffers, grown on demand and reused: the token loop does not allocate. */
 typedef struct {
