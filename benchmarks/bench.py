@@ -1,13 +1,17 @@
-"""Prefill (pp512) and decode (tg128) speed of cecollm (fp32 and 8-bit activations), llama.cpp
-(llama-cpp-python) and transformers.
+"""Prefill and decode speed of cecollm (fp32 or 8-bit activations, F32 or F16 KV cache), llama.cpp
+(llama-cpp-python) and transformers, plus cecollm's peak memory.
 
 All engines run the same GGUF with the same thread count, in one process, one after another, and
 report the median of --repeats runs after a warm-up. As llama-bench does: pp512 evaluates a
 512-token prompt (logits for the last position only); tg128 generates 128 tokens one at a time
-from an empty context (logits every step, greedy pick). The memory-bandwidth line turns the
-decode speed into a fraction of the machine's limit: weight bytes read per token / copy bandwidth.
+from an empty context (logits every step, greedy pick). tg32@2048 decodes 32 tokens after a
+2048-token prompt (attention at long context; not run for transformers). The memory-bandwidth line
+turns the decode speed into a fraction of the machine's limit: weight bytes read per token / copy
+bandwidth. Peak memory is measured in a fresh process: resident memory above the interpreter (with
+cecollm imported) over pp512 + tg128, against the GGUF's size plus the KV cache.
 
-    python benchmarks/bench.py --threads 2 [--json out.json] [--engines cecollm,cecollm-q8,llama.cpp,transformers]
+    python benchmarks/bench.py --threads 2 [--json out.json]
+        [--engines cecollm,cecollm-q8,cecollm-q8-kv16,llama.cpp,transformers]
 """
 
 from __future__ import annotations
@@ -16,23 +20,30 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
 
-from cecollm.bench import PP, TG, median_time, prompt_ids
+from cecollm.bench import DEPTH, PP, TG, TG_DEEP, median_time, prompt_ids
 
 
-def bench_cecollm(path, threads, repeats, activations="f32"):
+def bench_cecollm(path, threads, repeats, activations="f32", kv_dtype="f32"):
     import cecollm
-    from cecollm.bench import bench_model
+    from cecollm.bench import bench_deep_decode, bench_model
 
-    result = bench_model(cecollm.load_model(path, activations), threads, repeats)
-    return {"pp512": result["pp512"], "tg128": result["tg128"]}
+    model = cecollm.load_model(path, activations, kv_dtype)
+    result = bench_model(model, threads, repeats)
+    return {"pp512": result["pp512"], "tg128": result["tg128"], "tg_deep": bench_deep_decode(model, repeats)}
 
 
 def bench_cecollm_q8(path, threads, repeats):
     return bench_cecollm(path, threads, repeats, "q8")
+
+
+def bench_cecollm_q8_kv16(path, threads, repeats):
+    return bench_cecollm(path, threads, repeats, "q8", "f16")
 
 
 def bench_llama_cpp(path, threads, repeats):
@@ -53,7 +64,20 @@ def bench_llama_cpp(path, threads, repeats):
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
-    return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats)}
+    result = {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats)}
+    deep = Llama(model_path=path, n_ctx=DEPTH + TG_DEEP, n_batch=PP, n_ubatch=PP, n_threads=threads,
+                 n_threads_batch=threads, verbose=False)  # fmt: skip
+    deep.eval(np.resize(np.asarray(ids), DEPTH).tolist())
+
+    def tg_deep():
+        deep.n_tokens = DEPTH  # the next eval overwrites the cache from here
+        token = 1
+        for _ in range(TG_DEEP):
+            deep.eval([token])
+            token = int(np.argmax(deep.scores[deep.n_tokens - 1]))
+
+    result["tg_deep"] = TG_DEEP / median_time(tg_deep, repeats)
+    return result
 
 
 def bench_transformers(path, threads, repeats):
@@ -87,6 +111,34 @@ def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
+def _status_bytes(key: str) -> int:
+    """A VmRSS / VmHWM line of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def memory_child(path: str, activations: str, kv_dtype: str) -> None:
+    """Run in a fresh process: the model's peak resident memory over a pp512 prompt and tg128 decode,
+    above the interpreter with cecollm's imports loaded, printed as JSON."""
+    import cecollm
+
+    baseline = _status_bytes("VmRSS")
+    model = cecollm.load_model(path, activations, kv_dtype)
+    cache = model.new_cache(PP + TG)
+    ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
+    token = np.array([int(model.core.head(cache.forward(model.core.embed(ids), 0)[-1:])[0].argmax())], np.int32)
+    for pos in range(PP, PP + TG):
+        token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
+    kv = (PP + TG) * model.kv_bytes_per_position(model.n_layers)
+    print(json.dumps({"model_peak": _status_bytes("VmHWM") - baseline, "kv": kv, "file": os.path.getsize(path)}))
+
+
+def peak_memory(path: str, activations: str = "f32", kv_dtype: str = "f32") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", path, activations, kv_dtype],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return json.loads(out)
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -101,8 +153,8 @@ def weight_bytes_per_token(path) -> int:
     return sum(t[0].nbytes for name, t in tensors.items())
 
 
-ENGINES = {"cecollm": bench_cecollm, "cecollm-q8": bench_cecollm_q8, "llama.cpp": bench_llama_cpp,
-           "transformers": bench_transformers}  # fmt: skip
+ENGINES = {"cecollm": bench_cecollm, "cecollm-q8": bench_cecollm_q8, "cecollm-q8-kv16": bench_cecollm_q8_kv16,
+           "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}  # fmt: skip
 
 
 def main():
@@ -114,7 +166,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "ACTIVATIONS", "KV_DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(*args.memory_child)
     path = args.model or cecollm.default_model_path()
 
     results = {}
@@ -128,23 +183,29 @@ def main():
     anchor = results.get("llama.cpp")
 
     print(f"\nmodel {os.path.basename(path)}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"{'engine':<14}{'pp512 tok/s':>14}{'tg128 tok/s':>14}{'x llama.cpp pp':>16}{'x llama.cpp tg':>16}")
+    deep = f"tg{TG_DEEP}@{DEPTH}"
+    print(f"{'engine':<17}{'pp512':>8}{'tg128':>8}{deep:>12}   x llama.cpp: pp512  tg128 {deep:>10}")
     for engine, r in results.items():
-        ratio = f"{r['pp512'] / anchor['pp512']:>16.2f}{r['tg128'] / anchor['tg128']:>16.2f}" if anchor else ""
-        print(f"{engine:<14}{r['pp512']:>14.1f}{r['tg128']:>14.1f}{ratio}")
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("pp512", "tg128", "tg_deep")]
+        ratios = [f"{r[k] / anchor[k]:.2f}" if anchor and k in r else "-" for k in ("pp512", "tg128", "tg_deep")]
+        print(f"{engine:<17}{cells[0]:>8}{cells[1]:>8}{cells[2]:>12}{'':>16}{ratios[0]:>5}{ratios[1]:>7}{ratios[2]:>11}")
     if "transformers" in results:
-        for engine in ("cecollm", "cecollm-q8"):
+        for engine in ("cecollm", "cecollm-q8", "cecollm-q8-kv16"):
             if engine in results:
                 print(f"  {engine} decode = {results[engine]['tg128'] / results['transformers']['tg128']:.2f} x transformers")
     print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per token {per_token / 1e6:.1f} MB;"
           f" decode limit {limit:.0f} tok/s")  # fmt: skip
     for engine, r in results.items():
         print(f"  {engine}: decode at {r['tg128'] / limit:.0%} of the bandwidth limit")
+    memory = peak_memory(path)
+    ratio = (memory["model_peak"] - memory["kv"]) / memory["file"]
+    print(f"\npeak memory (pp512 + tg128, f32 KV): {memory['model_peak'] / 1e6:.1f} MB above the interpreter ="
+          f" {ratio:.2f} x the {memory['file'] / 1e6:.1f} MB file + {memory['kv'] / 1e6:.1f} MB KV cache")  # fmt: skip
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "results": results, "copy_bandwidth": bandwidth,
-                       "weight_bytes_per_token": per_token}, f, indent=1)  # fmt: skip
+                       "weight_bytes_per_token": per_token, "memory": memory}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

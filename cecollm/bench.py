@@ -16,6 +16,7 @@ from . import _core
 from .model import Model
 
 PP, TG = 512, 128
+DEPTH, TG_DEEP = 2048, 32  # decode at long context: TG_DEEP tokens after a DEPTH-token prompt
 
 
 def median_time(fn, repeats: int) -> float:
@@ -34,7 +35,7 @@ def prompt_ids(vocab: int) -> list[int]:
 
 
 def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> dict:
-    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode}."""
+    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode, "kv_dtype": type}."""
     if threads:
         _core.set_threads(threads)
     ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
@@ -50,4 +51,20 @@ def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> d
             token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
 
     return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats),
-            "threads": _core.get_threads(), "kernels": _core.active_kernels(), "activations": model.activations}  # fmt: skip
+            "threads": _core.get_threads(), "kernels": _core.active_kernels(), "activations": model.activations,
+            "kv_dtype": model.kv_dtype}  # fmt: skip
+
+
+def bench_deep_decode(model: Model, repeats: int = 3) -> float:
+    """Tokens/s of TG_DEEP greedy decode steps after a DEPTH-token prompt (prefilled once, untimed;
+    each repeat recomputes the same positions, which drops what the last one wrote)."""
+    ids = np.resize(np.asarray(prompt_ids(model.config["vocab"]), np.int32), DEPTH)
+    cache = model.new_cache(DEPTH + TG_DEEP)
+    cache.forward(model.core.embed(ids), 0)
+
+    def tg():
+        token = np.array([1], np.int32)
+        for pos in range(DEPTH, DEPTH + TG_DEEP):
+            token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
+
+    return TG_DEEP / median_time(tg, repeats)
