@@ -65,8 +65,9 @@ def bench_llama_cpp(path, threads, repeats):
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
     result = {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats)}
+    # logits_all: llama-cpp-python keeps a scores row per position only then (decode steps still compute one row)
     deep = Llama(model_path=path, n_ctx=DEPTH + TG_DEEP, n_batch=PP, n_ubatch=PP, n_threads=threads,
-                 n_threads_batch=threads, verbose=False)  # fmt: skip
+                 n_threads_batch=threads, logits_all=True, verbose=False)  # fmt: skip
     deep.eval(np.resize(np.asarray(ids), DEPTH).tolist())
 
     def tg_deep():
@@ -124,13 +125,15 @@ def memory_child(path: str, activations: str, kv_dtype: str) -> None:
 
     baseline = _status_bytes("VmRSS")
     model = cecollm.load_model(path, activations, kv_dtype)
+    loaded = _status_bytes("VmRSS")  # metadata, tokenizer; the weights are mapped, not yet read
     cache = model.new_cache(PP + TG)
     ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
     token = np.array([int(model.core.head(cache.forward(model.core.embed(ids), 0)[-1:])[0].argmax())], np.int32)
     for pos in range(PP, PP + TG):
         token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
     kv = (PP + TG) * model.kv_bytes_per_position(model.n_layers)
-    print(json.dumps({"model_peak": _status_bytes("VmHWM") - baseline, "kv": kv, "file": os.path.getsize(path)}))
+    print(json.dumps({"model_peak": _status_bytes("VmHWM") - baseline, "after_load": loaded - baseline, "kv": kv,
+                      "file": os.path.getsize(path)}))  # fmt: skip
 
 
 def peak_memory(path: str, activations: str = "f32", kv_dtype: str = "f32") -> dict:
@@ -200,7 +203,8 @@ def main():
     memory = peak_memory(path)
     ratio = (memory["model_peak"] - memory["kv"]) / memory["file"]
     print(f"\npeak memory (pp512 + tg128, f32 KV): {memory['model_peak'] / 1e6:.1f} MB above the interpreter ="
-          f" {ratio:.2f} x the {memory['file'] / 1e6:.1f} MB file + {memory['kv'] / 1e6:.1f} MB KV cache")  # fmt: skip
+          f" {ratio:.2f} x the {memory['file'] / 1e6:.1f} MB file + {memory['kv'] / 1e6:.1f} MB KV cache"
+          f" ({memory['after_load'] / 1e6:.1f} MB of it right after loading: metadata and tokenizer)")  # fmt: skip
 
     if args.json:
         with open(args.json, "w") as f:

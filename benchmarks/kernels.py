@@ -1,0 +1,72 @@
+"""Two measurements behind design decisions in docs/benchmarks.md.
+
+1. Matrix-vector kernel cost per 32-weight block (one thread, Q4_1 1536×576, the FFN gate shape),
+   with fp32 activations and with 8-bit activations.
+2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position batch) against
+   a quantized GEMM made of the 8-bit kernels (batches of 8 positions, each weight row read once per 8).
+
+    python benchmarks/kernels.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import gguf
+import numpy as np
+
+import cecollm
+from cecollm import _core
+from cecollm.bench import PP, prompt_ids
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def kernel_ns_per_block(rows: int = 1536, cols: int = 576) -> None:
+    _core.set_threads(1)
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
+    raw = np.ascontiguousarray(gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1))
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    for activations in ("f32", "q8"):
+        seconds = best_of(lambda: [_core.matmul(raw, _core.TYPE_Q4_1, rows, cols, x, activations) for _ in range(100)], 5)
+        print(f"Q4_1 {rows}x{cols}, 1 thread, {activations} activations: {seconds / 100 / (rows * cols / 32) * 1e9:.2f} ns/block")
+
+
+def prefill_paths(threads: int) -> None:
+    _core.set_threads(threads)
+    for activations in ("f32", "q8"):
+        model = cecollm.load_model(activations=activations)
+        ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
+        for batch in (PP, _core.SMALL_BATCH):
+
+            def run():
+                cache = model.new_cache(PP)
+                for p0 in range(0, PP, batch):
+                    hidden = cache.forward(model.core.embed(ids[p0 : p0 + batch]), p0)
+                model.core.head(hidden[-1:])
+
+            path = "sgemm" if batch > _core.SMALL_BATCH else "kernels"
+            print(f"pp512, {threads} threads, {activations} activations, batches of {batch} ({path}):"
+                  f" {PP / best_of(run, 3):.1f} tok/s")  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    kernel_ns_per_block()
+    prefill_paths(args.threads)
+
+
+if __name__ == "__main__":
+    main()
