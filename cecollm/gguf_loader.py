@@ -66,7 +66,7 @@ class LoadedWeights:
     path: str
     config: dict
     tensors: dict
-    tokenizer: TokenizerSpec
+    tokenizer: TokenizerSpec | None  # None once a Model has built its tokenizer from it
     metadata: dict = field(default_factory=dict)
     file_size: int = 0
 

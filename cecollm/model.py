@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -81,13 +81,15 @@ class Model:
         kv_dtype: how new KV caches store keys and values, "f32" or "f16" (half the memory)."""
         if kv_dtype not in ("f32", "f16"):
             raise ValueError(f"kv_dtype must be 'f32' or 'f16', not {kv_dtype!r}")
-        self.weights = weights
         self.path = weights.path
         self.config = dict(weights.config)
         self.core = _core.Model(weights.config, weights.tensors, activations)
         self.activations = activations
         self.kv_dtype = kv_dtype
         self.tokenizer = TextTokenizer(weights.tokenizer)
+        # The tokenizer holds the vocabulary from here on; the spec's Python lists would be a second
+        # copy of it (11 MB for SmolLM2's 49k tokens and merges).
+        self.weights = replace(weights, tokenizer=None)
         self.n_layers = self.config["n_layers"]
 
     # ---- text ----

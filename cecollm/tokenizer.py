@@ -66,7 +66,10 @@ class TextTokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
         self._tok = tok
-        self.spec = spec
+        # what encoding and chat templates need besides the vocabulary (which now lives in `tok`)
+        self.add_bos, self.chat_template = spec.add_bos, spec.chat_template
+        self.bos_text = spec.tokens[spec.bos_id] if spec.bos_id is not None else ""
+        self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.bos_id = spec.bos_id
         self.eos_id = spec.eos_id
         ends = {spec.eos_id, spec.eot_id}
@@ -77,7 +80,7 @@ class TextTokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of text; special tokens written in the text are recognised."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        if (self.spec.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
@@ -86,15 +89,12 @@ class TextTokenizer:
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, rendered from the model's own template."""
-        if not self.spec.chat_template:
+        if not self.chat_template:
             raise ValueError("this model has no chat template")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         msgs = [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
-        return env.from_string(self.spec.chat_template).render(
-            messages=msgs,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.spec.tokens[self.bos_id] if self.bos_id is not None else "",
-            eos_token=self.spec.tokens[self.eos_id] if self.eos_id is not None else "",
+        return env.from_string(self.chat_template).render(
+            messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=self.bos_text, eos_token=self.eos_text
         )
