@@ -2,8 +2,9 @@
 
 1. Matrix-vector kernel cost per 32-weight block (one thread, Q4_1 1536×576, the FFN gate shape),
    with fp32 activations and with 8-bit activations.
-2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position batch) against
-   a quantized GEMM made of the 8-bit kernels (batches of 8 positions, each weight row read once per 8).
+2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position batch, or
+   chunks of 256 / 128 that need less scratch but dequantize every panel per chunk) against a
+   quantized GEMM made of the 8-bit kernels (batches of 8 positions, each weight row read once per 8).
 
     python benchmarks/kernels.py [--threads 2]
 """
@@ -47,7 +48,7 @@ def prefill_paths(threads: int) -> None:
     for activations in ("f32", "q8"):
         model = cecollm.load_model(activations=activations)
         ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
-        for batch in (PP, _core.SMALL_BATCH):
+        for batch in (PP, 256, 128, _core.SMALL_BATCH):
 
             def run():
                 cache = model.new_cache(PP)
