@@ -209,6 +209,95 @@ TARGET static float vec_dot_q8_0_q8a_avx2(const void *wrow, const ce_block_q8a *
     return hsum(acc);
 }
 
+/* ---- fp32 activations as 30-bit fixed point (ce_block_x16) ---- */
+
+/* Eight int32 lanes of v narrowed to int16 and stored in order at out[0..7]. */
+TARGET static inline void store_epi16x8(int16_t *out, __m256i v) {
+    __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    _mm_storeu_si128((__m128i *)out, _mm_packs_epi32(lo, hi));
+}
+
+TARGET static void quantize_x16_avx2(const float *x, ce_block_x16 *out, int64_t cols) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t i = 0; i < cols / CE_QK; i++, x += CE_QK) {
+        __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(x + 8 * k);
+            amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
+            sum = _mm256_add_ps(sum, v[k]);
+        }
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        const float d = _mm_cvtss_f32(m) / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m256 dv = _mm256_set1_ps(d), idv = _mm256_set1_ps(id), lo_scale = _mm256_set1_ps(id * 65534.0f);
+        for (int k = 0; k < 4; k++) {
+            const __m256 h = _mm256_round_ps(_mm256_mul_ps(v[k], idv), round);
+            const __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_fnmadd_ps(h, dv, v[k]), lo_scale), round);
+            store_epi16x8(out[i].hi + 8 * k, _mm256_cvtps_epi32(_mm256_and_ps(h, _mm256_cmp_ps(h, h, _CMP_ORD_Q))));
+            store_epi16x8(out[i].lo + 8 * k, _mm256_cvtps_epi32(_mm256_and_ps(l, _mm256_cmp_ps(l, l, _CMP_ORD_Q))));
+        }
+        out[i].d = d;
+        out[i].sum = hsum(sum);
+    }
+}
+
+/* Σ_j q_j (hi_j + lo_j / 65534) for 32 int16 weights in w0 (elements 0-15) and w1 (16-31): exact
+ * int32 pair sums (|q| <= 128, |hi|, |lo| <= 32767), then one float combination per lane. */
+TARGET static inline __m256 dot_x16(__m256i w0, __m256i w1, const ce_block_x16 *x) {
+    const __m256i *hi = (const __m256i *)x->hi, *lo = (const __m256i *)x->lo;
+    __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
+    __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), _mm256_set1_ps(1.0f / 65534.0f), _mm256_cvtepi32_ps(s_hi));
+}
+
+/* Σ_blocks d_w d_x Σ_j (q_j - 8) x_j / d_x */
+TARGET static float vec_dot_q4_0_x16_avx2(const void *wrow, const ce_block_x16 *x, int64_t n) {
+    const ce_block_q4_0 *w = wrow;
+    const __m128i mask = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)w[i].qs);
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(raw, mask), eight));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), eight));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d) * x[i].d), dot_x16(w0, w1, x + i), acc);
+    }
+    return hsum(acc);
+}
+
+/* Σ_blocks d_w d_x Σ_j q_j x_j / d_x + m_w Σ_j x_j */
+TARGET static float vec_dot_q4_1_x16_avx2(const void *wrow, const ce_block_x16 *x, int64_t n) {
+    const ce_block_q4_1 *w = wrow;
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    __m256 acc = _mm256_setzero_ps();
+    __m128 offset = _mm_setzero_ps(); /* lane 1 collects m_w Σx, lane 0 an unused copy of d_w d_x */
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)w[i].qs);
+        const __m256i w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, mask));
+        const __m256i w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), mask));
+        int32_t dm;
+        memcpy(&dm, &w[i].d, sizeof dm); /* d and m: adjacent halves, converted together */
+        const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(dm)),
+                                         _mm_castpd_ps(_mm_load_sd((const double *)&x[i].d))); /* (d_w d_x, m_w Σx) */
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), dot_x16(w0, w1, x + i), acc);
+        offset = _mm_add_ps(offset, scales);
+    }
+    return hsum(acc) + _mm_cvtss_f32(_mm_movehdup_ps(offset));
+}
+
+/* Σ_blocks d_w d_x Σ_j q_j x_j / d_x */
+TARGET static float vec_dot_q8_0_x16_avx2(const void *wrow, const ce_block_x16 *x, int64_t n) {
+    const ce_block_q8_0 *w = wrow;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / CE_QK; i++) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[i].qs));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w[i].qs + 16)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d) * x[i].d), dot_x16(w0, w1, x + i), acc);
+    }
+    return hsum(acc);
+}
+
 /* Eight floats of row t, column j of a float-typed block (F32 or F16 converted). */
 #define LOAD_ROW8(X, is_f16, t, n, j)                                                                     \
     ((is_f16) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(X) + (t) * (n) + (j)))) \
@@ -303,6 +392,13 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q4_0] = vec_dot_q4_0_q8a_avx2,
             [CE_TYPE_Q4_1] = vec_dot_q4_1_q8a_avx2,
             [CE_TYPE_Q8_0] = vec_dot_q8_0_q8a_avx2,
+        },
+    .quantize_x16 = quantize_x16_avx2,
+    .vec_dot_x16 =
+        {
+            [CE_TYPE_Q4_0] = vec_dot_q4_0_x16_avx2,
+            [CE_TYPE_Q4_1] = vec_dot_q4_1_x16_avx2,
+            [CE_TYPE_Q8_0] = vec_dot_q8_0_x16_avx2,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_avx2, [CE_TYPE_F16] = dot_rows_f16_avx2},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_avx2, [CE_TYPE_F16] = sum_rows_f16_avx2},

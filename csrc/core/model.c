@@ -148,6 +148,7 @@ void ce_workspace_free(ce_workspace *ws) {
     free(ws->panel);
     free(ws->ints);
     free(ws->q8);
+    free(ws->x16);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -159,9 +160,11 @@ typedef struct {
     const ce_tensor *w;
     ce_vec_dot_fn dot;         /* fp32 activations x ... */
     ce_vec_dot_q8a_fn dot_q8a; /* ... or, when set, quantized activations x_q8 */
+    ce_vec_dot_x16_fn dot_x16; /* ... or, when set, fixed-point activations x_x16 */
     int n;
     const float *x;
     const ce_block_q8a *x_q8;  /* (n, cols / CE_QK) */
+    const ce_block_x16 *x_x16; /* (n, cols / CE_QK) */
     float *y;
 } matvec_job;
 
@@ -176,6 +179,8 @@ static void matvec_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
         float *yr = job->y + r;
         if (job->dot_q8a)
             for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot_q8a(wrow, job->x_q8 + i * blocks, w->cols);
+        else if (job->dot_x16)
+            for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot_x16(wrow, job->x_x16 + i * blocks, w->cols);
         else
             for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot(wrow, job->x + (size_t)i * w->cols, w->cols);
     }
@@ -187,13 +192,18 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n
     const int64_t cols = w->cols, rows = w->rows;
     if (n <= CE_SMALL_BATCH) {
         const ce_kernels *k = ce_kernels_active();
-        matvec_job job = {w, k->vec_dot[w->type], NULL, n, x, NULL, y};
-        if (activations == CE_ACT_Q8 && k->vec_dot_q8a[w->type]) { /* quantize each row once, then all rows reuse it */
-            const int64_t blocks = cols / CE_QK;
+        matvec_job job = {w, k->vec_dot[w->type], NULL, NULL, n, x, NULL, NULL, y};
+        const int64_t blocks = cols / CE_QK; /* activations are converted once per row, then every weight row reuses them */
+        if (activations == CE_ACT_Q8 && k->vec_dot_q8a[w->type]) {
             if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
             for (int i = 0; i < n; i++) k->quantize_q8a(x + (size_t)i * cols, ws->q8 + i * blocks, cols);
             job.dot_q8a = k->vec_dot_q8a[w->type];
             job.x_q8 = ws->q8;
+        } else if (activations == CE_ACT_F32 && k->vec_dot_x16[w->type]) {
+            if ((st = grow((void **)&ws->x16, &ws->n_x16, (size_t)n * blocks, sizeof(ce_block_x16), err, errlen))) return st;
+            for (int i = 0; i < n; i++) k->quantize_x16(x + (size_t)i * cols, ws->x16 + i * blocks, cols);
+            job.dot_x16 = k->vec_dot_x16[w->type];
+            job.x_x16 = ws->x16;
         }
         ce_parallel_for(rows, matvec_rows, &job);
         return CE_OK;

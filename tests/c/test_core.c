@@ -227,6 +227,46 @@ static void test_attention_rows(const ce_kernels *k) {
     }
 }
 
+/* The fixed-point realization of fp32 activations, where a kernel set has it: each value within
+ * d / 131068 (plus float rounding) of its block, sums exact to float rounding, and dots within the
+ * fp32 tolerance of double-precision dots with the original floats. */
+static void test_x16(const ce_kernels *k) {
+    if (k->quantize_x16 == NULL) return;
+    enum { COLS = 1536, BLOCKS = COLS / CE_QK };
+    static float x[COLS];
+    static ce_block_x16 b[BLOCKS];
+    for (int j = 0; j < COLS; j++) x[j] = rng_uniform() * (j % 7 ? 1.0f : 30.0f) * (j < 768 ? 1.0f : 1e-4f);
+    for (int j = 0; j < CE_QK; j++) x[j] = 0.0f; /* an all-zero block */
+    k->quantize_x16(x, b, COLS);
+    for (int i = 0; i < BLOCKS; i++) {
+        float amax = 0.0f;
+        double sum = 0.0;
+        for (int j = 0; j < CE_QK; j++) amax = fmaxf(amax, fabsf(x[i * CE_QK + j])), sum += x[i * CE_QK + j];
+        for (int j = 0; j < CE_QK; j++) {
+            double v = (double)b[i].d * (b[i].hi[j] + b[i].lo[j] / 65534.0);
+            CHECK(fabs(v - x[i * CE_QK + j]) <= amax * 1e-8, "%s x16 block %d elem %d: %g vs %g", k->name, i, j, v,
+                  (double)x[i * CE_QK + j]);
+        }
+        CHECK(fabs(b[i].sum - sum) <= 1e-6 * (fabs(sum) + amax), "%s x16 block %d sum", k->name, i);
+    }
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
+    float *row = malloc(sizeof(float) * COLS);
+    for (size_t t = 0; t < 3; t++) {
+        void *w = random_tensor(types[t], 4, COLS);
+        ce_tensor tensor = {w, types[t], COLS, 4};
+        for (int64_t r = 0; r < 4; r++) {
+            ce_dequantize_row(&tensor, r, row);
+            double ref = 0.0, mag = 0.0;
+            for (int64_t j = 0; j < COLS; j++) ref += (double)row[j] * x[j], mag += fabs((double)row[j] * x[j]);
+            float dot = k->vec_dot_x16[types[t]]((const uint8_t *)w + r * ce_row_bytes(types[t], COLS), b, COLS);
+            CHECK(fabs(dot - ref) <= TOL_DOT_REL * mag, "%s vec_dot_x16 %s: %g vs %g (mag %g)", k->name,
+                  ce_type_name(types[t]), (double)dot, ref, mag);
+        }
+        free(w);
+    }
+    free(row);
+}
+
 static void test_ops(void) {
     float x[64], w[64], y[64];
     for (int j = 0; j < 64; j++) x[j] = rng_uniform(), w[j] = rng_uniform();
@@ -701,6 +741,7 @@ int main(void) {
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_vec_dot(ce_kernels_active());
     test_attention_rows(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_attention_rows(ce_kernels_active());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());
     test_exp_shifted(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_exp_shifted(ce_kernels_active());
     test_q8a(ce_kernels_generic());

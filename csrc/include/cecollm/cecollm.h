@@ -79,6 +79,19 @@ typedef void (*ce_quantize_q8a_fn)(const float *x, ce_block_q8a *out, int64_t co
  * results differ between kernel sets only in the float sum over blocks. */
 typedef float (*ce_vec_dot_q8a_fn)(const void *wrow, const ce_block_q8a *x, int64_t cols);
 
+/* fp32 activations as 30-bit fixed point, for integer dot products that keep fp32 accuracy:
+ * x_j = d * (hi[j] + lo[j] / 65534) up to d / 131068 (2^-32 of the block's max |x|), with
+ * d = max_j |x_j| / 32767, hi = nearest(x / d), lo = nearest((x - d hi) / d * 65534); sum = Σ_j x_j. */
+typedef struct {
+    float d;
+    float sum;
+    int16_t hi[CE_QK];
+    int16_t lo[CE_QK];
+} ce_block_x16;
+
+typedef void (*ce_quantize_x16_fn)(const float *x, ce_block_x16 *out, int64_t cols);
+typedef float (*ce_vec_dot_x16_fn)(const void *wrow, const ce_block_x16 *x, int64_t cols);
+
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
  * vec_dot_q8a is NULL for the float weight types, which always take fp32 activations. */
@@ -87,6 +100,10 @@ typedef struct {
     ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
     ce_quantize_q8a_fn quantize_q8a;
     ce_vec_dot_q8a_fn vec_dot_q8a[CE_TYPE_Q8_0 + 1];
+    /* Optional: a faster realization of vec_dot for fp32 activations (CE_ACT_F32) on quantized
+     * weights; NULL where the set has none (the generic set: vec_dot is the specification). */
+    ce_quantize_x16_fn quantize_x16;
+    ce_vec_dot_x16_fn vec_dot_x16[CE_TYPE_Q8_0 + 1];
     /* Attention over a KV cache block X (rows, n) of a float type:
      * dot_rows: out[t] = X[t, :] · q (scores);  sum_rows: y = Σ_t a[t] X[t, :] (weighted values). */
     void (*dot_rows[CE_TYPE_F16 + 1])(const void *X, const float *q, int64_t rows, int64_t n, float *out);
@@ -192,6 +209,8 @@ typedef struct {
     int *ints;         /* row -> sequence map of multi-sequence batches */
     size_t n_q8;
     ce_block_q8a *q8;  /* quantized activations (CE_ACT_Q8) */
+    size_t n_x16;
+    ce_block_x16 *x16; /* fixed-point activations (CE_ACT_F32 through vec_dot_x16) */
 } ce_workspace;
 
 void ce_workspace_free(ce_workspace *ws);
