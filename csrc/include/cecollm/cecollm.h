@@ -160,7 +160,7 @@ typedef struct {
 /* How activations enter the small-batch matrix products (batches > CE_SMALL_BATCH use sgemm in fp32
  * either way; so do F32/F16 weights). */
 typedef enum {
-    CE_ACT_F32 = 0, /* fp32, weights dequantized inside the dot: matches an fp32 reference to ~1e-4 */
+    CE_ACT_F32 = 0, /* fp32 accuracy (vec_dot, or vec_dot_x16 where faster): matches an fp32 reference to ~1e-4 */
     CE_ACT_Q8 = 1,  /* quantized per product to ce_block_q8a, integer dots: llama.cpp's numerics */
 } ce_activations;
 
