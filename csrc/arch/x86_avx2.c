@@ -19,9 +19,6 @@ TARGET static inline float hsum(__m256 v) {
 
 TARGET static inline float half(uint16_t h) { return _cvtsh_ss(h); }
 
-/* 8 consecutive bytes of v (starting at byte 0) widened to floats */
-TARGET static inline __m256 u8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-TARGET static inline __m256 i8_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
 TARGET static float vec_dot_f32_avx2(const void *wrow, const float *x, int64_t n) {
     const float *w = wrow;
@@ -47,85 +44,29 @@ TARGET static float vec_dot_f16_avx2(const void *wrow, const float *x, int64_t n
     return sum;
 }
 
-/* The 32 4-bit values of a block as four float vectors: elements 0-7, 8-15 (low nibbles) and 16-23,
- * 24-31 (high nibbles), each minus `offset`. */
-TARGET static inline void nibbles_to_ps(const uint8_t *qs, __m256 q[4], int offset) {
-    const __m128i mask = _mm_set1_epi8(0x0f), off = _mm_set1_epi8((char)offset);
-    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
-    __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, mask), off);
-    __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), off);
-    q[0] = i8_to_ps(lo);
-    q[1] = i8_to_ps(_mm_srli_si128(lo, 8));
-    q[2] = i8_to_ps(hi);
-    q[3] = i8_to_ps(_mm_srli_si128(hi, 8));
-}
+/* ---- activation blocks ---- */
 
-/* Σ_blocks d Σ_j (q_j - 8) x_j */
-TARGET static float vec_dot_q4_0_avx2(const void *wrow, const float *x, int64_t n) {
-    const ce_block_q4_0 *w = wrow;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
-        __m256 q[4];
-        nibbles_to_ps(w[i].qs, q, 8);
-        __m256 dot = _mm256_mul_ps(q[0], _mm256_loadu_ps(x));
-        dot = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(x + 8), dot);
-        dot = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(x + 16), dot);
-        dot = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(x + 24), dot);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d)), dot, acc);
+/* Loads the 32 values of a block into v and returns max_j |x_j|, ignoring NaN as fmaxf does
+ * (max_ps returns its second operand when the first is NaN). */
+TARGET static inline float block_absmax(const float *x, __m256 v[4]) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
     }
-    return hsum(acc);
-}
-
-/* Σ_blocks d Σ_j q_j x_j + m Σ_j x_j */
-TARGET static float vec_dot_q4_1_avx2(const void *wrow, const float *x, int64_t n) {
-    const ce_block_q4_1 *w = wrow;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
-        __m256 q[4];
-        nibbles_to_ps(w[i].qs, q, 0);
-        __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
-        __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
-        __m256 dot = _mm256_mul_ps(q[0], x0);
-        dot = _mm256_fmadd_ps(q[1], x1, dot);
-        dot = _mm256_fmadd_ps(q[2], x2, dot);
-        dot = _mm256_fmadd_ps(q[3], x3, dot);
-        __m256 xsum = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d)), dot, acc);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].m)), xsum, acc);
-    }
-    return hsum(acc);
-}
-
-/* Σ_blocks d Σ_j q_j x_j */
-TARGET static float vec_dot_q8_0_avx2(const void *wrow, const float *x, int64_t n) {
-    const ce_block_q8_0 *w = wrow;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
-        __m128i a = _mm_loadu_si128((const __m128i *)w[i].qs), b = _mm_loadu_si128((const __m128i *)(w[i].qs + 16));
-        __m256 dot = _mm256_mul_ps(i8_to_ps(a), _mm256_loadu_ps(x));
-        dot = _mm256_fmadd_ps(i8_to_ps(_mm_srli_si128(a, 8)), _mm256_loadu_ps(x + 8), dot);
-        dot = _mm256_fmadd_ps(i8_to_ps(b), _mm256_loadu_ps(x + 16), dot);
-        dot = _mm256_fmadd_ps(i8_to_ps(_mm_srli_si128(b, 8)), _mm256_loadu_ps(x + 24), dot);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w[i].d)), dot, acc);
-    }
-    return hsum(acc);
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
 /* ---- 8-bit activations ---- */
 
 /* Same float operations as quantize_q8a_generic, eight lanes at a time; NaN lanes become 0 as there. */
 TARGET static void quantize_q8a_avx2(const float *x, ce_block_q8a *out, int64_t cols) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t i = 0; i < cols / CE_QK; i++, x += CE_QK) {
-        __m256 v[4], amax = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) { /* max_ps returns its second operand when the first is NaN */
-            v[k] = _mm256_loadu_ps(x + 8 * k);
-            amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
-        }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float d = _mm_cvtss_f32(m) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256 v[4];
+        const float d = block_absmax(x, v) / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
         __m256i q[4];
         for (int k = 0; k < 4; k++) {
             __m256 r = _mm256_round_ps(_mm256_mul_ps(v[k], _mm256_set1_ps(id)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -218,19 +159,11 @@ TARGET static inline void store_epi16x8(int16_t *out, __m256i v) {
 }
 
 TARGET static void quantize_x16_avx2(const float *x, ce_block_x16 *out, int64_t cols) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t i = 0; i < cols / CE_QK; i++, x += CE_QK) {
-        __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(x + 8 * k);
-            amax = _mm256_max_ps(_mm256_andnot_ps(sign, v[k]), amax);
-            sum = _mm256_add_ps(sum, v[k]);
-        }
-        __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        const float d = _mm_cvtss_f32(m) / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        __m256 v[4];
+        const float d = block_absmax(x, v) / 32767.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), v[2]), v[3]);
         const __m256 dv = _mm256_set1_ps(d), idv = _mm256_set1_ps(id), lo_scale = _mm256_set1_ps(id * 65534.0f);
         for (int k = 0; k < 4; k++) {
             const __m256 h = _mm256_round_ps(_mm256_mul_ps(v[k], idv), round);
@@ -381,10 +314,7 @@ static const ce_kernels kernels_avx2 = {
     .vec_dot =
         {
             [CE_TYPE_F32] = vec_dot_f32_avx2,
-            [CE_TYPE_F16] = vec_dot_f16_avx2,
-            [CE_TYPE_Q4_0] = vec_dot_q4_0_avx2,
-            [CE_TYPE_Q4_1] = vec_dot_q4_1_avx2,
-            [CE_TYPE_Q8_0] = vec_dot_q8_0_avx2,
+            [CE_TYPE_F16] = vec_dot_f16_avx2, /* quantized weights: vec_dot_x16 */
         },
     .quantize_q8a = quantize_q8a_avx2,
     .vec_dot_q8a =

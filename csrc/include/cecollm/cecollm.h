@@ -100,8 +100,9 @@ typedef struct {
     ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
     ce_quantize_q8a_fn quantize_q8a;
     ce_vec_dot_q8a_fn vec_dot_q8a[CE_TYPE_Q8_0 + 1];
-    /* Optional: a faster realization of vec_dot for fp32 activations (CE_ACT_F32) on quantized
-     * weights; NULL where the set has none (the generic set: vec_dot is the specification). */
+    /* A faster realization of vec_dot for fp32 activations (CE_ACT_F32) on quantized weights. Every
+     * set fills vec_dot or vec_dot_x16 for each quantized type; the generic set fills vec_dot, the
+     * specification. */
     ce_quantize_x16_fn quantize_x16;
     ce_vec_dot_x16_fn vec_dot_x16[CE_TYPE_Q8_0 + 1];
     /* Attention over a KV cache block X (rows, n) of a float type:
