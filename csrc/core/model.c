@@ -368,15 +368,19 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
         if (seqs[s].kv->capacity > capacity) capacity = seqs[s].kv->capacity;
     }
 
-    /* scratch: xn (n,d) | q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd) | gate (n,f) | up (n,f) | o (n,d)
-     *          | rope tables (n,hd) | scores (threads, capacity); ints: row_seq (n) | row_pos (n) */
-    size_t need = (size_t)n * (2 * d + 2 * qd + 2 * kvd + 2 * f + hd) + (size_t)ce_threads_get() * capacity;
+    /* scratch: xn (n,d) | [q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd)] | rope tables (n,hd)
+     *          | scores (threads, capacity); ints: row_seq (n) | row_pos (n).
+     * Buffers whose lives do not overlap share memory (it sets prefill's peak): the feed-forward's
+     * gate and up (n,f each) reuse the attention block's q..att region, and o (n,d) reuses xn. */
+    const size_t attn_floats = (size_t)2 * qd + 2 * kvd, block_floats = attn_floats > 2 * (size_t)f ? attn_floats : 2 * (size_t)f;
+    size_t need = (size_t)n * (d + block_floats + hd) + (size_t)ce_threads_get() * capacity;
     if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen)) ||
         (st = grow((void **)&ws->ints, &ws->n_ints, 2 * (size_t)n, sizeof(int), err, errlen)))
         return st;
-    float *xn = ws->buf, *q = xn + (size_t)n * d, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd;
-    float *att = v + (size_t)n * kvd, *gate = att + (size_t)n * qd, *up = gate + (size_t)n * f;
-    float *o = up + (size_t)n * f, *cs = o + (size_t)n * d, *scores = cs + (size_t)n * hd;
+    float *xn = ws->buf, *o = xn, *block = xn + (size_t)n * d;
+    float *q = block, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd, *att = v + (size_t)n * kvd;
+    float *gate = block, *up = gate + (size_t)n * f;
+    float *cs = block + (size_t)n * block_floats, *scores = cs + (size_t)n * hd;
     int *row_seq = ws->ints, *row_pos = row_seq + n;
     for (int s = 0, i = 0; s < n_seqs; s++)
         for (int j = 0; j < seqs[s].n; j++, i++) row_seq[i] = s, row_pos[i] = seqs[s].pos0 + j;
