@@ -2,9 +2,10 @@
 
 1. Matrix-vector kernel cost per 32-weight block (one thread, Q4_1 1536×576, the FFN gate shape),
    with fp32 activations and with 8-bit activations.
-2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position batch, or
-   chunks of 256 / 128 that need less scratch but dequantize every panel per chunk) against a
-   quantized GEMM made of the 8-bit kernels (batches of 8 positions, each weight row read once per 8).
+2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position call, which
+   the core runs CE_BATCH_CHUNK = 256 rows at a time, or calls of 128 positions; every chunk
+   dequantizes every panel again) against a quantized GEMM made of the 8-bit kernels (batches of 8
+   positions, each weight row read once per 8).
 
     python benchmarks/kernels.py [--threads 2]
 """
@@ -48,7 +49,7 @@ def prefill_paths(threads: int) -> None:
     for activations in ("f32", "q8"):
         model = cecollm.load_model(activations=activations)
         ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
-        for batch in (PP, 256, 128, _core.SMALL_BATCH):
+        for batch in (PP, 128, _core.SMALL_BATCH):
 
             def run():
                 cache = model.new_cache(PP)
@@ -56,8 +57,8 @@ def prefill_paths(threads: int) -> None:
                     hidden = cache.forward(model.core.embed(ids[p0 : p0 + batch]), p0)
                 model.core.head(hidden[-1:])
 
-            path = "sgemm" if batch > _core.SMALL_BATCH else "kernels"
-            print(f"pp512, {threads} threads, {activations} activations, batches of {batch} ({path}):"
+            path = "kernels" if batch <= _core.SMALL_BATCH else f"sgemm, chunks of {min(batch, _core.BATCH_CHUNK)}"
+            print(f"pp512, {threads} threads, {activations} activations, calls of {batch} ({path}):"
                   f" {PP / best_of(run, 3):.1f} tok/s")  # fmt: skip
 
 

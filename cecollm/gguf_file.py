@@ -6,15 +6,17 @@ u32, dims u64 × n_dims with ne0 first, type u32, offset u64); tensor data from 
 of general.alignment (default 32). A string is a u64 byte length and UTF-8 bytes; an array is an
 element type u32, a count u64 and the elements.
 
-Metadata becomes plain Python values (token lists are lists of str); tensor data is never read
-here, only viewed through one read-only memory map, so loading costs the file's pages only when the
-model runs, and no per-element objects beyond the metadata itself.
+Metadata becomes plain Python values, except arrays of strings (a vocabulary, its merges), which stay
+in the file as a StringArray: no Python object per token. Tensor data is never read here, only
+viewed through one read-only memory map, so loading costs the file's pages only when the model runs.
 """
 
 from __future__ import annotations
 
+import array
 import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,36 @@ class TensorInfo:
     @property
     def type_name(self) -> str:
         return TYPE_NAMES.get(self.type_id, f"type {self.type_id}")
+
+
+class StringArray(Sequence):
+    """Strings kept as one buffer: string i is data[starts[i] : starts[i] + lens[i]], decoded (UTF-8)
+    only when indexed. table() hands the three to C as they are."""
+
+    def __init__(self, data, starts: np.ndarray, lens: np.ndarray):
+        self.data, self.starts, self.lens = data, starts, lens
+
+    @classmethod
+    def from_strings(cls, strings) -> StringArray:
+        encoded = [s.encode("utf-8") for s in strings]
+        lens = np.array([len(b) for b in encoded], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(lens) else lens
+        return cls(b"".join(encoded), starts, lens)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> str:
+        if not isinstance(i, int):
+            raise TypeError("StringArray indices are integers")
+        start, n = int(self.starts[i]), int(self.lens[i])
+        try:
+            return bytes(self.data[start : start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFFormatError(f"string {i} of an array (byte {start}) is not UTF-8") from None
+
+    def table(self) -> tuple:
+        return self.data, self.starts, self.lens
 
 
 class GGUFFile:
@@ -118,7 +150,25 @@ class GGUFFile:
             return np.frombuffer(self._bytes(count * dtype.itemsize, key), dtype).tolist()
         if count > (self.size - self._pos) // 8:  # every string or array element takes >= 8 bytes
             raise GGUFFormatError(f"metadata {key}: {count} elements exceed the file")
+        if item_type == STRING:
+            return self._strings(count, key)
         return [self._value(item_type, key, depth + 1) for _ in range(count)]
+
+    def _strings(self, count: int, key: str) -> StringArray:
+        """count strings as a StringArray over the map: one pass over their lengths, nothing copied."""
+        starts, lens = array.array("q"), array.array("q")
+        pos, size, unpack = self._pos, self.size, struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise GGUFFormatError(f"truncated at byte {pos} while reading the length of a string of {key}")
+            (n,) = unpack(self._map, pos)
+            if n > size - pos - 8:
+                raise GGUFFormatError(f"metadata {key}: a string of {n} bytes at byte {pos} exceeds the file")
+            starts.append(pos + 8)
+            lens.append(n)
+            pos += 8 + n
+        self._pos = pos
+        return StringArray(self._map, np.frombuffer(starts, np.int64), np.frombuffer(lens, np.int64))
 
     def _tensor_info(self) -> TensorInfo:
         name = self._string("tensor name")

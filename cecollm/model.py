@@ -87,9 +87,11 @@ class Model:
         self.activations = activations
         self.kv_dtype = kv_dtype
         self.tokenizer = TextTokenizer(weights.tokenizer)
-        # The tokenizer holds the vocabulary from here on; the spec's Python lists would be a second
-        # copy of it (11 MB for SmolLM2's 49k tokens and merges).
+        # The tokenizer holds the vocabulary from here on: drop the spec's offset tables (1.6 MB for
+        # SmolLM2) and give back the heap its construction left free (~4 MB of the tokenizers
+        # library's temporaries; docs/benchmarks.md, peak memory).
         self.weights = replace(weights, tokenizer=None)
+        _core.trim_heap()
         self.n_layers = self.config["n_layers"]
 
     # ---- text ----

@@ -149,6 +149,7 @@ void ce_workspace_free(ce_workspace *ws) {
     free(ws->ints);
     free(ws->q8);
     free(ws->x16);
+    free(ws->chunk);
     memset(ws, 0, sizeof *ws);
 }
 
@@ -349,24 +350,14 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     return ce_forward_multi(m, ws, layer_begin, layer_end, 1, &one, x, err, errlen);
 }
 
-ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin, int layer_end, int n_seqs,
-                           const ce_seq_rows *seqs, float *x, char *err, size_t errlen) {
+/* Layers [layer_begin, layer_end) over n rows of already validated sequences; capacity: the largest
+ * of their caches. */
+static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_begin, int layer_end, int n_seqs,
+                              const ce_seq_rows *seqs, int n, int capacity, float *x, char *err, size_t errlen) {
     const ce_config *c = &m->cfg;
     const int d = c->dim, hd = c->head_dim, f = c->ffn_dim;
     const int qd = c->n_heads * hd, kvd = c->n_kv_heads * hd;
     ce_status st;
-
-    if (n_seqs <= 0) return ce_fail(err, errlen, CE_EINVAL, "no sequences");
-    int n = 0, capacity = 0;
-    for (int s = 0; s < n_seqs; s++) {
-        if ((st = check_positions(seqs[s].kv, layer_begin, layer_end, seqs[s].n, seqs[s].pos0, err, errlen))) return st;
-        for (int t = 0; t < s; t++)
-            if (seqs[t].kv == seqs[s].kv)
-                return ce_fail(err, errlen, CE_EINVAL, "sequences %d and %d share one cache", t, s);
-        if (seqs[s].n > (1 << 20) - n) return ce_fail(err, errlen, CE_ERANGE, "too many rows in one batch");
-        n += seqs[s].n;
-        if (seqs[s].kv->capacity > capacity) capacity = seqs[s].kv->capacity;
-    }
 
     /* scratch: xn (n,d) | [q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd)] | rope tables (n,hd)
      *          | scores (threads, capacity); ints: row_seq (n) | row_pos (n).
@@ -413,6 +404,41 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
         for (size_t j = 0; j < (size_t)n * f; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
         if ((st = ce_matmul(&L->w_down, ws, m->activations, n, gate, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
+    }
+    return CE_OK;
+}
+
+ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin, int layer_end, int n_seqs,
+                           const ce_seq_rows *seqs, float *x, char *err, size_t errlen) {
+    ce_status st;
+    if (n_seqs <= 0) return ce_fail(err, errlen, CE_EINVAL, "no sequences");
+    int n = 0, capacity = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        if ((st = check_positions(seqs[s].kv, layer_begin, layer_end, seqs[s].n, seqs[s].pos0, err, errlen))) return st;
+        for (int t = 0; t < s; t++)
+            if (seqs[t].kv == seqs[s].kv)
+                return ce_fail(err, errlen, CE_EINVAL, "sequences %d and %d share one cache", t, s);
+        if (seqs[s].n > (1 << 20) - n) return ce_fail(err, errlen, CE_ERANGE, "too many rows in one batch");
+        n += seqs[s].n;
+        if (seqs[s].kv->capacity > capacity) capacity = seqs[s].kv->capacity;
+    }
+    if (n <= CE_BATCH_CHUNK) return forward_rows(m, ws, layer_begin, layer_end, n_seqs, seqs, n, capacity, x, err, errlen);
+
+    /* Larger batches run CE_BATCH_CHUNK rows at a time through all the layers, in row order: a chunk's
+     * keys and values are in the caches before the next chunk's rows attend to them, so this is the
+     * one-pass computation (up to sgemm's summation order) with scratch bounded by the chunk, not by
+     * the prompt. chunk: the sequences' rows that fall inside [row0, row0 + CE_BATCH_CHUNK). */
+    if ((st = grow((void **)&ws->chunk, &ws->n_chunk, (size_t)n_seqs, sizeof *ws->chunk, err, errlen))) return st;
+    for (int row0 = 0; row0 < n; row0 += CE_BATCH_CHUNK) {
+        const int row1 = n - row0 < CE_BATCH_CHUNK ? n : row0 + CE_BATCH_CHUNK;
+        int parts = 0;
+        for (int s = 0, first = 0; s < n_seqs; first += seqs[s].n, s++) {
+            const int a = first > row0 ? first : row0, b = first + seqs[s].n < row1 ? first + seqs[s].n : row1;
+            if (a < b) ws->chunk[parts++] = (ce_seq_rows){seqs[s].kv, seqs[s].pos0 + (a - first), b - a};
+        }
+        if ((st = forward_rows(m, ws, layer_begin, layer_end, parts, ws->chunk, row1 - row0, capacity,
+                               x + (size_t)row0 * m->cfg.dim, err, errlen)))
+            return st;
     }
     return CE_OK;
 }

@@ -7,6 +7,9 @@
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
 #include <numpy/arrayobject.h>
 #include <pythread.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include "cecollm/cecollm.h"
 #include "cecollm/wire.h"
@@ -1032,6 +1035,16 @@ static PyObject *core_get_threads(PyObject *mod, PyObject *noargs) {
     return PyLong_FromLong(ce_threads_get());
 }
 
+/* glibc keeps freed heap memory mapped for reuse; after a one-off burst of temporaries (building the
+ * tokenizer) that memory would count against the process for its whole life. */
+static PyObject *core_trim_heap(PyObject *mod, PyObject *noargs) {
+#ifdef __GLIBC__
+    return PyBool_FromLong(malloc_trim(0));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject *core_active_kernels(PyObject *mod, PyObject *noargs) {
     (void)mod;
     (void)noargs;
@@ -1042,6 +1055,8 @@ static PyMethodDef core_methods[] = {
     {"set_threads", core_set_threads, METH_VARARGS, "set_threads(n=0) -> threads used (0: all available cores)"},
     {"get_threads", core_get_threads, METH_NOARGS, "get_threads() -> threads used by the core"},
     {"active_kernels", core_active_kernels, METH_NOARGS, "active_kernels() -> name of the kernel set in use"},
+    {"trim_heap", core_trim_heap, METH_NOARGS,
+     "trim_heap() -> whether memory went back: hands the C heap's free pages back to the OS (glibc malloc_trim)"},
     {"dequantize", core_dequantize, METH_VARARGS, "dequantize(raw, type, rows, cols) -> float32 (rows, cols)"},
     {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x, activations='f32') -> x @ W.T with the active kernels"},
     {"quantize_q8a", core_quantize_q8a, METH_O, "quantize_q8a(x) -> (d, s, q): 8-bit activation blocks of one row (s = d * sum(q))"},
@@ -1141,6 +1156,7 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "ROPE_ADJACENT", CE_ROPE_ADJACENT) ||
         PyModule_AddIntConstant(mod, "ROPE_HALF", CE_ROPE_HALF) ||
         PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH) ||
+        PyModule_AddIntConstant(mod, "BATCH_CHUNK", CE_BATCH_CHUNK) ||
         PyModule_AddIntConstant(mod, "METRIC_MAX_PROB", CE_METRIC_MAX_PROB) ||
         PyModule_AddIntConstant(mod, "METRIC_MARGIN", CE_METRIC_MARGIN) ||
         PyModule_AddIntConstant(mod, "METRIC_ENTROPY", CE_METRIC_ENTROPY) ||

@@ -587,6 +587,50 @@ static void test_forward_multi(int activations) {
     tiny_free(&t);
 }
 
+/* Batches above CE_BATCH_CHUNK rows run in chunks: the same as the caller passing the chunks in turn,
+ * bit for bit, also where a chunk boundary cuts a sequence of a multi-sequence batch. */
+static void test_batch_chunks(int activations) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_build(&t);
+    t.m.activations = activations;
+    ce_model *m = &t.m;
+    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
+    enum { NA = 200, NB = 150, N = NA + NB, CAP = 256, D = 64 };
+    int32_t tokens[N];
+    for (int i = 0; i < N; i++) tokens[i] = (int32_t)(rng_u32() % 50);
+    float *whole = malloc(sizeof(float) * N * D), *parts = malloc(sizeof(float) * N * D);
+    ce_embed(m, N, tokens, whole, err, sizeof err);
+    memcpy(parts, whole, sizeof(float) * N * D);
+    ce_workspace ws = {0};
+    ce_kv_cache a, b, a2, b2;
+    ce_kv_cache_init(&a, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&b, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&a2, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&b2, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
+    ce_seq_rows both[2] = {{&a, 0, NA}, {&b, 0, NB}};
+    CHECK(ce_forward_multi(m, &ws, 0, 3, 2, both, whole, err, sizeof err) == CE_OK, "one call: %s", err);
+    /* by hand: rows [0, 256) = all of a and b's first 56; then b's remaining 94 */
+    const int cut = CE_BATCH_CHUNK - NA;
+    ce_seq_rows first[2] = {{&a2, 0, NA}, {&b2, 0, cut}};
+    CHECK(ce_forward_multi(m, &ws, 0, 3, 2, first, parts, err, sizeof err) == CE_OK, "first chunk: %s", err);
+    CHECK(ce_forward(m, &b2, &ws, 0, 3, NB - cut, cut, parts + (size_t)CE_BATCH_CHUNK * D, err, sizeof err) == CE_OK,
+          "second chunk: %s", err);
+    CHECK(memcmp(whole, parts, sizeof(float) * N * D) == 0, "chunked batch equals its chunks in turn");
+    for (int g = 0; g < 2; g++)
+        CHECK(memcmp(ce_kv_cache_k(&b, 2, g), ce_kv_cache_k(&b2, 2, g), kv_bytes(NB)) == 0 &&
+                  memcmp(ce_kv_cache_v(&a, 2, g), ce_kv_cache_v(&a2, 2, g), kv_bytes(NA)) == 0,
+              "caches equal (kv head %d)", g);
+    ce_kv_cache_free(&a);
+    ce_kv_cache_free(&b);
+    ce_kv_cache_free(&a2);
+    ce_kv_cache_free(&b2);
+    ce_workspace_free(&ws);
+    free(whole);
+    free(parts);
+    tiny_free(&t);
+}
+
 static void test_matmul_paths(void) {
     /* the sgemm path (n > CE_SMALL_BATCH) agrees with the kernel path within float rounding */
     char err[CE_ERRLEN];
@@ -759,6 +803,7 @@ int main(void) {
                 test_forward_invariants(act);
                 test_catch_up_composition(act);
                 test_forward_multi(act);
+                test_batch_chunks(act);
             }
         }
         test_kv_type = CE_TYPE_F32;

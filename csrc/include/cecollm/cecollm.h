@@ -212,6 +212,8 @@ typedef struct {
     ce_block_q8a *q8;  /* quantized activations (CE_ACT_Q8) */
     size_t n_x16;
     ce_block_x16 *x16; /* fixed-point activations (CE_ACT_F32 through vec_dot_x16) */
+    size_t n_chunk;
+    struct ce_seq_rows *chunk; /* the sequences' shares of one chunk of a large batch */
 } ce_workspace;
 
 void ce_workspace_free(ce_workspace *ws);
@@ -224,12 +226,12 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
  * Keys/values are written at those positions; each layer needs pos0 <= its filled length (so
  * positions can be recomputed, which drops what followed them) and pos0+n <= capacity.
  * A position's result does not depend on n up to CE_SMALL_BATCH: decode, catch-up and small
- * batches are bitwise identical; larger batches run through sgemm. */
+ * batches are bitwise identical; larger batches run through sgemm, CE_BATCH_CHUNK rows at a time. */
 ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin,
                      int layer_end, int n, int pos0, float *x, char *err, size_t errlen);
 
 /* One sequence's share of a multi-sequence batch: n positions pos0.. of the sequence cached in kv. */
-typedef struct {
+typedef struct ce_seq_rows {
     ce_kv_cache *kv;
     int pos0;
     int n;
@@ -260,6 +262,9 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n
                     char *err, size_t errlen);
 
 #define CE_SMALL_BATCH 8
+/* Batches above this many rows (long prompts) run through the layers this many rows at a time, which
+ * bounds the forward pass's scratch (~4 MB for SmolLM2) whatever the prompt length. */
+#define CE_BATCH_CHUNK 256
 
 /* ---- early exits (exits.c) ------------------------------------------------------------------ */
 
