@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from .gguf_loader import TokenizerSpec
+from .gguf_file import GGUFFormatError
+from .gguf_loader import ModelFormatError, TokenizerSpec
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_CONTROL = 3
@@ -56,8 +57,11 @@ class TextTokenizer:
     def __init__(self, spec: TokenizerSpec):
         if spec.model != "gpt2":
             raise ValueError(f"tokenizer model {spec.model!r} is not supported (only byte-level BPE 'gpt2')")
-        vocab = {token: i for i, token in enumerate(spec.tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in spec.merges]
+        try:  # the strings are decoded here, first
+            vocab = {token: i for i, token in enumerate(spec.tokens)}
+            merges = [tuple(m.split(" ", 1)) for m in spec.merges]
+        except GGUFFormatError as exc:
+            raise ModelFormatError(f"the model file's tokenizer: {exc}") from None
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         tok.pre_tokenizer = _pre_tokenizer(spec.pre)
         tok.decoder = decoders.ByteLevel()

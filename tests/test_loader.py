@@ -124,6 +124,7 @@ def _string(s: bytes) -> bytes:
         (_header() + _string(b"k") + struct.pack("<IIQ", 9, 4, 1 << 40), "truncated at byte"),
         (_header() + _string(b"k") + struct.pack("<I", 8) + _string(b"\xff\xfe"), "not UTF-8"),
         (_header() + _string(b"k") + struct.pack("<I", 77), "value type 77"),
+        (_header() + _string(b"k") + struct.pack("<IIQQ", 9, 8, 2, 1 << 40), "a string of 1099511627776 bytes"),
         (_header() + struct.pack("<Q", 1 << 62), "truncated at byte 32 while reading metadata key"),
         (_header(n_tensors=1, n_fields=0) + _string(b"t") + struct.pack("<I", 9) + b"\0" * 64, "9 dimensions"),
     ],
@@ -133,6 +134,16 @@ def test_hostile_headers_are_refused(tmp_path, body, message):
     path = tmp_path / "hostile.gguf"
     path.write_bytes(body + b"\0" * 64)
     with pytest.raises(ModelFormatError, match=message):
+        cecollm.load_model(path)
+
+
+def test_token_that_is_not_utf8_is_refused(tmp_path, tiny_path):
+    """Vocabulary strings stay bytes in the file until the tokenizer is built; a bad one is named then."""
+    data = tiny_path.read_bytes()
+    at = data.index(b"<|im_start|>")
+    path = tmp_path / "bad_token.gguf"
+    path.write_bytes(data[:at] + b"<|im_s\xff\xfert|>" + data[at + 12 :])
+    with pytest.raises(ModelFormatError, match="tokenizer: string 1 of an array .* is not UTF-8"):
         cecollm.load_model(path)
 
 
