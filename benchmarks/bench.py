@@ -1,8 +1,9 @@
 """Prefill and decode speed of cecollm (fp32 or 8-bit activations, F32 or F16 KV cache), llama.cpp
 (llama-cpp-python) and transformers, plus cecollm's peak memory.
 
-All engines run the same GGUF with the same thread count, in one process, one after another, and
-report the median of --repeats runs after a warm-up. As llama-bench does: pp512 evaluates a
+All engines run the same GGUF with the same thread count in one process, taking turns: every
+round times each measurement of each engine once, and each figure is the median over --repeats
+rounds after a warm-up round (so a drift in the machine's speed falls on every engine alike). As llama-bench does: pp512 evaluates a
 512-token prompt (logits for the last position only); tg128 generates 128 tokens one at a time
 from an empty context (logits every step, greedy pick). tg32@2048 decodes 32 tokens after a
 2048-token prompt (attention at long context; not run for transformers). The memory-bandwidth line
@@ -20,33 +21,34 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from cecollm.bench import DEPTH, PP, TG, TG_DEEP, median_time, prompt_ids
+from cecollm.bench import DEPTH, PP, TG, TG_DEEP, prompt_ids
 
 
-def bench_cecollm(path, threads, repeats, activations="f32", kv_dtype="f32"):
+def setup_cecollm(path, threads, activations="f32", kv_dtype="f32"):
     import cecollm
-    from cecollm.bench import bench_deep_decode, bench_model
+    from cecollm import _core
+    from cecollm.bench import model_runs
 
-    model = cecollm.load_model(path, activations, kv_dtype)
-    result = bench_model(model, threads, repeats)
-    return {"pp512": result["pp512"], "tg128": result["tg128"], "tg_deep": bench_deep_decode(model, repeats)}
-
-
-def bench_cecollm_q8(path, threads, repeats):
-    return bench_cecollm(path, threads, repeats, "q8")
+    _core.set_threads(threads)
+    return model_runs(cecollm.load_model(path, activations, kv_dtype), deep=True)
 
 
-def bench_cecollm_q8_kv16(path, threads, repeats):
-    return bench_cecollm(path, threads, repeats, "q8", "f16")
+def setup_cecollm_q8(path, threads):
+    return setup_cecollm(path, threads, "q8")
 
 
-def bench_llama_cpp(path, threads, repeats):
+def setup_cecollm_q8_kv16(path, threads):
+    return setup_cecollm(path, threads, "q8", "f16")
+
+
+def setup_llama_cpp(path, threads):
     from llama_cpp import Llama
 
     llm = Llama(model_path=path, n_ctx=PP + TG, n_batch=PP, n_ubatch=PP, n_threads=threads,
@@ -64,7 +66,6 @@ def bench_llama_cpp(path, threads, repeats):
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
-    result = {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats)}
     # logits_all: llama-cpp-python keeps a scores row per position only then (decode steps still compute one row)
     deep = Llama(model_path=path, n_ctx=DEPTH + TG_DEEP, n_batch=PP, n_ubatch=PP, n_threads=threads,
                  n_threads_batch=threads, logits_all=True, verbose=False)  # fmt: skip
@@ -77,11 +78,10 @@ def bench_llama_cpp(path, threads, repeats):
             deep.eval([token])
             token = int(np.argmax(deep.scores[deep.n_tokens - 1]))
 
-    result["tg_deep"] = TG_DEEP / median_time(tg_deep, repeats)
-    return result
+    return {"pp512": (PP, pp), "tg128": (TG, tg), "tg_deep": (TG_DEEP, tg_deep)}
 
 
-def bench_transformers(path, threads, repeats):
+def setup_transformers(path, threads):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +101,23 @@ def bench_transformers(path, threads, repeats):
             out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats)}
+    return {"pp512": (PP, pp), "tg128": (TG, tg)}
+
+
+def run_interleaved(setups: dict, repeats: int) -> dict:
+    """{engine: {measurement: tokens/s}}: the median of `repeats` timed runs after a warm-up, the
+    engines taking turns within every round so that drift of the machine's speed (this VM's is
+    large) falls on all of them alike."""
+    times = {engine: {name: [] for name in runs} for engine, runs in setups.items()}
+    for round_ in range(repeats + 1):  # round 0 is the warm-up
+        for engine, runs in setups.items():
+            for name, (_, run) in runs.items():
+                t0 = time.perf_counter()
+                run()
+                if round_:
+                    times[engine][name].append(time.perf_counter() - t0)
+    return {engine: {name: runs[name][0] / statistics.median(times[engine][name]) for name in runs}
+            for engine, runs in setups.items()}  # fmt: skip
 
 
 def copy_bandwidth(mib: int = 512, repeats: int = 5) -> float:
@@ -156,8 +172,8 @@ def weight_bytes_per_token(path) -> int:
     return sum(t[0].nbytes for name, t in tensors.items())
 
 
-ENGINES = {"cecollm": bench_cecollm, "cecollm-q8": bench_cecollm_q8, "cecollm-q8-kv16": bench_cecollm_q8_kv16,
-           "llama.cpp": bench_llama_cpp, "transformers": bench_transformers}  # fmt: skip
+ENGINES = {"cecollm": setup_cecollm, "cecollm-q8": setup_cecollm_q8, "cecollm-q8-kv16": setup_cecollm_q8_kv16,
+           "llama.cpp": setup_llama_cpp, "transformers": setup_transformers}  # fmt: skip
 
 
 def main():
@@ -175,10 +191,12 @@ def main():
         return memory_child(*args.memory_child)
     path = args.model or cecollm.default_model_path()
 
-    results = {}
+    setups = {}
     for engine in args.engines.split(","):
-        print(f"running {engine} ...", flush=True)
-        results[engine] = ENGINES[engine](path, args.threads, args.repeats)
+        print(f"loading {engine} ...", flush=True)
+        setups[engine] = ENGINES[engine](path, args.threads)
+    print(f"measuring: {args.repeats} rounds after a warm-up, the engines in turn", flush=True)
+    results = run_interleaved(setups, args.repeats)
 
     bandwidth = copy_bandwidth()
     per_token = weight_bytes_per_token(path)

@@ -34,37 +34,33 @@ def prompt_ids(vocab: int) -> list[int]:
     return np.random.default_rng(0).integers(100, vocab - 100, PP).tolist()
 
 
-def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> dict:
-    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode, "kv_dtype": type}."""
-    if threads:
-        _core.set_threads(threads)
+def model_runs(model: Model, deep: bool = False) -> dict:
+    """{"pp512" | "tg128" (| "tg_deep"): (tokens, run)}: one timed run of each measurement. tg_deep
+    decodes TG_DEEP tokens after a DEPTH-token prompt, prefilled here once, untimed (each run
+    recomputes the same positions, which drops what the last one wrote)."""
     ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
+
+    def decode(cache, positions):
+        token = np.array([1], np.int32)
+        for pos in positions:
+            token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
 
     def pp():
         cache = model.new_cache(PP)
         model.core.head(cache.forward(model.core.embed(ids), 0)[-1:])
 
-    def tg():
-        cache = model.new_cache(TG)
-        token = np.array([1], np.int32)
-        for pos in range(TG):
-            token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
-
-    return {"pp512": PP / median_time(pp, repeats), "tg128": TG / median_time(tg, repeats),
-            "threads": _core.get_threads(), "kernels": _core.active_kernels(), "activations": model.activations,
-            "kv_dtype": model.kv_dtype}  # fmt: skip
+    runs = {"pp512": (PP, pp), "tg128": (TG, lambda: decode(model.new_cache(TG), range(TG)))}
+    if deep:
+        deep_cache = model.new_cache(DEPTH + TG_DEEP)
+        deep_cache.forward(model.core.embed(np.resize(ids, DEPTH)), 0)
+        runs["tg_deep"] = (TG_DEEP, lambda: decode(deep_cache, range(DEPTH, DEPTH + TG_DEEP)))
+    return runs
 
 
-def bench_deep_decode(model: Model, repeats: int = 3) -> float:
-    """Tokens/s of TG_DEEP greedy decode steps after a DEPTH-token prompt (prefilled once, untimed;
-    each repeat recomputes the same positions, which drops what the last one wrote)."""
-    ids = np.resize(np.asarray(prompt_ids(model.config["vocab"]), np.int32), DEPTH)
-    cache = model.new_cache(DEPTH + TG_DEEP)
-    cache.forward(model.core.embed(ids), 0)
-
-    def tg():
-        token = np.array([1], np.int32)
-        for pos in range(DEPTH, DEPTH + TG_DEEP):
-            token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
-
-    return TG_DEEP / median_time(tg, repeats)
+def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> dict:
+    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode, "kv_dtype": type}."""
+    if threads:
+        _core.set_threads(threads)
+    speeds = {name: tokens / median_time(run, repeats) for name, (tokens, run) in model_runs(model).items()}
+    return {**speeds, "threads": _core.get_threads(), "kernels": _core.active_kernels(),
+            "activations": model.activations, "kv_dtype": model.kv_dtype}  # fmt: skip
