@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import mmap
+import operator
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class TensorInfo:
 
 class StringArray(Sequence):
     """Strings kept as one buffer: string i is data[starts[i] : starts[i] + lens[i]], decoded (UTF-8)
-    only when indexed. table() hands the three to C as they are."""
+    only when indexed."""
 
     def __init__(self, data, starts: np.ndarray, lens: np.ndarray):
         self.data, self.starts, self.lens = data, starts, lens
@@ -66,16 +67,12 @@ class StringArray(Sequence):
         return len(self.starts)
 
     def __getitem__(self, i: int) -> str:
-        if not isinstance(i, int):
-            raise TypeError("StringArray indices are integers")
+        i = operator.index(i)  # an integer (slices are not supported)
         start, n = int(self.starts[i]), int(self.lens[i])
         try:
             return bytes(self.data[start : start + n]).decode("utf-8")
         except UnicodeDecodeError:
             raise GGUFFormatError(f"string {i} of an array (byte {start}) is not UTF-8") from None
-
-    def table(self) -> tuple:
-        return self.data, self.starts, self.lens
 
 
 class GGUFFile:
