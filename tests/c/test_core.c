@@ -347,6 +347,14 @@ static void tiny_free(tiny_model *t) {
     ce_model_free(&t->m);
 }
 
+/* A tiny model built and initialized for the given activations. */
+static void tiny_init(tiny_model *t, int activations) {
+    char err[CE_ERRLEN];
+    tiny_build(t);
+    t->m.activations = activations;
+    CHECK(ce_model_init(&t->m, err, sizeof err) == CE_OK, "tiny model initializes: %s", err);
+}
+
 static void test_model_validation(void) {
     char err[CE_ERRLEN];
     tiny_model t;
@@ -396,10 +404,8 @@ static size_t kv_bytes(int npos) { return ce_row_bytes(test_kv_type, 16) * (size
 static void test_forward_invariants(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
-    tiny_build(&t);
-    t.m.activations = activations;
+    tiny_init(&t, activations);
     ce_model *m = &t.m;
-    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init: %s", err);
     const int n = 6, d = 64;
     int32_t tok[6] = {3, 17, 42, 0, 49, 8};
     float one[6 * 64], batch[6 * 64], split[6 * 64];
@@ -468,9 +474,8 @@ static void test_forward_invariants(int activations) {
 static void test_kv_f16_matches_f32(void) {
     char err[CE_ERRLEN];
     tiny_model t;
-    tiny_build(&t);
+    tiny_init(&t, CE_ACT_F32);
     ce_model *m = &t.m;
-    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init: %s", err);
     int32_t tok[6] = {3, 17, 42, 0, 49, 8};
     float h32[6 * 64], h16[6 * 64];
     ce_workspace ws = {0};
@@ -497,10 +502,8 @@ static void test_kv_f16_matches_f32(void) {
 static void test_catch_up_composition(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
-    tiny_build(&t);
-    t.m.activations = activations;
+    tiny_init(&t, activations);
     ce_model *m = &t.m;
-    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
     int32_t tok[4] = {5, 9, 33, 2};
     float plain[4 * 64], x[2 * 64], head_a[50], head_b[50];
     ce_workspace ws = {0};
@@ -545,10 +548,8 @@ static void test_catch_up_composition(int activations) {
 static void test_forward_multi(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
-    tiny_build(&t);
-    t.m.activations = activations;
+    tiny_init(&t, activations);
     ce_model *m = &t.m;
-    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
     int32_t ta[3] = {1, 2, 3}, tb[2] = {40, 41};
     float ha[3 * 64], hb[2 * 64], both[5 * 64];
     ce_workspace ws = {0};
@@ -592,10 +593,8 @@ static void test_forward_multi(int activations) {
 static void test_batch_chunks(int activations) {
     char err[CE_ERRLEN];
     tiny_model t;
-    tiny_build(&t);
-    t.m.activations = activations;
+    tiny_init(&t, activations);
     ce_model *m = &t.m;
-    CHECK(ce_model_init(m, err, sizeof err) == CE_OK, "init");
     enum { NA = 200, NB = 150, N = NA + NB, CAP = 256, D = 64 };
     int32_t tokens[N];
     for (int i = 0; i < N; i++) tokens[i] = (int32_t)(rng_u32() % 50);
