@@ -155,13 +155,16 @@ void ce_workspace_free(ce_workspace *ws) {
 
 /* ---- matrix products ---- */
 
-/* Small batches: each weight row is read once for all n activation rows. y[i, r] depends only on
- * x[i]: the result is the same for every n. Rows are split across the pool's threads. */
+/* Small batches: the weights are read once for all n activation rows, a tile of MATVEC_TILE rows
+ * (a few KB, in L1) at a time. y[i, r] depends only on x[i]: the result is the same for every n.
+ * Rows are split across the pool's threads. */
+#define MATVEC_TILE 16
+
 typedef struct {
     const ce_tensor *w;
-    ce_vec_dot_fn dot;         /* fp32 activations x ... */
-    ce_vec_dot_q8a_fn dot_q8a; /* ... or, when set, quantized activations x_q8 */
-    ce_vec_dot_x16_fn dot_x16; /* ... or, when set, fixed-point activations x_x16 */
+    ce_vec_dot_fn dot;           /* fp32 activations x ... */
+    ce_matvec_q8a_fn matvec_q8a; /* ... or, when set, quantized activations x_q8 */
+    ce_matvec_x16_fn matvec_x16; /* ... or, when set, fixed-point activations x_x16 */
     int n;
     const float *x;
     const ce_block_q8a *x_q8;  /* (n, cols / CE_QK) */
@@ -175,15 +178,18 @@ static void matvec_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
     const ce_tensor *w = job->w;
     const size_t row_bytes = ce_row_bytes(w->type, w->cols);
     const int64_t blocks = w->cols / CE_QK;
-    for (int64_t r = r0; r < r1; r++) {
-        const void *wrow = (const uint8_t *)w->data + (size_t)r * row_bytes;
-        float *yr = job->y + r;
-        if (job->dot_q8a)
-            for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot_q8a(wrow, job->x_q8 + i * blocks, w->cols);
-        else if (job->dot_x16)
-            for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot_x16(wrow, job->x_x16 + i * blocks, w->cols);
-        else
-            for (int i = 0; i < job->n; i++) yr[(size_t)i * w->rows] = job->dot(wrow, job->x + (size_t)i * w->cols, w->cols);
+    for (int64_t t0 = r0; t0 < r1; t0 += MATVEC_TILE) {
+        const int64_t t1 = r1 - t0 < MATVEC_TILE ? r1 : t0 + MATVEC_TILE;
+        const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * row_bytes;
+        for (int i = 0; i < job->n; i++) {
+            float *y = job->y + (size_t)i * w->rows + t0;
+            if (job->matvec_q8a)
+                job->matvec_q8a(tile, row_bytes, t1 - t0, job->x_q8 + i * blocks, w->cols, y);
+            else if (job->matvec_x16)
+                job->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
+            else
+                for (int64_t r = 0; r < t1 - t0; r++) y[r] = job->dot(tile + r * row_bytes, job->x + (size_t)i * w->cols, w->cols);
+        }
     }
 }
 
@@ -195,15 +201,15 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n
         const ce_kernels *k = ce_kernels_active();
         matvec_job job = {w, k->vec_dot[w->type], NULL, NULL, n, x, NULL, NULL, y};
         const int64_t blocks = cols / CE_QK; /* activations are converted once per row, then every weight row reuses them */
-        if (activations == CE_ACT_Q8 && k->vec_dot_q8a[w->type]) {
+        if (activations == CE_ACT_Q8 && k->matvec_q8a[w->type]) {
             if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
             for (int i = 0; i < n; i++) k->quantize_q8a(x + (size_t)i * cols, ws->q8 + i * blocks, cols);
-            job.dot_q8a = k->vec_dot_q8a[w->type];
+            job.matvec_q8a = k->matvec_q8a[w->type];
             job.x_q8 = ws->q8;
-        } else if (activations == CE_ACT_F32 && k->vec_dot_x16[w->type]) {
+        } else if (activations == CE_ACT_F32 && k->matvec_x16[w->type]) {
             if ((st = grow((void **)&ws->x16, &ws->n_x16, (size_t)n * blocks, sizeof(ce_block_x16), err, errlen))) return st;
             for (int i = 0; i < n; i++) k->quantize_x16(x + (size_t)i * cols, ws->x16 + i * blocks, cols);
-            job.dot_x16 = k->vec_dot_x16[w->type];
+            job.matvec_x16 = k->matvec_x16[w->type];
             job.x_x16 = ws->x16;
         }
         ce_parallel_for(rows, matvec_rows, &job);

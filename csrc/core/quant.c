@@ -247,6 +247,17 @@ static float vec_dot_q8_0_q8a_generic(const void *wrow, const ce_block_q8a *x, i
     return sum;
 }
 
+/* y[r] = w_r · x, one row at a time */
+#define MATVEC_Q8A_GENERIC(name)                                                                              \
+    static void matvec_##name##_q8a_generic(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, \
+                                            int64_t cols, float *y) {                                         \
+        for (int64_t r = 0; r < rows; r++) y[r] = vec_dot_##name##_q8a_generic((const uint8_t *)w + r * row_bytes, x, cols); \
+    }
+MATVEC_Q8A_GENERIC(q4_0)
+MATVEC_Q8A_GENERIC(q4_1)
+MATVEC_Q8A_GENERIC(q8_0)
+#undef MATVEC_Q8A_GENERIC
+
 static void dot_rows_f32_generic(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
     for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f32_generic((const float *)X + t * n, q, n);
 }
@@ -284,11 +295,11 @@ static const ce_kernels kernels_generic = {
             [CE_TYPE_Q8_0] = vec_dot_q8_0_generic,
         },
     .quantize_q8a = quantize_q8a_generic,
-    .vec_dot_q8a =
+    .matvec_q8a =
         {
-            [CE_TYPE_Q4_0] = vec_dot_q4_0_q8a_generic,
-            [CE_TYPE_Q4_1] = vec_dot_q4_1_q8a_generic,
-            [CE_TYPE_Q8_0] = vec_dot_q8_0_q8a_generic,
+            [CE_TYPE_Q4_0] = matvec_q4_0_q8a_generic,
+            [CE_TYPE_Q4_1] = matvec_q4_1_q8a_generic,
+            [CE_TYPE_Q8_0] = matvec_q8_0_q8a_generic,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_generic, [CE_TYPE_F16] = dot_rows_f16_generic},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_generic, [CE_TYPE_F16] = sum_rows_f16_generic},

@@ -100,8 +100,8 @@ static void test_vec_dot(const ce_kernels *k) {
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
         for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
             const int64_t cols = sizes[s], rows = 4;
-            if (k->vec_dot[types[t]] == NULL) { /* the set serves this type through vec_dot_x16 (test_x16) */
-                CHECK(k->vec_dot_x16[types[t]] != NULL, "%s has a dot for %s", k->name, ce_type_name(types[t]));
+            if (k->vec_dot[types[t]] == NULL) { /* the set serves this type through matvec_x16 (test_x16) */
+                CHECK(k->matvec_x16[types[t]] != NULL, "%s has a dot for %s", k->name, ce_type_name(types[t]));
                 continue;
             }
             void *w = random_tensor(types[t], rows, cols);
@@ -151,16 +151,20 @@ static void test_q8a(const ce_kernels *k) {
                 CHECK(fabsf(x[b * CE_QK + j] - got[b].d * got[b].qs[j]) <= 0.5001f * got[b].d, "%s block %d elem %d",
                       k->name, b, j);
     }
+    /* 7 rows: a group of four and three alone; 3 blocks: a pair and one alone */
     static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
-    float *row = malloc(sizeof(float) * COLS);
-    for (int c = 0; c < 3; c++) {
-        const int64_t cols = c == 0 ? 32 : c == 1 ? 576 : COLS;
+    static const int64_t sizes[] = {32, 96, 576, COLS};
+    enum { ROWS = 7 };
+    float *row = malloc(sizeof(float) * COLS), dots[ROWS];
+    for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
+        const int64_t cols = sizes[c];
         for (int j = 0; j < cols; j++) x[j] = rng_uniform();
         k->quantize_q8a(x, got, cols);
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
-            void *w = random_tensor(types[t], 4, cols); /* random bytes: Q8_0 rows include -128 */
-            ce_tensor tensor = {w, types[t], cols, 4};
-            for (int64_t r = 0; r < 4; r++) {
+            void *w = random_tensor(types[t], ROWS, cols); /* random bytes: Q8_0 rows include -128 */
+            ce_tensor tensor = {w, types[t], cols, ROWS};
+            k->matvec_q8a[types[t]](w, ce_row_bytes(types[t], cols), ROWS, got, cols, dots);
+            for (int64_t r = 0; r < ROWS; r++) {
                 ce_dequantize_row(&tensor, r, row);
                 double ref = 0.0, mag = 0.0;
                 for (int64_t j = 0; j < cols; j++) {
@@ -168,9 +172,8 @@ static void test_q8a(const ce_kernels *k) {
                     ref += (double)row[j] * xj;
                     mag += fabs((double)row[j] * xj);
                 }
-                float dot = k->vec_dot_q8a[types[t]]((const uint8_t *)w + r * ce_row_bytes(types[t], cols), got, cols);
-                CHECK(fabs(dot - ref) <= TOL_DOT_REL * mag + 1e-30, "%s vec_dot_q8a %s cols %lld: %g vs %g (mag %g)",
-                      k->name, ce_type_name(types[t]), (long long)cols, (double)dot, ref, mag);
+                CHECK(fabs(dots[r] - ref) <= TOL_DOT_REL * mag + 1e-30, "%s matvec_q8a %s cols %lld row %lld: %g vs %g (mag %g)",
+                      k->name, ce_type_name(types[t]), (long long)cols, (long long)r, (double)dots[r], ref, mag);
             }
             free(w);
         }
@@ -253,20 +256,26 @@ static void test_x16(const ce_kernels *k) {
         }
         CHECK(fabs(b[i].sum - sum) <= 1e-6 * (fabs(sum) + amax), "%s x16 block %d sum", k->name, i);
     }
+    /* 7 rows: a group of four and three alone; the first 96 columns (3 blocks) and all of them */
     static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
-    float *row = malloc(sizeof(float) * COLS);
-    for (size_t t = 0; t < 3; t++) {
-        void *w = random_tensor(types[t], 4, COLS);
-        ce_tensor tensor = {w, types[t], COLS, 4};
-        for (int64_t r = 0; r < 4; r++) {
-            ce_dequantize_row(&tensor, r, row);
-            double ref = 0.0, mag = 0.0;
-            for (int64_t j = 0; j < COLS; j++) ref += (double)row[j] * x[j], mag += fabs((double)row[j] * x[j]);
-            float dot = k->vec_dot_x16[types[t]]((const uint8_t *)w + r * ce_row_bytes(types[t], COLS), b, COLS);
-            CHECK(fabs(dot - ref) <= TOL_DOT_REL * mag, "%s vec_dot_x16 %s: %g vs %g (mag %g)", k->name,
-                  ce_type_name(types[t]), (double)dot, ref, mag);
+    static const int64_t sizes[] = {96, COLS};
+    enum { ROWS = 7 };
+    float *row = malloc(sizeof(float) * COLS), dots[ROWS];
+    for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
+        const int64_t cols = sizes[c];
+        for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+            void *w = random_tensor(types[t], ROWS, cols);
+            ce_tensor tensor = {w, types[t], cols, ROWS};
+            k->matvec_x16[types[t]](w, ce_row_bytes(types[t], cols), ROWS, b, cols, dots);
+            for (int64_t r = 0; r < ROWS; r++) {
+                ce_dequantize_row(&tensor, r, row);
+                double ref = 0.0, mag = 0.0;
+                for (int64_t j = 0; j < cols; j++) ref += (double)row[j] * x[j], mag += fabs((double)row[j] * x[j]);
+                CHECK(fabs(dots[r] - ref) <= TOL_DOT_REL * mag, "%s matvec_x16 %s cols %lld row %lld: %g vs %g (mag %g)",
+                      k->name, ce_type_name(types[t]), (long long)cols, (long long)r, (double)dots[r], ref, mag);
+            }
+            free(w);
         }
-        free(w);
     }
     free(row);
 }

@@ -75,9 +75,11 @@ typedef struct {
 
 /* x (cols floats, cols a multiple of CE_QK) -> cols / CE_QK blocks. */
 typedef void (*ce_quantize_q8a_fn)(const float *x, ce_block_q8a *out, int64_t cols);
-/* Dot product of one weight row with quantized activations: each block's integer sum is exact, so
- * results differ between kernel sets only in the float sum over blocks. */
-typedef float (*ce_vec_dot_q8a_fn)(const void *wrow, const ce_block_q8a *x, int64_t cols);
+/* Matrix–vector product with quantized activations: y[r] = w_r · x for the `rows` weight rows at w,
+ * row_bytes apart, r in [0, rows). Each block's integer sum is exact, so results differ between kernel
+ * sets only in the float sum over blocks. */
+typedef void (*ce_matvec_q8a_fn)(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, int64_t cols,
+                                 float *y);
 
 /* fp32 activations as 30-bit fixed point, for integer dot products that keep fp32 accuracy:
  * x_j = d * (hi[j] + lo[j] / 65534) up to d / 131068 (2^-32 of the block's max |x|), with
@@ -90,21 +92,23 @@ typedef struct {
 } ce_block_x16;
 
 typedef void (*ce_quantize_x16_fn)(const float *x, ce_block_x16 *out, int64_t cols);
-typedef float (*ce_vec_dot_x16_fn)(const void *wrow, const ce_block_x16 *x, int64_t cols);
+/* y[r] = w_r · x as ce_matvec_q8a_fn, with fixed-point activations */
+typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, const ce_block_x16 *x, int64_t cols,
+                                 float *y);
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
- * vec_dot_q8a is NULL for the float weight types, which always take fp32 activations. */
+ * matvec_q8a is NULL for the float weight types, which always take fp32 activations. */
 typedef struct {
     const char *name;
     ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
     ce_quantize_q8a_fn quantize_q8a;
-    ce_vec_dot_q8a_fn vec_dot_q8a[CE_TYPE_Q8_0 + 1];
+    ce_matvec_q8a_fn matvec_q8a[CE_TYPE_Q8_0 + 1];
     /* A faster realization of vec_dot for fp32 activations (CE_ACT_F32) on quantized weights. Every
-     * set fills vec_dot or vec_dot_x16 for each quantized type; the generic set fills vec_dot, the
+     * set fills vec_dot or matvec_x16 for each quantized type; the generic set fills vec_dot, the
      * specification. */
     ce_quantize_x16_fn quantize_x16;
-    ce_vec_dot_x16_fn vec_dot_x16[CE_TYPE_Q8_0 + 1];
+    ce_matvec_x16_fn matvec_x16[CE_TYPE_Q8_0 + 1];
     /* Attention over a KV cache block X (rows, n) of a float type:
      * dot_rows: out[t] = X[t, :] · q (scores);  sum_rows: y = Σ_t a[t] X[t, :] (weighted values). */
     void (*dot_rows[CE_TYPE_F16 + 1])(const void *X, const float *q, int64_t rows, int64_t n, float *out);
@@ -161,7 +165,7 @@ typedef struct {
 /* How activations enter the small-batch matrix products (batches > CE_SMALL_BATCH use sgemm in fp32
  * either way; so do F32/F16 weights). */
 typedef enum {
-    CE_ACT_F32 = 0, /* fp32 accuracy (vec_dot, or vec_dot_x16 where faster): matches an fp32 reference to ~1e-4 */
+    CE_ACT_F32 = 0, /* fp32 accuracy (vec_dot, or matvec_x16 where faster): matches an fp32 reference to ~1e-4 */
     CE_ACT_Q8 = 1,  /* quantized per product to ce_block_q8a, integer dots: llama.cpp's numerics */
 } ce_activations;
 
@@ -211,7 +215,7 @@ typedef struct {
     size_t n_q8;
     ce_block_q8a *q8;  /* quantized activations (CE_ACT_Q8) */
     size_t n_x16;
-    ce_block_x16 *x16; /* fixed-point activations (CE_ACT_F32 through vec_dot_x16) */
+    ce_block_x16 *x16; /* fixed-point activations (CE_ACT_F32 through matvec_x16) */
     size_t n_chunk;
     struct ce_seq_rows *chunk; /* the sequences' shares of one chunk of a large batch */
 } ce_workspace;
