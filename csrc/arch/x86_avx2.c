@@ -251,39 +251,87 @@ TARGET static void quantize_x16_avx2(const float *x, ce_block_x16 *out, int64_t 
     }
 }
 
+/* The pair (A, B)'s 64 quants as int16 in four registers, w[g] = [A's elements 8g..8g+7 | B's]:
+ * in-lane unpacks of a register holding both blocks, no lane crossing. */
+TARGET static inline void pair_epi16(const uint8_t *a, const uint8_t *b, int kind, __m256i w[4]) {
+    const int qs = QS_OFFSET(kind);
+    if (kind == Q8_0) { /* sign-extend: each byte into the high half of an int16, then shift down */
+        const __m256i v0 = _mm256_loadu2_m128i((const __m128i *)(b + qs), (const __m128i *)(a + qs));
+        const __m256i v1 = _mm256_loadu2_m128i((const __m128i *)(b + qs + 16), (const __m128i *)(a + qs + 16));
+        w[0] = _mm256_srai_epi16(_mm256_unpacklo_epi8(v0, v0), 8);
+        w[1] = _mm256_srai_epi16(_mm256_unpackhi_epi8(v0, v0), 8);
+        w[2] = _mm256_srai_epi16(_mm256_unpacklo_epi8(v1, v1), 8);
+        w[3] = _mm256_srai_epi16(_mm256_unpackhi_epi8(v1, v1), 8);
+    } else { /* nibbles: low ones are elements 0-15, high ones 16-31 */
+        const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+        const __m256i raw = _mm256_loadu2_m128i((const __m128i *)(b + qs), (const __m128i *)(a + qs));
+        const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        w[0] = _mm256_unpacklo_epi8(lo, zero);
+        w[1] = _mm256_unpackhi_epi8(lo, zero);
+        w[2] = _mm256_unpacklo_epi8(hi, zero);
+        w[3] = _mm256_unpackhi_epi8(hi, zero);
+    }
+}
+
 /* n_rows rows of quantized weights · fixed-point activations: Σ_blocks d_w d_x Σ_j q_j (hi_j + lo_j /
  * 65534) + coef Σ_blocks (d_w or m_w) Σx, with q the stored quants (Q4: nibbles 0-15, Q8_0: signed).
  * Per block: exact int32 pair sums of q × hi and q × lo (|q| <= 128, |hi|, |lo| <= 32767), then one
- * float combination per lane. */
+ * float combination per lane. Blocks go in pairs as in q4_q8a_rows: lanes 0-3 of every sum are A's,
+ * 4-7 B's, and the activations are rearranged to match once per pair for all rows. */
 TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t *w, size_t row_bytes, int n_rows,
                                                                    int kind, const ce_block_x16 *x, int64_t blocks,
                                                                    float *y) {
     const int bb = BLOCK_BYTES(kind), qs = QS_OFFSET(kind);
-    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m256 lo_weight = _mm256_set1_ps(1.0f / 65534.0f);
+    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
     __m256 acc[GROUP_ROWS];
     __m128 off[GROUP_ROWS];
     for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps(), off[r] = _mm_setzero_ps();
-    for (int64_t i = 0; i < blocks; i++) {
+    int64_t i = 0;
+    for (; i + 2 <= blocks; i += 2) {
+        __m256i xh[4], xl[4]; /* [A's activations 8g..8g+7 | B's], hi and lo parts */
+        for (int h = 0; h < 2; h++) {
+            const __m256i ha = _mm256_loadu_si256((const __m256i *)x[i].hi + h), hb = _mm256_loadu_si256((const __m256i *)x[i + 1].hi + h);
+            const __m256i la = _mm256_loadu_si256((const __m256i *)x[i].lo + h), lb = _mm256_loadu_si256((const __m256i *)x[i + 1].lo + h);
+            xh[2 * h] = _mm256_permute2x128_si256(ha, hb, 0x20), xh[2 * h + 1] = _mm256_permute2x128_si256(ha, hb, 0x31);
+            xl[2 * h] = _mm256_permute2x128_si256(la, lb, 0x20), xl[2 * h + 1] = _mm256_permute2x128_si256(la, lb, 0x31);
+        }
+        const __m128 ds = _mm_movelh_ps(load_ds(&x[i]), load_ds(&x[i + 1])); /* (d_xA, Σx_A, d_xB, Σx_B) */
+        for (int r = 0; r < n_rows; r++) {
+            const uint8_t *a = w + r * row_bytes + i * bb, *b = a + bb;
+            _mm_prefetch((const char *)a + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i q[4];
+            pair_epi16(a, b, kind, q);
+            __m256i s_hi = _mm256_madd_epi16(q[0], xh[0]), s_lo = _mm256_madd_epi16(q[0], xl[0]);
+            for (int g = 1; g < 4; g++) {
+                s_hi = _mm256_add_epi32(s_hi, _mm256_madd_epi16(q[g], xh[g]));
+                s_lo = _mm256_add_epi32(s_lo, _mm256_madd_epi16(q[g], xl[g]));
+            }
+            const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), lo_weight, _mm256_cvtepi32_ps(s_hi));
+            const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(block_dm_bits(a, kind), block_dm_bits(b, kind)));
+            const __m128 scales = _mm_mul_ps(dm, ds); /* (d_wA d_xA, m_wA Σx_A, d_wB d_xB, m_wB Σx_B) */
+            acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(scales), spread), dot, acc[r]);
+            if (kind != Q8_0) off[r] = _mm_add_ps(off[r], scales);
+        }
+    }
+    if (i < blocks) { /* an odd block count: the last block alone, elements 0-15 and 16-31 as int16 */
         const __m256i *hi = (const __m256i *)x[i].hi, *lo = (const __m256i *)x[i].lo;
-        const __m256i hi0 = _mm256_loadu_si256(hi), hi1 = _mm256_loadu_si256(hi + 1);
-        const __m256i lo0 = _mm256_loadu_si256(lo), lo1 = _mm256_loadu_si256(lo + 1);
-        const __m128 ds = load_ds(&x[i]); /* (d_x, Σx) */
+        const __m128 ds = load_ds(&x[i]);
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb;
-            _mm_prefetch((const char *)a + PREFETCH_BYTES, _MM_HINT_T0);
-            __m256i w0, w1; /* elements 0-15 and 16-31 as int16 */
+            __m256i w0, w1;
             if (kind == Q8_0) {
                 w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + qs)));
                 w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + qs + 16)));
             } else {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(a + qs));
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(a + qs)), low4 = _mm_set1_epi8(0x0f);
                 w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
                 w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
             }
-            const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(w0, hi0), _mm256_madd_epi16(w1, hi1));
-            const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(w0, lo0), _mm256_madd_epi16(w1, lo1));
-            const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), _mm256_set1_ps(1.0f / 65534.0f), _mm256_cvtepi32_ps(s_hi));
-            const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(block_dm_bits(a, kind)), ds); /* (d_w d_x, m_w Σx) */
+            const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
+            const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
+            const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), lo_weight, _mm256_cvtepi32_ps(s_hi));
+            const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(block_dm_bits(a, kind)), ds); /* (d_w d_x, m_w Σx, 0, 0) */
             acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), dot, acc[r]);
             if (kind != Q8_0) off[r] = _mm_add_ps(off[r], scales);
         }
