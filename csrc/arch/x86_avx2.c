@@ -116,19 +116,25 @@ TARGET static inline __m128i block_dm_bits(const uint8_t *block, int kind) {
     return _mm_cvtsi32_si128((int32_t)bits);
 }
 
-/* y[r] = hsum(acc[r]) + coef × (lanes 1 and 3 of off[r]) for r < n_rows */
+/* y[r] = Σ lanes of acc[r] + coef × (lanes 1 and 3 of off[r]) for r < n_rows. A row alone is summed
+ * in the same order as in a group of four, so a row's result does not depend on how the rows were
+ * split (between threads, tiles or groups). */
 TARGET static inline void store_rows(const __m256 *acc, const __m128 *off, int n_rows, float coef, float *y) {
+    const __m128 c = _mm_set1_ps(coef);
     if (n_rows == 4) {
+        /* lane r of the two hadds: (a0 + a1) + (a2 + a3) in the low half, (a4 + a5) + (a6 + a7) high */
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
         const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         const __m128 offs = _mm_hadd_ps(_mm_shuffle_ps(off[0], off[1], _MM_SHUFFLE(3, 1, 3, 1)),
                                         _mm_shuffle_ps(off[2], off[3], _MM_SHUFFLE(3, 1, 3, 1)));
-        _mm_storeu_ps(y, _mm_fmadd_ps(_mm_set1_ps(coef), offs, sums));
+        _mm_storeu_ps(y, _mm_fmadd_ps(c, offs, sums));
         return;
     }
     for (int r = 0; r < n_rows; r++) {
-        const __m128 o = _mm_add_ps(off[r], _mm_movehl_ps(off[r], off[r])); /* lane 1: o1 + o3 */
-        y[r] = hsum(acc[r]) + coef * _mm_cvtss_f32(_mm_movehdup_ps(o));
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r], acc[r]), _mm256_hadd_ps(acc[r], acc[r]));
+        const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        const __m128 o = _mm_shuffle_ps(off[r], off[r], _MM_SHUFFLE(3, 1, 3, 1));
+        y[r] = _mm_cvtss_f32(_mm_fmadd_ps(c, _mm_hadd_ps(o, o), sum));
     }
 }
 

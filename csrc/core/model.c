@@ -156,71 +156,68 @@ void ce_workspace_free(ce_workspace *ws) {
 /* ---- matrix products ---- */
 
 /* Small batches: the weights are read once for all n activation rows, a tile of MATVEC_TILE rows
- * (a few KB, in L1) at a time. y[i, r] depends only on x[i]: the result is the same for every n.
- * Rows are split across the pool's threads. */
+ * (a few KB, in L1) at a time. y[i, r] depends only on x[i] and weight row r: the result is the same
+ * for every n and every split of the rows. Products that share x (q, k and v; gate and up) run as one
+ * job over their rows laid end to end: one hand-off to the pool, x converted once. */
 #define MATVEC_TILE 16
+#define MAX_PRODUCTS 3
 
 typedef struct {
     const ce_tensor *w;
+    float *y;                    /* (n, w->rows) */
     ce_vec_dot_fn dot;           /* fp32 activations x ... */
     ce_matvec_q8a_fn matvec_q8a; /* ... or, when set, quantized activations x_q8 */
     ce_matvec_x16_fn matvec_x16; /* ... or, when set, fixed-point activations x_x16 */
+} product;
+
+typedef struct {
+    int count;
+    product parts[MAX_PRODUCTS];
+    int64_t first_row[MAX_PRODUCTS + 1]; /* part p owns job rows [first_row[p], first_row[p + 1]) */
     int n;
-    const float *x;
+    const float *x;            /* (n, cols) */
     const ce_block_q8a *x_q8;  /* (n, cols / CE_QK) */
     const ce_block_x16 *x_x16; /* (n, cols / CE_QK) */
-    float *y;
 } matvec_job;
 
-static void matvec_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
+static void matvec_rows(void *ctx, int64_t begin, int64_t end, int thread) {
     (void)thread;
     const matvec_job *job = ctx;
-    const ce_tensor *w = job->w;
-    const size_t row_bytes = ce_row_bytes(w->type, w->cols);
-    const int64_t blocks = w->cols / CE_QK;
-    for (int64_t t0 = r0; t0 < r1; t0 += MATVEC_TILE) {
-        const int64_t t1 = r1 - t0 < MATVEC_TILE ? r1 : t0 + MATVEC_TILE;
-        const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * row_bytes;
-        for (int i = 0; i < job->n; i++) {
-            float *y = job->y + (size_t)i * w->rows + t0;
-            if (job->matvec_q8a)
-                job->matvec_q8a(tile, row_bytes, t1 - t0, job->x_q8 + i * blocks, w->cols, y);
-            else if (job->matvec_x16)
-                job->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
-            else
-                for (int64_t r = 0; r < t1 - t0; r++) y[r] = job->dot(tile + r * row_bytes, job->x + (size_t)i * w->cols, w->cols);
+    for (int p = 0; p < job->count; p++) {
+        const product *part = &job->parts[p];
+        const ce_tensor *w = part->w;
+        const int64_t r0 = (begin > job->first_row[p] ? begin : job->first_row[p]) - job->first_row[p];
+        const int64_t r1 = (end < job->first_row[p + 1] ? end : job->first_row[p + 1]) - job->first_row[p];
+        const size_t row_bytes = ce_row_bytes(w->type, w->cols);
+        const int64_t blocks = w->cols / CE_QK;
+        for (int64_t t0 = r0; t0 < r1; t0 += MATVEC_TILE) {
+            const int64_t t1 = r1 - t0 < MATVEC_TILE ? r1 : t0 + MATVEC_TILE;
+            const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * row_bytes;
+            for (int i = 0; i < job->n; i++) {
+                float *y = part->y + (size_t)i * w->rows + t0;
+                if (part->matvec_q8a)
+                    part->matvec_q8a(tile, row_bytes, t1 - t0, job->x_q8 + i * blocks, w->cols, y);
+                else if (part->matvec_x16)
+                    part->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
+                else
+                    for (int64_t r = 0; r < t1 - t0; r++)
+                        y[r] = part->dot(tile + r * row_bytes, job->x + (size_t)i * w->cols, w->cols);
+            }
         }
     }
 }
 
-ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n, const float *x, float *y,
-                    char *err, size_t errlen) {
+/* Larger batches (n > CE_SMALL_BATCH): sgemm, on dequantized panels of PANEL_ROWS rows for the
+ * quantized types. */
+static ce_status matmul_sgemm(const ce_tensor *w, ce_workspace *ws, int n, const float *x, float *y, char *err,
+                              size_t errlen) {
     ce_status st;
     const int64_t cols = w->cols, rows = w->rows;
-    if (n <= CE_SMALL_BATCH) {
-        const ce_kernels *k = ce_kernels_active();
-        matvec_job job = {w, k->vec_dot[w->type], NULL, NULL, n, x, NULL, NULL, y};
-        const int64_t blocks = cols / CE_QK; /* activations are converted once per row, then every weight row reuses them */
-        if (activations == CE_ACT_Q8 && k->matvec_q8a[w->type]) {
-            if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
-            for (int i = 0; i < n; i++) k->quantize_q8a(x + (size_t)i * cols, ws->q8 + i * blocks, cols);
-            job.matvec_q8a = k->matvec_q8a[w->type];
-            job.x_q8 = ws->q8;
-        } else if (activations == CE_ACT_F32 && k->matvec_x16[w->type]) {
-            if ((st = grow((void **)&ws->x16, &ws->n_x16, (size_t)n * blocks, sizeof(ce_block_x16), err, errlen))) return st;
-            for (int i = 0; i < n; i++) k->quantize_x16(x + (size_t)i * cols, ws->x16 + i * blocks, cols);
-            job.matvec_x16 = k->matvec_x16[w->type];
-            job.x_x16 = ws->x16;
-        }
-        ce_parallel_for(rows, matvec_rows, &job);
-        return CE_OK;
-    }
     if (w->type == CE_TYPE_F32) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)rows, (int)cols, 1.0f, x, (int)cols,
                     w->data, (int)cols, 0.0f, y, (int)rows);
         return CE_OK;
     }
-    /* Larger batches: dequantize PANEL_ROWS rows at a time and multiply with sgemm. */
     if ((st = grow((void **)&ws->panel, &ws->n_panel, (size_t)PANEL_ROWS * cols, sizeof(float), err, errlen)))
         return st;
     float *panel = ws->panel;
@@ -232,6 +229,49 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n
                     (int)cols, 0.0f, y + r0, (int)rows);
     }
     return CE_OK;
+}
+
+/* y_p (n, w_p->rows) = x (n, cols) · w_pᵀ for count products whose weights all have cols columns. */
+static ce_status matmul_shared(int count, const ce_tensor *const *w, float *const *y, ce_workspace *ws,
+                               int activations, int n, const float *x, char *err, size_t errlen) {
+    ce_status st;
+    if (n > CE_SMALL_BATCH) {
+        for (int p = 0; p < count; p++)
+            if ((st = matmul_sgemm(w[p], ws, n, x, y[p], err, errlen))) return st;
+        return CE_OK;
+    }
+    const ce_kernels *k = ce_kernels_active();
+    const int64_t cols = w[0]->cols, blocks = cols / CE_QK;
+    matvec_job job = {.count = count, .n = n, .x = x};
+    int need_q8 = 0, need_x16 = 0;
+    for (int p = 0; p < count; p++) {
+        const int type = w[p]->type;
+        product *part = &job.parts[p];
+        *part = (product){.w = w[p], .y = y[p], .dot = k->vec_dot[type]};
+        if (activations == CE_ACT_Q8 && k->matvec_q8a[type])
+            part->matvec_q8a = k->matvec_q8a[type], need_q8 = 1;
+        else if (activations == CE_ACT_F32 && k->matvec_x16[type])
+            part->matvec_x16 = k->matvec_x16[type], need_x16 = 1;
+        job.first_row[p + 1] = job.first_row[p] + w[p]->rows;
+    }
+    /* activations are converted once per row, then every weight row reuses them */
+    if (need_q8) {
+        if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
+        for (int i = 0; i < n; i++) k->quantize_q8a(x + (size_t)i * cols, ws->q8 + i * blocks, cols);
+        job.x_q8 = ws->q8;
+    }
+    if (need_x16) {
+        if ((st = grow((void **)&ws->x16, &ws->n_x16, (size_t)n * blocks, sizeof(ce_block_x16), err, errlen))) return st;
+        for (int i = 0; i < n; i++) k->quantize_x16(x + (size_t)i * cols, ws->x16 + i * blocks, cols);
+        job.x_x16 = ws->x16;
+    }
+    ce_parallel_for(job.first_row[count], matvec_rows, &job);
+    return CE_OK;
+}
+
+ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n, const float *x, float *y,
+                    char *err, size_t errlen) {
+    return matmul_shared(1, &w, &y, ws, activations, n, x, err, errlen);
 }
 
 /* ---- forward ---- */
@@ -342,9 +382,9 @@ ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     for (int l = layer_begin; l < layer_end; l++) {
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, m->layers[l].attn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&m->layers[l].wk, ws, m->activations, n, xn, k, err, errlen)) ||
-            (st = ce_matmul(&m->layers[l].wv, ws, m->activations, n, xn, v, err, errlen)))
-            return st;
+        const ce_tensor *kv_w[] = {&m->layers[l].wk, &m->layers[l].wv};
+        float *const kv_y[] = {k, v};
+        if ((st = matmul_shared(2, kv_w, kv_y, ws, m->activations, n, xn, err, errlen))) return st;
         store_kv(m, kv, l, n, pos0, k, v, cs);
     }
     return CE_OK;
@@ -388,9 +428,9 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
         /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->attn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&L->wq, ws, m->activations, n, xn, q, err, errlen)) || (st = ce_matmul(&L->wk, ws, m->activations, n, xn, k, err, errlen)) ||
-            (st = ce_matmul(&L->wv, ws, m->activations, n, xn, v, err, errlen)))
-            return st;
+        const ce_tensor *qkv_w[] = {&L->wq, &L->wk, &L->wv};
+        float *const qkv_y[] = {q, k, v};
+        if ((st = matmul_shared(3, qkv_w, qkv_y, ws, m->activations, n, xn, err, errlen))) return st;
         for (int s = 0, i0 = 0; s < n_seqs; i0 += seqs[s].n, s++)
             store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd,
                      cs + (size_t)i0 * hd);
@@ -404,9 +444,9 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
         /* feed-forward block: x += W_down · (silu(W_gate xn) ⊙ W_up xn), xn = rmsnorm(x) */
         for (int i = 0; i < n; i++)
             ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->ffn_norm.data, d, c->norm_eps);
-        if ((st = ce_matmul(&L->w_gate, ws, m->activations, n, xn, gate, err, errlen)) ||
-            (st = ce_matmul(&L->w_up, ws, m->activations, n, xn, up, err, errlen)))
-            return st;
+        const ce_tensor *ffn_w[] = {&L->w_gate, &L->w_up};
+        float *const ffn_y[] = {gate, up};
+        if ((st = matmul_shared(2, ffn_w, ffn_y, ws, m->activations, n, xn, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * f; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
         if ((st = ce_matmul(&L->w_down, ws, m->activations, n, gate, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];

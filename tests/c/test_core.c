@@ -163,7 +163,14 @@ static void test_q8a(const ce_kernels *k) {
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
             void *w = random_tensor(types[t], ROWS, cols); /* random bytes: Q8_0 rows include -128 */
             ce_tensor tensor = {w, types[t], cols, ROWS};
-            k->matvec_q8a[types[t]](w, ce_row_bytes(types[t], cols), ROWS, got, cols, dots);
+            const size_t row_bytes = ce_row_bytes(types[t], cols);
+            k->matvec_q8a[types[t]](w, row_bytes, ROWS, got, cols, dots);
+            for (int64_t r = 0; r < ROWS; r++) { /* a row's result does not depend on the rows beside it */
+                float alone;
+                k->matvec_q8a[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, got, cols, &alone);
+                CHECK(memcmp(&alone, &dots[r], sizeof alone) == 0, "%s matvec_q8a %s cols %lld row %lld alone: %g vs %g",
+                      k->name, ce_type_name(types[t]), (long long)cols, (long long)r, (double)alone, (double)dots[r]);
+            }
             for (int64_t r = 0; r < ROWS; r++) {
                 ce_dequantize_row(&tensor, r, row);
                 double ref = 0.0, mag = 0.0;
@@ -266,7 +273,14 @@ static void test_x16(const ce_kernels *k) {
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
             void *w = random_tensor(types[t], ROWS, cols);
             ce_tensor tensor = {w, types[t], cols, ROWS};
-            k->matvec_x16[types[t]](w, ce_row_bytes(types[t], cols), ROWS, b, cols, dots);
+            const size_t row_bytes = ce_row_bytes(types[t], cols);
+            k->matvec_x16[types[t]](w, row_bytes, ROWS, b, cols, dots);
+            for (int64_t r = 0; r < ROWS; r++) { /* a row's result does not depend on the rows beside it */
+                float alone;
+                k->matvec_x16[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, b, cols, &alone);
+                CHECK(memcmp(&alone, &dots[r], sizeof alone) == 0, "%s matvec_x16 %s cols %lld row %lld alone: %g vs %g",
+                      k->name, ce_type_name(types[t]), (long long)cols, (long long)r, (double)alone, (double)dots[r]);
+            }
             for (int64_t r = 0; r < ROWS; r++) {
                 ce_dequantize_row(&tensor, r, row);
                 double ref = 0.0, mag = 0.0;
