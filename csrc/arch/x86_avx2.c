@@ -363,12 +363,45 @@ MATVEC_X16(q8_0, Q8_0)
     ((is_f16) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(X) + (t) * (n) + (j)))) \
               : _mm256_loadu_ps((const float *)(X) + (t) * (n) + (j)))
 
+/* The lane sums of eight vectors: out lane r = Σ lanes of a[r], as ((a0 + a1) + (a2 + a3)) + ((a4 + a5)
+ * + (a6 + a7)) for every r. */
+TARGET static inline __m256 hsum8(const __m256 a[8]) {
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+/* out[t] = X[t, :] · q, eight rows at a time (one accumulator per row, q loaded once for all). The
+ * last rows run as a group of eight too, the missing ones reading row 0 and never stored, so a row's
+ * score does not depend on how many rows there are. */
+TARGET static inline void dot_rows_avx2(const void *X, int is_f16, const float *q, int64_t rows, int64_t n,
+                                        float *out) {
+    if (n % 8) { /* widths the model never has */
+        for (int64_t t = 0; t < rows; t++)
+            out[t] = is_f16 ? vec_dot_f16_avx2((const uint16_t *)X + t * n, q, n) : vec_dot_f32_avx2((const float *)X + t * n, q, n);
+        return;
+    }
+    for (int64_t t0 = 0; t0 < rows; t0 += 8) {
+        int64_t row[8];
+        for (int r = 0; r < 8; r++) row[r] = t0 + r < rows ? t0 + r : 0;
+        __m256 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j += 8) {
+            const __m256 qj = _mm256_loadu_ps(q + j);
+            for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(LOAD_ROW8(X, is_f16, row[r], n, j), qj, acc[r]);
+        }
+        float sums[8];
+        _mm256_storeu_ps(sums, hsum8(acc));
+        for (int r = 0; r < 8 && t0 + r < rows; r++) out[t0 + r] = sums[r];
+    }
+}
+
 TARGET static void dot_rows_f32_avx2(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
-    for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f32_avx2((const float *)X + t * n, q, n);
+    dot_rows_avx2(X, 0, q, rows, n, out);
 }
 
 TARGET static void dot_rows_f16_avx2(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
-    for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f16_avx2((const uint16_t *)X + t * n, q, n);
+    dot_rows_avx2(X, 1, q, rows, n, out);
 }
 
 /* y = Σ_t a[t] X[t, :], 64 columns at a time held in eight registers across all rows */
@@ -436,6 +469,28 @@ TARGET static double exp_shifted_avx2(float *x, float shift, int64_t n) {
     return total;
 }
 
+/* silu(g) u = g u / (1 + exp(-g)), with exp taken of -|g| only: e = exp(-|g|), silu(g) = g / (1 + e)
+ * for g >= 0 and g e / (1 + e) below. */
+TARGET static inline __m256 silu_mul8(__m256 g, __m256 u) {
+    const __m256 e = exp_nonpositive(_mm256_or_ps(g, _mm256_set1_ps(-0.0f))); /* -|g| */
+    const __m256 num = _mm256_blendv_ps(_mm256_set1_ps(1.0f), e, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_mul_ps(_mm256_div_ps(_mm256_mul_ps(g, num), _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+/* Eight lanes at a time; the last n % 8 through the same lanes of a copy, so every element gets the
+ * same arithmetic wherever it sits. */
+TARGET static void silu_mul_avx2(float *gate, const float *up, int64_t n) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(gate + j, silu_mul8(_mm256_loadu_ps(gate + j), _mm256_loadu_ps(up + j)));
+    if (j < n) {
+        float g[8] = {0}, u[8] = {0};
+        memcpy(g, gate + j, sizeof(float) * (size_t)(n - j));
+        memcpy(u, up + j, sizeof(float) * (size_t)(n - j));
+        _mm256_storeu_ps(g, silu_mul8(_mm256_loadu_ps(g), _mm256_loadu_ps(u)));
+        memcpy(gate + j, g, sizeof(float) * (size_t)(n - j));
+    }
+}
+
 static const ce_kernels kernels_avx2 = {
     .name = "avx2",
     .vec_dot =
@@ -460,6 +515,7 @@ static const ce_kernels kernels_avx2 = {
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_avx2, [CE_TYPE_F16] = dot_rows_f16_avx2},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_avx2, [CE_TYPE_F16] = sum_rows_f16_avx2},
     .exp_shifted = exp_shifted_avx2,
+    .silu_mul = silu_mul_avx2,
 };
 
 const ce_kernels *ce_kernels_avx2(void) { return &kernels_avx2; }

@@ -447,7 +447,7 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
         const ce_tensor *ffn_w[] = {&L->w_gate, &L->w_up};
         float *const ffn_y[] = {gate, up};
         if ((st = matmul_shared(2, ffn_w, ffn_y, ws, m->activations, n, xn, err, errlen))) return st;
-        for (size_t j = 0; j < (size_t)n * f; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+        ce_kernels_active()->silu_mul(gate, up, (int64_t)n * f);
         if ((st = ce_matmul(&L->w_down, ws, m->activations, n, gate, o, err, errlen))) return st;
         for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
     }

@@ -4,10 +4,16 @@
 #include "cecollm/cecollm.h"
 
 void ce_rmsnorm(float *y, const float *x, const float *w, int n, float eps) {
-    double ss = 0.0; /* accumulate the mean square in double: n is small, accuracy is free */
-    for (int j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    /* the mean square in double (accuracy is free at these sizes), four partial sums so that the adds
+     * do not wait on each other */
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+    int j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; k++) part[k] += (double)x[j + k] * x[j + k];
+    double ss = (part[0] + part[1]) + (part[2] + part[3]);
+    for (; j < n; j++) ss += (double)x[j] * x[j];
     float scale = (float)(1.0 / sqrt(ss / n + eps));
-    for (int j = 0; j < n; j++) y[j] = x[j] * scale * w[j];
+    for (j = 0; j < n; j++) y[j] = x[j] * scale * w[j];
 }
 
 /* cs (head_dim): (cos, sin) of angle pos * inv_freq[i] for each pair i. */

@@ -284,6 +284,10 @@ static double exp_shifted_generic(float *x, float shift, int64_t n) {
     return sum;
 }
 
+static void silu_mul_generic(float *gate, const float *up, int64_t n) {
+    for (int64_t j = 0; j < n; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+}
+
 static const ce_kernels kernels_generic = {
     .name = "generic",
     .vec_dot =
@@ -304,6 +308,7 @@ static const ce_kernels kernels_generic = {
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_generic, [CE_TYPE_F16] = dot_rows_f16_generic},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_generic, [CE_TYPE_F16] = sum_rows_f16_generic},
     .exp_shifted = exp_shifted_generic,
+    .silu_mul = silu_mul_generic,
 };
 
 const ce_kernels *ce_kernels_generic(void) { return &kernels_generic; }

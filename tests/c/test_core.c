@@ -206,6 +206,21 @@ static void test_exp_shifted(const ce_kernels *k) {
     CHECK(fabs(sum - total) <= TOL_EXP_REL * total, "%s exp_shifted sum %g vs %g", k->name, sum, total);
 }
 
+/* silu_mul of every kernel set against double precision, on a length with a tail and on extremes */
+static void test_silu_mul(const ce_kernels *k) {
+    enum { N = 1003 };
+    static float g[N], u[N], got[N];
+    for (int j = 0; j < N; j++) g[j] = 12.0f * rng_uniform(), u[j] = rng_uniform();
+    g[0] = 0.0f, g[1] = -100.0f, g[2] = 100.0f, g[3] = -87.0f, g[4] = -1e-30f, g[N - 1] = -3.5f;
+    memcpy(got, g, sizeof g);
+    k->silu_mul(got, u, N);
+    for (int j = 0; j < N; j++) {
+        const double want = (double)g[j] / (1.0 + exp(-(double)g[j])) * u[j];
+        CHECK(fabs(got[j] - want) <= 4e-7 * fabs(want) + 1e-37, "%s silu_mul element %d (gate %g): %g vs %g", k->name, j,
+              (double)g[j], (double)got[j], want);
+    }
+}
+
 /* Attention's row kernels (scores and weighted value sums over a KV block) for F32 and F16 blocks,
  * against double precision, with widths that do and do not fill the 64-column register block. */
 static void test_attention_rows(const ce_kernels *k) {
@@ -232,6 +247,10 @@ static void test_attention_rows(const ce_kernels *k) {
                 }
                 CHECK(fabs(out[t] - ref) <= TOL_DOT_REL * mag + 1e-30, "%s dot_rows %s n %d row %d", k->name,
                       ce_type_name(type), n, t);
+                float first[ROWS]; /* a row's score does not depend on how many rows there are */
+                k->dot_rows[type](X, q, t + 1, n, first);
+                CHECK(memcmp(&first[t], &out[t], sizeof out[t]) == 0, "%s dot_rows %s n %d row %d of %d", k->name,
+                      ce_type_name(type), n, t, t + 1);
             }
             for (int j = 0; j < n; j++)
                 CHECK(fabs(y[j] - ysum[j]) <= TOL_DOT_REL * ymag[j] + 1e-30, "%s sum_rows %s n %d col %d", k->name,
@@ -812,6 +831,8 @@ int main(void) {
     test_attention_rows(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_attention_rows(ce_kernels_active());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());
+    test_silu_mul(ce_kernels_generic());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_silu_mul(ce_kernels_active());
     test_exp_shifted(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_exp_shifted(ce_kernels_active());
     test_q8a(ce_kernels_generic());

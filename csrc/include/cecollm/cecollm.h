@@ -115,6 +115,8 @@ typedef struct {
     void (*sum_rows[CE_TYPE_F16 + 1])(const void *X, const float *a, int64_t rows, int64_t n, float *y);
     /* x[j] = exp(x[j] - shift) for n elements (x[j] <= shift); returns their sum (softmax's numerator) */
     double (*exp_shifted)(float *x, float shift, int64_t n);
+    /* gate[j] = silu(gate[j]) up[j] = gate[j] / (1 + exp(-gate[j])) up[j] for n elements (the SwiGLU) */
+    void (*silu_mul)(float *gate, const float *up, int64_t n);
 } ce_kernels;
 
 const ce_kernels *ce_kernels_generic(void);
