@@ -1,7 +1,8 @@
 """Two measurements behind design decisions in docs/benchmarks.md.
 
-1. Matrix-vector kernel cost per 32-weight block (one thread, Q4_1 1536×576, the FFN gate shape),
-   with fp32 activations and with 8-bit activations.
+1. Matrix-vector kernel cost per 32-weight block, with fp32 activations and with 8-bit activations:
+   one thread on Q4_1 1536×576 (the FFN gate shape, cache-resident), then one and two threads on a
+   147456×576 Q4_1 matrix (53 MB, more than the 32 MB L3: weights stream from memory as in decode).
 2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position call, which
    the core runs CE_BATCH_CHUNK = 256 rows at a time, or calls of 128 positions; every chunk
    dequantizes every panel again) against a quantized GEMM made of the 8-bit kernels (batches of 8
@@ -33,15 +34,18 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
-def kernel_ns_per_block(rows: int = 1536, cols: int = 576) -> None:
-    _core.set_threads(1)
+def kernel_ns_per_block(rows: int, cols: int = 576, threads: int = 1, repeats: int = 100) -> None:
+    _core.set_threads(threads)
     rng = np.random.default_rng(0)
     weights = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
     raw = np.ascontiguousarray(gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1))
+    del weights
     x = rng.standard_normal((1, cols)).astype(np.float32)
     for activations in ("f32", "q8"):
-        seconds = best_of(lambda: [_core.matmul(raw, _core.TYPE_Q4_1, rows, cols, x, activations) for _ in range(100)], 5)
-        print(f"Q4_1 {rows}x{cols}, 1 thread, {activations} activations: {seconds / 100 / (rows * cols / 32) * 1e9:.2f} ns/block")
+        seconds = best_of(lambda: [_core.matmul(raw, _core.TYPE_Q4_1, rows, cols, x, activations) for _ in range(repeats)], 5)
+        seconds /= repeats
+        print(f"Q4_1 {rows}x{cols} ({raw.nbytes / 1e6:.1f} MB), {threads} thread(s), {activations} activations:"
+              f" {seconds / (rows * cols / 32) * 1e9:.2f} ns/block, {raw.nbytes / seconds / 1e9:.1f} GB/s")  # fmt: skip
 
 
 def prefill_paths(threads: int) -> None:
@@ -66,7 +70,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    kernel_ns_per_block()
+    kernel_ns_per_block(1536)
+    for threads in sorted({1, args.threads}):
+        kernel_ns_per_block(147456, threads=threads, repeats=3)
     prefill_paths(args.threads)
 
 
