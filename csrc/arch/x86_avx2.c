@@ -88,12 +88,22 @@ TARGET static void quantize_q8a_avx2(const float *x, ce_block_q8a *out, int64_t 
 /* ---- matrix–vector products on quantized weights ----
  *
  * Each kernel runs GROUP_ROWS weight rows at once: the activation block is loaded (and rearranged)
- * once for all of them, and their independent accumulators hide the FMA latency. Every row prefetches
- * PREFETCH_BYTES ahead of its block, which is about two groups of the model's rows further on: a
- * single core keeps too few misses in flight on its own to stream weights at DRAM speed (Q4_1 576-col
- * rows from DRAM, one thread: 2.17 ns per block one row at a time, 1.35 four rows with prefetch). */
+ * once for all of them, and their independent accumulators hide the FMA latency. The weights are
+ * prefetched PREFETCH_GROUPS groups ahead in address order: the step that covers a slice of this
+ * group's blocks requests the same slice of the group that far on, so the requests form one
+ * sequential stream. A single core keeps too few misses in flight on its own to stream weights at
+ * DRAM speed: Q8_0 576-column rows from a 60 MB matrix, one thread, 10.6 GB/s with a prefetch 4 KB
+ * ahead of each row, 22.8 GB/s with the stream (two threads: 19.8 -> 45.0 GB/s). */
 #define GROUP_ROWS 4
-#define PREFETCH_BYTES 4096
+#define PREFETCH_GROUPS 2
+
+/* Requests bytes [offset, offset + bytes) of the group PREFETCH_GROUPS groups after `group`. Always
+ * inlined: GCC 12 finds a function whose only effect is a prefetch free of side effects and drops
+ * the calls. */
+TARGET static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *group, size_t group_bytes, size_t offset, size_t bytes) {
+    const char *p = (const char *)group + PREFETCH_GROUPS * group_bytes + offset;
+    for (size_t k = 0; k < bytes; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
+}
 
 /* The three quantized weight formats through one code path: a block is d (fp16), m (fp16, Q4_1 only)
  * and its quants. */
@@ -165,9 +175,9 @@ TARGET static inline __attribute__((always_inline)) void q4_q8a_rows(const uint8
         const __m256i xa = _mm256_loadu_si256((const __m256i *)x[i].qs), xb = _mm256_loadu_si256((const __m256i *)x[i + 1].qs);
         const __m256i x_lo = _mm256_permute2x128_si256(xa, xb, 0x20), x_hi = _mm256_permute2x128_si256(xa, xb, 0x31);
         const __m128 ds = _mm_movelh_ps(load_ds(&x[i]), load_ds(&x[i + 1])); /* (d_xA, s_xA, d_xB, s_xB) */
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, 2 * n_rows * bb);
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb, *b = a + bb;
-            _mm_prefetch((const char *)a + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i raw = _mm256_loadu2_m128i((const __m128i *)(b + qs), (const __m128i *)(a + qs));
             const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
             /* int16 pair sums of both halves, |·| <= 4 × 15 × 127: lanes 0-3 of dot are A's, 4-7 B's */
@@ -182,6 +192,7 @@ TARGET static inline __attribute__((always_inline)) void q4_q8a_rows(const uint8
     if (i < blocks) { /* an odd block count: the last block alone */
         const __m256i xq = _mm256_loadu_si256((const __m256i *)x[i].qs);
         const __m128 ds = load_ds(&x[i]);
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb;
             const __m128i raw = _mm_loadu_si128((const __m128i *)(a + qs));
@@ -204,9 +215,9 @@ TARGET static inline __attribute__((always_inline)) void q8_0_q8a_rows(const uin
     for (int64_t i = 0; i < blocks; i++) {
         const __m256i y8 = _mm256_loadu_si256((const __m256i *)x[i].qs);
         const __m128 ds = load_ds(&x[i]);
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * BLOCK_BYTES(Q8_0), n_rows * BLOCK_BYTES(Q8_0));
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * BLOCK_BYTES(Q8_0);
-            _mm_prefetch((const char *)a + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i q = _mm256_loadu_si256((const __m256i *)(a + 2));
             const __m256i dot = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y8, q));
             const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(block_dm_bits(a, Q8_0)), ds);
@@ -303,9 +314,9 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
             xl[2 * h] = _mm256_permute2x128_si256(la, lb, 0x20), xl[2 * h + 1] = _mm256_permute2x128_si256(la, lb, 0x31);
         }
         const __m128 ds = _mm_movelh_ps(load_ds(&x[i]), load_ds(&x[i + 1])); /* (d_xA, Σx_A, d_xB, Σx_B) */
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, 2 * n_rows * bb);
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb, *b = a + bb;
-            _mm_prefetch((const char *)a + PREFETCH_BYTES, _MM_HINT_T0);
             __m256i q[4];
             pair_epi16(a, b, kind, q);
             __m256i s_hi = _mm256_madd_epi16(q[0], xh[0]), s_lo = _mm256_madd_epi16(q[0], xl[0]);
@@ -323,6 +334,7 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
     if (i < blocks) { /* an odd block count: the last block alone, elements 0-15 and 16-31 as int16 */
         const __m256i *hi = (const __m256i *)x[i].hi, *lo = (const __m256i *)x[i].lo;
         const __m128 ds = load_ds(&x[i]);
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb;
             __m256i w0, w1;
