@@ -2,7 +2,8 @@
 
 1. Matrix-vector kernel cost per 32-weight block, with fp32 activations and with 8-bit activations:
    one thread on Q4_1 1536×576 (the FFN gate shape, cache-resident), then one and two threads on a
-   147456×576 Q4_1 matrix (53 MB, more than the 32 MB L3: weights stream from memory as in decode).
+   147456×576 Q4_1 matrix (53 MB) and a 98304×576 Q8_0 one (60 MB, the LM head's format): more than
+   the 32 MB L3, so the weights stream from memory as in decode.
 2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position call, which
    the core runs CE_BATCH_CHUNK = 256 rows at a time, or calls of 128 positions; every chunk
    dequantizes every panel again) against a quantized GEMM made of the 8-bit kernels (batches of 8
@@ -34,18 +35,19 @@ def best_of(fn, repeats: int) -> float:
     return best
 
 
-def kernel_ns_per_block(rows: int, cols: int = 576, threads: int = 1, repeats: int = 100) -> None:
-    _core.set_threads(threads)
+def kernel_ns_per_block(rows: int, cols: int = 576, threads=(1,), repeats: int = 100, qtype: str = "Q4_1") -> None:
     rng = np.random.default_rng(0)
     weights = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
-    raw = np.ascontiguousarray(gguf.quants.quantize(weights, gguf.GGMLQuantizationType.Q4_1))
+    raw = np.ascontiguousarray(gguf.quants.quantize(weights, gguf.GGMLQuantizationType[qtype]))
     del weights
     x = rng.standard_normal((1, cols)).astype(np.float32)
-    for activations in ("f32", "q8"):
-        seconds = best_of(lambda: [_core.matmul(raw, _core.TYPE_Q4_1, rows, cols, x, activations) for _ in range(repeats)], 5)
-        seconds /= repeats
-        print(f"Q4_1 {rows}x{cols} ({raw.nbytes / 1e6:.1f} MB), {threads} thread(s), {activations} activations:"
-              f" {seconds / (rows * cols / 32) * 1e9:.2f} ns/block, {raw.nbytes / seconds / 1e9:.1f} GB/s")  # fmt: skip
+    for n in threads:
+        _core.set_threads(n)
+        for activations in ("f32", "q8"):
+            run = lambda: [_core.matmul(raw, getattr(_core, f"TYPE_{qtype}"), rows, cols, x, activations) for _ in range(repeats)]  # noqa: E731
+            seconds = best_of(run, 5) / repeats
+            print(f"{qtype} {rows}x{cols} ({raw.nbytes / 1e6:.1f} MB), {n} thread(s), {activations} activations:"
+                  f" {seconds / (rows * cols / 32) * 1e9:.2f} ns/block, {raw.nbytes / seconds / 1e9:.1f} GB/s")  # fmt: skip
 
 
 def prefill_paths(threads: int) -> None:
@@ -71,8 +73,9 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     kernel_ns_per_block(1536)
-    for threads in sorted({1, args.threads}):
-        kernel_ns_per_block(147456, threads=threads, repeats=3)
+    threads = sorted({1, args.threads})
+    kernel_ns_per_block(147456, threads=threads, repeats=3)
+    kernel_ns_per_block(98304, threads=threads, repeats=3, qtype="Q8_0")
     prefill_paths(args.threads)
 
 

@@ -91,9 +91,10 @@ TARGET static void quantize_q8a_avx2(const float *x, ce_block_q8a *out, int64_t 
  * once for all of them, and their independent accumulators hide the FMA latency. The weights are
  * prefetched PREFETCH_GROUPS groups ahead in address order: the step that covers a slice of this
  * group's blocks requests the same slice of the group that far on, so the requests form one
- * sequential stream. A single core keeps too few misses in flight on its own to stream weights at
- * DRAM speed: Q8_0 576-column rows from a 60 MB matrix, one thread, 10.6 GB/s with a prefetch 4 KB
- * ahead of each row, 22.8 GB/s with the stream (two threads: 19.8 -> 45.0 GB/s). */
+ * sequential stream. A core keeps too few misses in flight on its own to stream weights at DRAM
+ * speed (`python benchmarks/kernels.py`, Q8_0 576-column rows of a 60 MB matrix, 8-bit activations:
+ * one thread 9.5-10.5 GB/s with a prefetch 4 KB ahead of each row, 19.7-21.7 with the stream; two
+ * threads 17.7-22.1 -> 30.7-33.9). */
 #define GROUP_ROWS 4
 #define PREFETCH_GROUPS 2
 
