@@ -102,8 +102,9 @@ TARGET static void quantize_q8a_avx2(const float *x, ce_block_q8a *out, int64_t 
  * inlined: GCC 12 finds a function whose only effect is a prefetch free of side effects and drops
  * the calls. */
 TARGET static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *group, size_t group_bytes, size_t offset, size_t bytes) {
-    const char *p = (const char *)group + PREFETCH_GROUPS * group_bytes + offset;
-    for (size_t k = 0; k < bytes; k += 64) _mm_prefetch(p + k, _MM_HINT_T0);
+    /* past the matrix's end for its last groups: computed as an integer, a prefetch never faults */
+    const uintptr_t p = (uintptr_t)group + PREFETCH_GROUPS * group_bytes + offset;
+    for (size_t k = 0; k < bytes; k += 64) _mm_prefetch((const char *)(p + k), _MM_HINT_T0);
 }
 
 /* The three quantized weight formats through one code path: a block is d (fp16), m (fp16, Q4_1 only)
