@@ -101,7 +101,8 @@ TARGET static void quantize_q8a_avx2(const float *x, ce_block_q8a *out, int64_t 
 /* Requests bytes [offset, offset + bytes) of the group PREFETCH_GROUPS groups after `group`. Always
  * inlined: GCC 12 finds a function whose only effect is a prefetch free of side effects and drops
  * the calls. */
-TARGET static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *group, size_t group_bytes, size_t offset, size_t bytes) {
+TARGET static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *group, size_t group_bytes,
+                                                                         size_t offset, size_t bytes) {
     /* past the matrix's end for its last groups: computed as an integer, a prefetch never faults */
     const uintptr_t p = (uintptr_t)group + PREFETCH_GROUPS * group_bytes + offset;
     for (size_t k = 0; k < bytes; k += 64) _mm_prefetch((const char *)(p + k), _MM_HINT_T0);
@@ -115,7 +116,8 @@ enum { Q4_0, Q4_1, Q8_0 };
 /* coefficient of the offset term Σ_blocks (d_w or m_w) × s_x: Q4_0 stores q + 8, Q4_1 adds m */
 #define OFFSET_COEF(kind) ((kind) == Q4_0 ? -8.0f : (kind) == Q4_1 ? 1.0f : 0.0f)
 
-/* The block's (d, m) as two floats in lanes 0-1; Q4_0 and Q8_0, which have no m, give (d, d). */
+/* The block's (d, m) as two fp16 in the low 32 bits, for one conversion; Q4_0 and Q8_0, which have
+ * no m, give (d, d). */
 TARGET static inline __m128i block_dm_bits(const uint8_t *block, int kind) {
     uint32_t bits;
     if (kind == Q4_1) {
@@ -310,8 +312,10 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
     for (; i + 2 <= blocks; i += 2) {
         __m256i xh[4], xl[4]; /* [A's activations 8g..8g+7 | B's], hi and lo parts */
         for (int h = 0; h < 2; h++) {
-            const __m256i ha = _mm256_loadu_si256((const __m256i *)x[i].hi + h), hb = _mm256_loadu_si256((const __m256i *)x[i + 1].hi + h);
-            const __m256i la = _mm256_loadu_si256((const __m256i *)x[i].lo + h), lb = _mm256_loadu_si256((const __m256i *)x[i + 1].lo + h);
+            const __m256i ha = _mm256_loadu_si256((const __m256i *)x[i].hi + h);
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)x[i + 1].hi + h);
+            const __m256i la = _mm256_loadu_si256((const __m256i *)x[i].lo + h);
+            const __m256i lb = _mm256_loadu_si256((const __m256i *)x[i + 1].lo + h);
             xh[2 * h] = _mm256_permute2x128_si256(ha, hb, 0x20), xh[2 * h + 1] = _mm256_permute2x128_si256(ha, hb, 0x31);
             xl[2 * h] = _mm256_permute2x128_si256(la, lb, 0x20), xl[2 * h + 1] = _mm256_permute2x128_si256(la, lb, 0x31);
         }
@@ -348,8 +352,10 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
                 w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
                 w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
             }
-            const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
-            const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
+            const __m256i s_hi =
+                _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
+            const __m256i s_lo =
+                _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
             const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), lo_weight, _mm256_cvtepi32_ps(s_hi));
             const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(block_dm_bits(a, kind)), ds); /* (d_w d_x, m_w Σx, 0, 0) */
             acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), dot, acc[r]);
