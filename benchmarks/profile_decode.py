@@ -6,10 +6,9 @@
 import argparse
 import time
 
-import numpy as np
-
 import cecollm
 from cecollm import _core
+from cecollm.bench import greedy_decode
 
 
 def main():
@@ -21,10 +20,8 @@ def main():
     _core.set_threads(args.threads)
     model = cecollm.load_model(activations=args.activations)
     cache = model.new_cache(args.steps)
-    token = np.array([1], np.int32)
     t0 = time.perf_counter()
-    for pos in range(args.steps):
-        token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
+    greedy_decode(model, cache, range(args.steps))
     print(f"{args.steps / (time.perf_counter() - t0):.1f} tok/s")
 
 

@@ -34,26 +34,28 @@ def prompt_ids(vocab: int) -> list[int]:
     return np.random.default_rng(0).integers(100, vocab - 100, PP).tolist()
 
 
+def greedy_decode(model: Model, cache, positions) -> None:
+    """One greedy decode step per position (full logits every step), starting from token 1."""
+    token = np.array([1], np.int32)
+    for pos in positions:
+        token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
+
+
 def model_runs(model: Model, deep: bool = False) -> dict:
     """{"pp512" | "tg128" (| "tg_deep"): (tokens, run)}: one timed run of each measurement. tg_deep
     decodes TG_DEEP tokens after a DEPTH-token prompt, prefilled here once, untimed (each run
     recomputes the same positions, which drops what the last one wrote)."""
     ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
 
-    def decode(cache, positions):
-        token = np.array([1], np.int32)
-        for pos in positions:
-            token[0] = int(model.core.head(cache.forward(model.core.embed(token), pos))[0].argmax())
-
     def pp():
         cache = model.new_cache(PP)
         model.core.head(cache.forward(model.core.embed(ids), 0)[-1:])
 
-    runs = {"pp512": (PP, pp), "tg128": (TG, lambda: decode(model.new_cache(TG), range(TG)))}
+    runs = {"pp512": (PP, pp), "tg128": (TG, lambda: greedy_decode(model, model.new_cache(TG), range(TG)))}
     if deep:
         deep_cache = model.new_cache(DEPTH + TG_DEEP)
         deep_cache.forward(model.core.embed(np.resize(ids, DEPTH)), 0)
-        runs["tg_deep"] = (TG_DEEP, lambda: decode(deep_cache, range(DEPTH, DEPTH + TG_DEEP)))
+        runs["tg_deep"] = (TG_DEEP, lambda: greedy_decode(model, deep_cache, range(DEPTH, DEPTH + TG_DEEP)))
     return runs
 
 

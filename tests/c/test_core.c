@@ -127,6 +127,15 @@ static void test_vec_dot(const ce_kernels *k) {
     }
 }
 
+/* A matrix–vector kernel's row computed alone equals the same row computed among others, bit for bit:
+ * results do not depend on how rows are split between threads, tiles or groups. */
+static void check_rows_alone(const ce_kernels *k, const char *kernel, int type, int64_t cols, int rows,
+                             const float *together, const float *alone) {
+    for (int r = 0; r < rows; r++)
+        CHECK(memcmp(&alone[r], &together[r], sizeof alone[r]) == 0, "%s %s %s cols %lld row %d alone: %g vs %g",
+              k->name, kernel, ce_type_name(type), (long long)cols, r, (double)alone[r], (double)together[r]);
+}
+
 /* 8-bit activations: every kernel set quantizes exactly as the generic specification (bit for bit,
  * edge values included), and its integer dots match a double-precision dot of the dequantized weights
  * with the dequantized activations. */
@@ -155,7 +164,7 @@ static void test_q8a(const ce_kernels *k) {
     static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
     static const int64_t sizes[] = {32, 96, 576, COLS};
     enum { ROWS = 7 };
-    float *row = malloc(sizeof(float) * COLS), dots[ROWS];
+    float *row = malloc(sizeof(float) * COLS), dots[ROWS], alone[ROWS];
     for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
         const int64_t cols = sizes[c];
         for (int j = 0; j < cols; j++) x[j] = rng_uniform();
@@ -165,12 +174,9 @@ static void test_q8a(const ce_kernels *k) {
             ce_tensor tensor = {w, types[t], cols, ROWS};
             const size_t row_bytes = ce_row_bytes(types[t], cols);
             k->matvec_q8a[types[t]](w, row_bytes, ROWS, got, cols, dots);
-            for (int64_t r = 0; r < ROWS; r++) { /* a row's result does not depend on the rows beside it */
-                float alone;
-                k->matvec_q8a[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, got, cols, &alone);
-                CHECK(memcmp(&alone, &dots[r], sizeof alone) == 0, "%s matvec_q8a %s cols %lld row %lld alone: %g vs %g",
-                      k->name, ce_type_name(types[t]), (long long)cols, (long long)r, (double)alone, (double)dots[r]);
-            }
+            for (int64_t r = 0; r < ROWS; r++)
+                k->matvec_q8a[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, got, cols, &alone[r]);
+            check_rows_alone(k, "matvec_q8a", types[t], cols, ROWS, dots, alone);
             for (int64_t r = 0; r < ROWS; r++) {
                 ce_dequantize_row(&tensor, r, row);
                 double ref = 0.0, mag = 0.0;
@@ -286,7 +292,7 @@ static void test_x16(const ce_kernels *k) {
     static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
     static const int64_t sizes[] = {96, COLS};
     enum { ROWS = 7 };
-    float *row = malloc(sizeof(float) * COLS), dots[ROWS];
+    float *row = malloc(sizeof(float) * COLS), dots[ROWS], alone[ROWS];
     for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
         const int64_t cols = sizes[c];
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
@@ -294,12 +300,9 @@ static void test_x16(const ce_kernels *k) {
             ce_tensor tensor = {w, types[t], cols, ROWS};
             const size_t row_bytes = ce_row_bytes(types[t], cols);
             k->matvec_x16[types[t]](w, row_bytes, ROWS, b, cols, dots);
-            for (int64_t r = 0; r < ROWS; r++) { /* a row's result does not depend on the rows beside it */
-                float alone;
-                k->matvec_x16[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, b, cols, &alone);
-                CHECK(memcmp(&alone, &dots[r], sizeof alone) == 0, "%s matvec_x16 %s cols %lld row %lld alone: %g vs %g",
-                      k->name, ce_type_name(types[t]), (long long)cols, (long long)r, (double)alone, (double)dots[r]);
-            }
+            for (int64_t r = 0; r < ROWS; r++)
+                k->matvec_x16[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, b, cols, &alone[r]);
+            check_rows_alone(k, "matvec_x16", types[t], cols, ROWS, dots, alone);
             for (int64_t r = 0; r < ROWS; r++) {
                 ce_dequantize_row(&tensor, r, row);
                 double ref = 0.0, mag = 0.0;
