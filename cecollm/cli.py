@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 
@@ -44,14 +45,16 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _policy(args, model):
-    n_layers = model.n_layers
+    """The CLI's exits: --exits when given, else the model's own (its trained exits, see ExitPolicy.for_model)."""
     from .exits import ExitPolicy
 
-    split = args.split if args.split is not None else n_layers // 2
-    exits = _ints(args.exits) if args.exits else tuple(e for e in (split * 2 // 5, split * 2 // 3) if 0 < e < split)
+    split = args.split if args.split is not None else model.n_layers // 2
     thresholds = _floats(args.thresholds) if args.thresholds else (args.threshold,)
-    return ExitPolicy(exits=exits, split=split, thresholds=thresholds, metric=args.metric,
-                      precheck_rows=args.precheck_rows, exit_heads=_heads(args, model))  # fmt: skip
+    options = dict(metric=args.metric, precheck_rows=args.precheck_rows, exit_heads=_heads(args, model))
+    if not args.exits:
+        policy = ExitPolicy.for_model(model, split, **options)
+        return ExitPolicy(exits=policy.exits, split=split, thresholds=thresholds, **options)
+    return ExitPolicy(exits=_ints(args.exits), split=split, thresholds=thresholds, **options)
 
 
 def _heads(args, model) -> dict:
@@ -178,6 +181,34 @@ def cmd_train_exits(args) -> int:
                             data_files=args.data or (), self_text=args.self_text, progress=not args.no_progress)  # fmt: skip
     summary = {"out": args.out, "exits": report.exits, "positions": report.positions, "seconds": report.seconds,
                "final_kl": report.final_kl, "gate_accuracy_train": report.gate_accuracy}  # fmt: skip
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    """Tunes the model for its exits (needs torch: pip install cecollm[train]); writes the delta."""
+    from dataclasses import fields
+
+    from .finetune import Recipe
+    from .tuned import finetune_exits, tuning_data
+
+    model = _load(args)
+    recipe = Recipe(exits=_ints(args.exits), rank=args.rank, steps=args.steps, batch=args.batch, lr=args.lr,
+                    w_final=args.w_final, top1=args.top1, seed=args.seed)  # fmt: skip
+    data = None
+    if args.data and os.path.exists(args.data):
+        with open(args.data) as f:
+            data = json.load(f)
+    else:
+        data = tuning_data(model, train_samples=args.samples, progress=not args.no_progress)
+        if args.data:
+            with open(args.data, "w") as f:
+                json.dump(data, f)
+    result = finetune_exits(model, args.out, recipe, data, gguf_out=args.gguf_out, checkpoint=args.checkpoint,
+                            device=args.device, progress=not args.no_progress)  # fmt: skip
+    summary = {"delta": result.delta_path, "gguf": result.gguf_path, "seconds": round(result.seconds, 1),
+               "recipe": {f.name: getattr(recipe, f.name) for f in fields(recipe)},
+               "evaluation": result.log.get("evaluation", {})}  # fmt: skip
     print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 0
 
@@ -353,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-text", type=int, default=16, help="texts the model generates itself for training")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train_exits)
+
+    p = sub.add_parser("finetune", help="tune the model's own weights for early exits (LITE-style; needs torch)")
+    common(p)
+    p.add_argument("--exits", default="4,8,12,15", help="exits trained through the shared final norm and head")
+    p.add_argument("--out", required=True, help="the delta to write (.safetensors)")
+    p.add_argument("--gguf-out", default=None, help="also write the tuned model as a GGUF")
+    p.add_argument("--rank", type=int, default=16, help="rank of each matrix's update")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--w-final", type=float, default=4.0, help="weight of the final layer's KL to the original")
+    p.add_argument("--top1", type=float, default=1.0, help="weight of the exits' hard-label term")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=2, help="answers per training instruction (1 greedy + sampled)")
+    p.add_argument("--data", default=None, help="tuning data JSON: read if it exists, else generated and written there")
+    p.add_argument("--checkpoint", default=None, help="resumable training state (written every 200 steps)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("serve", help="run a cloud server for edge clients")
     common(p)

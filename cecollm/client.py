@@ -401,6 +401,8 @@ def generate_collab(
         edge_s += time.perf_counter() - t
         trace = TokenTrace(-1, d.exit_layer, d.confidence, d.layers_run, d.head_checks, d.prechecks_skipped)
         if d.logits is not None:
+            if d.split_hidden is not None:  # finished at the split's exit: the cloud gets these states later
+                session.record(runner.n_pos - len(d.split_hidden), d.split_hidden)
             return int(np.argmax(d.logits)), trace
         return decide_at_split(runner.n_pos - len(d.split_hidden), d.split_hidden, trace), trace
 

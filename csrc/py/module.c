@@ -615,6 +615,71 @@ static PyObject *core_dequantize(PyObject *mod, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* quantize(x float32 (rows, cols), type) -> uint8 (rows * row_bytes,): ggml's reference quantizers */
+static PyObject *core_quantize(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *xo;
+    int type;
+    if (!PyArg_ParseTuple(args, "Oi", &xo, &type)) return NULL;
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(xo, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+    if (x == NULL) return NULL;
+    PyArrayObject *out = NULL;
+    const int64_t rows = PyArray_DIM(x, 0), cols = PyArray_DIM(x, 1);
+    const size_t row_bytes = ce_row_bytes(type, cols);
+    if (row_bytes == 0) {
+        PyErr_Format(PyExc_ValueError, "cannot quantize rows of %lld elements to %s (id %d)", (long long)cols,
+                     ce_type_name(type), type);
+        goto fail;
+    }
+    npy_intp n = (npy_intp)((size_t)rows * row_bytes);
+    if ((out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_UINT8)) == NULL) goto fail;
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ce_quantize_rows(type, PyArray_DATA(x), rows, cols, PyArray_DATA(out), err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (st != CE_OK) {
+        PyErr_SetString(PyExc_ValueError, err);
+        goto fail;
+    }
+    Py_DECREF(x);
+    return (PyObject *)out;
+fail:
+    Py_XDECREF(out);
+    Py_DECREF(x);
+    return NULL;
+}
+
+/* add_lowrank(w float32 (rows, cols), up (rows, rank), down (rank, cols)) -> w + up · down (new array),
+ * summed in a fixed order so a rebuilt model is the same bits everywhere */
+static PyObject *core_add_lowrank(PyObject *mod, PyObject *args) {
+    (void)mod;
+    PyObject *wo, *uo, *dobj;
+    if (!PyArg_ParseTuple(args, "OOO", &wo, &uo, &dobj)) return NULL;
+    PyArrayObject *w = (PyArrayObject *)PyArray_FROMANY(wo, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY);
+    PyArrayObject *up = (PyArrayObject *)PyArray_FROMANY(uo, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+    PyArrayObject *down = (PyArrayObject *)PyArray_FROMANY(dobj, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+    if (w == NULL || up == NULL || down == NULL) goto fail;
+    const int64_t rows = PyArray_DIM(w, 0), cols = PyArray_DIM(w, 1), rank = PyArray_DIM(up, 1);
+    if (PyArray_DIM(up, 0) != rows || PyArray_DIM(down, 0) != rank || PyArray_DIM(down, 1) != cols) {
+        PyErr_Format(PyExc_ValueError, "add_lowrank: shapes (%lld, %lld) + (%lld, %lld) @ (%lld, %lld) do not match",
+                     (long long)rows, (long long)cols, (long long)PyArray_DIM(up, 0), (long long)rank,
+                     (long long)PyArray_DIM(down, 0), (long long)PyArray_DIM(down, 1));
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ce_add_lowrank(PyArray_DATA(w), rows, cols, PyArray_DATA(up), PyArray_DATA(down), rank);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(up);
+    Py_DECREF(down);
+    return (PyObject *)w;
+fail:
+    Py_XDECREF(w);
+    Py_XDECREF(up);
+    Py_XDECREF(down);
+    return NULL;
+}
+
 /* matmul(raw, type, rows, cols, x, activations="f32") -> float32 (n, rows) = x · Wᵀ with the active kernels */
 static PyObject *core_matmul(PyObject *mod, PyObject *args) {
     PyObject *raw, *xo;
@@ -1058,6 +1123,8 @@ static PyMethodDef core_methods[] = {
     {"trim_heap", core_trim_heap, METH_NOARGS,
      "trim_heap() -> whether memory went back: hands the C heap's free pages back to the OS (glibc malloc_trim)"},
     {"dequantize", core_dequantize, METH_VARARGS, "dequantize(raw, type, rows, cols) -> float32 (rows, cols)"},
+    {"quantize", core_quantize, METH_VARARGS, "quantize(x float32 (rows, cols), type) -> uint8 raw blocks (ggml's reference rounding)"},
+    {"add_lowrank", core_add_lowrank, METH_VARARGS, "add_lowrank(w, up, down) -> w + up @ down (float32, fixed summation order)"},
     {"matmul", core_matmul, METH_VARARGS, "matmul(raw, type, rows, cols, x, activations='f32') -> x @ W.T with the active kernels"},
     {"quantize_q8a", core_quantize_q8a, METH_O, "quantize_q8a(x) -> (d, s, q): 8-bit activation blocks of one row (s = d * sum(q))"},
     {"rmsnorm", core_rmsnorm, METH_VARARGS, "rmsnorm(x, w, eps) -> x / sqrt(mean(x^2) + eps) * w per row"},

@@ -58,6 +58,13 @@ uint16_t ce_fp32_to_fp16(float f);
 /* Row `row` of w as floats (w->cols of them). */
 void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out);
 
+/* Quantizes rows × cols floats into `type` (F32, F16, Q4_0, Q4_1, Q8_0) with ggml's reference rounding;
+ * out holds rows * ce_row_bytes(type, cols) bytes. Non-finite input is refused (CE_EINVAL). */
+ce_status ce_quantize_rows(int type, const float *x, int64_t rows, int64_t cols, void *out, char *err, size_t errlen);
+
+/* w (rows × cols) += up (rows × rank) · down (rank × cols), in a fixed summation order (reproducible). */
+void ce_add_lowrank(float *w, int64_t rows, int64_t cols, const float *up, const float *down, int64_t rank);
+
 /* Dot product of one weight row (cols elements of its type) with float activations x. The weights
  * are dequantized on the fly; activations stay fp32, so results match an fp32 reference that uses
  * the dequantized weights up to summation order. */

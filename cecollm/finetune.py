@@ -1,0 +1,535 @@
+"""Multi-exit fine-tuning of the model's own weights (LITE-style), as a low-rank delta over the base.
+
+Every exit e (a number of layers run) reads the hidden state after layer e through the model's
+*shared* final RMSNorm and LM head, as the final layer does. Tuning teaches the early layers to make
+those states decodable while keeping the final layer's behaviour. Per batch of token sequences:
+
+    L = Σ_{e in exits} w_exit · [ KL(p_T ‖ p_e) + λ_top1 · CE(p_e, argmax p_T) ]  +  w_final · KL(p_T ‖ p_L)
+
+p_T is the *original* model's final distribution (the teacher: the same weights without the delta),
+p_e the tuned model's distribution at exit e, p_L at its last layer. The KL terms are self-distillation
+(the final term protects the final layer); the top-1 term sharpens the exits toward the teacher's
+greedy choice, which is what a confidence threshold acts on.
+
+What is trained: for every layer matrix W (type Q4_0/Q4_1/Q8_0/F16/F32 as stored) a rank-r update,
+W' = Q(W + up · down) with Q the matrix's own quantizer, and the per-layer RMSNorm weights. Training
+sees W' through the quantizer with a straight-through gradient, so what is optimized is exactly what
+ships. The embedding / LM head and the final norm stay the base model's (shared by every exit).
+
+This module needs numpy and torch only (`pip install cecollm[train]`); it never imports the C core, so
+it also runs on a GPU machine where the extension is not built (load it by path there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# GGML type ids (as cecollm._core.TYPE_*), so that this module needs no compiled extension.
+TYPE_F32, TYPE_F16, TYPE_Q4_0, TYPE_Q4_1, TYPE_Q8_0 = 0, 1, 2, 3, 8
+ROPE_ADJACENT = 0  # as cecollm._core.ROPE_ADJACENT: GGUF's rotation of adjacent pairs
+MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+NORMS = ("attn_norm", "ffn_norm")
+DELTA_FORMAT = "cecollm-delta-1"
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a tuned model (stored in the delta's metadata)."""
+
+    exits: tuple = (4, 8, 12, 15)  # exits trained through the shared head (the split among them)
+    rank: int = 16  # rank of each matrix's update; 0 = full weights (not shippable as a small delta)
+    alpha: float = 32.0  # update scale: up · down · alpha / rank (folded into `up` at export)
+    w_exit: float = 1.0  # weight of each exit's loss
+    w_final: float = 4.0  # weight of the final layer's KL to the teacher
+    top1: float = 1.0  # λ_top1: hard-label term toward the teacher's greedy token at exits
+    steps: int = 1500
+    batch: int = 16  # sequences per step
+    seq_len: int = 384  # longer sequences are cut
+    lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    train_norms: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainLog:
+    recipe: dict
+    steps_done: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    losses: list = field(default_factory=list)  # (step, total, per-exit KL..., final KL)
+    evaluation: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantizers, differentiable by straight-through (forward: the shipped weights)
+
+
+def fake_quantize(w, type_id: int):
+    """w (rows, cols) rounded through the GGML type as cecollm's C quantizer does (ggml's reference
+    rounding, fp16 scales), with the gradient passed straight through."""
+    import torch
+
+    if type_id == TYPE_F32:
+        return w
+    if type_id == TYPE_F16:
+        q = w.to(torch.float16).to(torch.float32)
+    else:
+        b = w.reshape(-1, 32)
+        if type_id == TYPE_Q4_1:  # x = d q + m, q = trunc((x - min) / d + 0.5) in [0, 15]
+            lo, hi = b.min(-1, keepdim=True).values, b.max(-1, keepdim=True).values
+            d = (hi - lo) / 15
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            q = torch.clamp(torch.floor((b - lo) * inv + 0.5), 0, 15)
+            q = q * d.to(torch.float16).to(torch.float32) + lo.to(torch.float16).to(torch.float32)
+        elif type_id == TYPE_Q4_0:  # x = d (q - 8), d = (signed absmax) / -8
+            idx = b.abs().argmax(-1, keepdim=True)
+            d = torch.gather(b, -1, idx) / -8
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            q = torch.clamp(torch.floor(b * inv + 8.5), 0, 15)
+            q = (q - 8) * d.to(torch.float16).to(torch.float32)
+        elif type_id == TYPE_Q8_0:  # x = d q, d = absmax / 127, q rounded half away from zero
+            d = b.abs().max(-1, keepdim=True).values / 127
+            inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+            v = b * inv
+            q = torch.sign(v) * torch.floor(v.abs() + 0.5) * d.to(torch.float16).to(torch.float32)
+        else:
+            raise ValueError(f"no quantizer for type id {type_id}")
+        q = q.reshape(w.shape)
+    return q.detach() + (w - w.detach())  # the value is q exactly; the gradient is w's
+
+
+# ---------------------------------------------------------------------------------------------
+# The model in torch: the same LLaMA forward as the C core, with exits through the shared head
+
+
+def _torch_module_classes():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TunedLinear(nn.Module):
+        """y = x · Q(W + s · up · down)ᵀ: the frozen base W (dequantized), a trainable low-rank update
+        (rank 0: W itself trainable), Q the matrix's own quantizer (straight-through)."""
+
+        def __init__(self, weight: np.ndarray, type_id: int, rank: int, alpha: float, generator):
+            super().__init__()
+            self.type_id = type_id
+            self.rank = rank
+            self.scale = alpha / rank if rank else 1.0
+            w = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
+            self.register_buffer("base", w)  # the original weights: the teacher's, and the update's origin
+            if rank:
+                out_f, in_f = w.shape
+                self.down = nn.Parameter(torch.randn(rank, in_f, generator=generator) / math.sqrt(in_f))
+                self.up = nn.Parameter(torch.zeros(out_f, rank))
+            else:
+                self.full = nn.Parameter(w.clone())
+
+        def weight(self, adapted: bool = True):
+            if not adapted:
+                return self.base
+            w = self.base + self.scale * (self.up @ self.down) if self.rank else self.full
+            return fake_quantize(w, self.type_id)
+
+        def forward(self, x, adapted: bool = True):
+            return F.linear(x, self.weight(adapted).to(x.dtype))
+
+    class Block(nn.Module):
+        def __init__(self, cfg: dict, tensors: dict, i: int, recipe: Recipe, generator):
+            super().__init__()
+            self.cfg = cfg
+            for name in MATRICES:
+                w, type_id = tensors[f"blk.{i}.{name}.weight"]
+                setattr(self, name, TunedLinear(w, type_id, recipe.rank, recipe.alpha, generator))
+            for name in NORMS:
+                w = torch.from_numpy(np.asarray(tensors[f"blk.{i}.{name}.weight"][0], np.float32).reshape(-1).copy())
+                self.register_buffer(name + "_base", w.clone())
+                setattr(self, name, nn.Parameter(w, requires_grad=recipe.train_norms))
+
+        def norm(self, x, name: str, adapted: bool):
+            w = getattr(self, name) if adapted else getattr(self, name + "_base")
+            return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.cfg["norm_eps"]).to(x.dtype) * w.to(x.dtype)
+
+        def forward(self, x, cos, sin, adapted: bool = True):
+            cfg = self.cfg
+            bsz, t, _ = x.shape
+            hd, nh, nkv = cfg["head_dim"], cfg["n_heads"], cfg["n_kv_heads"]
+            xn = self.norm(x, "attn_norm", adapted)
+            q = self.attn_q(xn, adapted).view(bsz, t, nh, hd)
+            k = self.attn_k(xn, adapted).view(bsz, t, nkv, hd)
+            v = self.attn_v(xn, adapted).view(bsz, t, nkv, hd)
+            q, k = _rope(q, cos, sin, cfg["rope_style"]), _rope(k, cos, sin, cfg["rope_style"])
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+            k = k.repeat_interleave(nh // nkv, dim=1)  # query head h reads key head h // (nh / nkv)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.attn_output(att.transpose(1, 2).reshape(bsz, t, nh * hd), adapted)
+            xn = self.norm(x, "ffn_norm", adapted)
+            return x + self.ffn_down(F.silu(self.ffn_gate(xn, adapted)) * self.ffn_up(xn, adapted), adapted)
+
+    def _rope(x, cos, sin, style):
+        """x (B, T, H, hd) rotated per position; pairs (2i, 2i+1) (GGUF) or (i, i + hd/2) (HF)."""
+        if style == ROPE_ADJACENT:
+            a, b = x[..., 0::2], x[..., 1::2]
+            return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+        half = x.shape[-1] // 2
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), -1)
+
+    class TunedLlama(nn.Module):
+        """The model with exits. forward(ids, adapted=False) is the base model (the teacher)."""
+
+        def __init__(self, cfg: dict, tensors: dict, recipe: Recipe):
+            super().__init__()
+            self.cfg, self.recipe = cfg, recipe
+            generator = torch.Generator().manual_seed(recipe.seed)
+            self.blocks = nn.ModuleList(Block(cfg, tensors, i, recipe, generator) for i in range(cfg["n_layers"]))
+            emb, _ = tensors["token_embd.weight"]
+            self.register_buffer("embedding", torch.from_numpy(np.ascontiguousarray(emb, np.float32)))
+            head = tensors.get("output.weight", tensors["token_embd.weight"])[0]
+            self.register_buffer("head", torch.from_numpy(np.ascontiguousarray(head, np.float32)))
+            norm = np.asarray(tensors["output_norm.weight"][0], np.float32).reshape(-1)
+            self.register_buffer("final_norm", torch.from_numpy(norm.copy()))
+            hd = cfg["head_dim"]
+            self.register_buffer("inv_freq", 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd))
+
+        def hidden_states(self, ids, layers, adapted: bool = True) -> dict:
+            """{layer: hidden state (B, T, dim) after that many layers} for each layer in `layers`."""
+            pos = torch.arange(ids.shape[1], device=ids.device).float()
+            ang = (pos[:, None] * self.inv_freq[None, :])[None, :, None, :]  # (1, T, 1, hd/2)
+            cos, sin = torch.cos(ang), torch.sin(ang)
+            x = self.embedding[ids]
+            out = {}
+            want = set(layers)
+            for i, block in enumerate(self.blocks[: max(layers)]):
+                x = block(x, cos.to(x.dtype), sin.to(x.dtype), adapted)
+                if i + 1 in want:
+                    out[i + 1] = x
+            return out
+
+        def logits(self, h):
+            """Through the shared final norm and LM head: (..., vocab) float32."""
+            eps = self.cfg["norm_eps"]
+            hn = h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps) * self.final_norm
+            return hn @ self.head.T  # under autocast, in its precision
+
+        def trainable(self):
+            return [p for p in self.parameters() if p.requires_grad]
+
+    return TunedLlama
+
+
+def build_torch_model(config: dict, tensors: dict, recipe: Recipe):
+    """tensors: {GGUF name: (float32 array (rows, cols) or (n,), GGML type id)}."""
+    return _torch_module_classes()(config, tensors, recipe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _batches(sequences: list, batch: int, seq_len: int, rng: np.random.Generator):
+    """Endless random batches: (ids (B, T) int64 right-padded with 0, mask (B, T-1) of real targets)."""
+    while True:
+        pick = rng.choice(len(sequences), batch, replace=len(sequences) < batch)
+        rows = [np.asarray(sequences[i][:seq_len], np.int64) for i in pick]
+        t = max(len(r) for r in rows)
+        ids = np.zeros((batch, t), np.int64)
+        mask = np.zeros((batch, t - 1), bool)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+            mask[b, : len(r) - 1] = True
+        yield ids, mask
+
+
+def exit_losses(model, ids, mask, recipe: Recipe, autocast: bool):
+    """(total loss, {exit: KL}, final KL) of one batch; see the module docstring for the formula."""
+    import torch
+    import torch.nn.functional as F
+
+    n_layers = model.cfg["n_layers"]
+    exits = [e for e in recipe.exits if e < n_layers]
+    ctx = torch.autocast(ids.device.type, dtype=torch.bfloat16) if autocast else _null()
+    with ctx:
+        with torch.no_grad():
+            teacher = model.logits(model.hidden_states(ids, [n_layers], adapted=False)[n_layers][:, :-1])
+            teacher = F.log_softmax(teacher[mask].float(), -1)
+            greedy = teacher.argmax(-1)
+        states = model.hidden_states(ids, exits + [n_layers])
+        kls, total = {}, 0.0
+        for layer in exits + [n_layers]:
+            logp = F.log_softmax(model.logits(states[layer][:, :-1])[mask].float(), -1)
+            kl = F.kl_div(logp, teacher, log_target=True, reduction="batchmean")
+            kls[layer] = kl.detach()
+            if layer == n_layers:
+                total = total + recipe.w_final * kl
+            else:
+                total = total + recipe.w_exit * (kl + recipe.top1 * F.nll_loss(logp, greedy))
+    return total, kls
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(model, sequences: list, recipe: Recipe, device: str | None = None, progress: bool = True,
+          checkpoint: str | None = None, checkpoint_every: int = 200, log_every: int = 25,
+          stop_after: int | None = None) -> TrainLog:  # fmt: skip
+    """Tunes `model` (from build_torch_model) on token sequences. With checkpoint given, the state
+    (trainable tensors, optimizer, step, data position) is saved there every checkpoint_every steps and
+    when the run stops; a run with the same checkpoint resumes from it. stop_after: stop after this
+    many steps of this call (a time-boxed CPU session; resume later)."""
+    import os
+
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    torch.manual_seed(recipe.seed)
+    params = model.trainable()
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps)))  # fmt: skip
+    log = TrainLog(recipe=asdict(recipe), device=str(dev))
+    start = 0
+    if checkpoint and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, log.losses, log.seconds = state["step"], state["losses"], state["seconds"]
+    rng = np.random.default_rng(recipe.seed)
+    batches = _batches(sequences, recipe.batch, recipe.seq_len, rng)
+    for _ in range(start):  # the data stream resumes where it stopped
+        next(batches)
+    bar = _bar(recipe.steps, start, progress)
+    t0 = time.perf_counter() - log.seconds
+    autocast = dev.type == "cuda"
+    end = recipe.steps if stop_after is None else min(recipe.steps, start + stop_after)
+    for step in range(start, end):
+        ids, mask = next(batches)
+        loss, kls = exit_losses(model, torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev), recipe, autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step + 1 == recipe.steps:
+            row = [step, loss.item()] + [float(v) for v in kls.values()]
+            log.losses.append(row)
+            bar.set_postfix_str(" ".join(f"{k}:{float(v):.3f}" for k, v in kls.items()))
+        bar.update(1)
+        if checkpoint and ((step + 1) % checkpoint_every == 0 or step + 1 == end):
+            log.seconds = time.perf_counter() - t0
+            torch.save({"model": {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)},
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
+                        "losses": log.losses, "seconds": log.seconds}, checkpoint)  # fmt: skip
+    bar.close()
+    log.steps_done = end
+    log.seconds = time.perf_counter() - t0
+    return log
+
+
+def _trainable_names(model) -> set:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _bar(total: int, initial: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is part of the train extra; without it, no bar
+        enabled = False
+    if not enabled:
+
+        class _Quiet:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, s):
+                pass
+
+            def close(self):
+                pass
+
+        return _Quiet()
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation in torch (teacher-forced), to compare recipes quickly on any device
+
+
+def evaluate(model, answers: list, human: list, threshold: float = 0.8, device: str | None = None) -> dict:
+    """answers: [(ids, first answer position)] of held-out instructions; human: [ids] of human text.
+    Returns, teacher-forced on the answers: per exit, top-1 agreement with the tuned model's final
+    layer and the share reaching `threshold`; the share of tokens the edge would finish (first exit
+    reaching the threshold) and how often those agree with the final layer; perplexity of the tuned
+    and the base model's final layer on the human text."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev).eval()
+    n_layers = model.cfg["n_layers"]
+    exits = [e for e in model.recipe.exits if e < n_layers]
+    agree = {e: [] for e in exits}
+    conf = {e: [] for e in exits}
+    with torch.no_grad():
+        for ids, first in answers:
+            x = torch.as_tensor(np.asarray(ids, np.int64)[None], device=dev)
+            states = model.hidden_states(x, exits + [n_layers])
+            final = model.logits(states[n_layers][0, first - 1 : -1]).argmax(-1)
+            for e in exits:
+                p = torch.softmax(model.logits(states[e][0, first - 1 : -1]).float(), -1)
+                c, top = p.max(-1)
+                agree[e].append((top == final).cpu().numpy())
+                conf[e].append(c.cpu().numpy())
+        nll = {True: [], False: []}
+        for ids in human:
+            x = torch.as_tensor(np.asarray(ids, np.int64)[None], device=dev)
+            for adapted in (True, False):
+                h = model.hidden_states(x, [n_layers], adapted)[n_layers][0, :-1]
+                logp = torch.log_softmax(model.logits(h).float(), -1)
+                nll[adapted].append(-logp[torch.arange(len(ids) - 1), x[0, 1:]].cpu().numpy())
+    model.train()
+    agree = {e: np.concatenate(v) for e, v in agree.items()}
+    conf = {e: np.concatenate(v) for e, v in conf.items()}
+    decided = np.zeros(len(agree[exits[0]]), bool)
+    right = np.zeros_like(decided)
+    for e in exits:  # the first exit that reaches the threshold decides
+        take = ~decided & (conf[e] >= threshold)
+        right |= take & agree[e]
+        decided |= take
+    ppl = {k: float(np.exp(np.concatenate(v).mean())) for k, v in nll.items()}
+    return {
+        "threshold": threshold,
+        "agreement": {e: float(agree[e].mean()) for e in exits},
+        "confident_share": {e: float((conf[e] >= threshold).mean()) for e in exits},
+        "edge_share": float(decided.mean()),
+        "edge_precision": float(right.sum() / max(decided.sum(), 1)),
+        "perplexity": ppl[True],
+        "base_perplexity": ppl[False],
+        "perplexity_ratio": ppl[True] / ppl[False],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The delta: what ships
+
+
+def delta_tensors(model) -> dict:
+    """{name: float32 array} of the tuned model's update: per matrix `<name>.up` (rows, rank) with the
+    scale folded in and `<name>.down` (rank, cols); per norm its full weights."""
+    if model.recipe.rank == 0:
+        raise ValueError("a full-weight tuning has no low-rank delta; train with rank > 0 to ship one")
+    out = {}
+    for i, block in enumerate(model.blocks):
+        for name in MATRICES:
+            lin = getattr(block, name)
+            out[f"blk.{i}.{name}.weight.up"] = (lin.up.detach().float().cpu().numpy() * lin.scale).astype(np.float32)
+            out[f"blk.{i}.{name}.weight.down"] = lin.down.detach().float().cpu().numpy().astype(np.float32)
+        if model.recipe.train_norms:
+            for name in NORMS:
+                out[f"blk.{i}.{name}.weight"] = getattr(block, name).detach().float().cpu().numpy()
+    return out
+
+
+def save_delta(path, model, base_fingerprint: str, base_name: str, log: TrainLog | None = None,
+               dtype: str = "f16") -> None:  # fmt: skip
+    """Writes the delta as safetensors (low-rank factors in `dtype`, norms in f32) with the recipe."""
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for name, value in delta_tensors(model).items():
+        keep_f32 = not name.endswith((".up", ".down")) or dtype == "f32"
+        tensors[name] = np.ascontiguousarray(value.astype(np.float32 if keep_f32 else np.float16))
+    recipe = dict(asdict(model.recipe), exits=list(model.recipe.exits))
+    metadata = {
+        "format": DELTA_FORMAT,
+        "base_fingerprint": base_fingerprint,
+        "base_name": base_name,
+        "exits": ",".join(str(e) for e in model.recipe.exits),
+        "recipe": json.dumps(recipe),
+    }
+    if log is not None:
+        metadata["training"] = json.dumps({"steps": log.steps_done, "seconds": round(log.seconds, 1),
+                                           "device": log.device, "evaluation": log.evaluation})  # fmt: skip
+    save_file(tensors, str(path), metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running where the C extension is not built (a GPU machine): weights through the `gguf` package
+
+
+def tensors_from_gguf(path: str) -> tuple[dict, dict]:
+    """(config, {name: (float32 array, type id)}) of a llama GGUF, dequantized by `gguf`'s reference."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        f = reader.fields[key]
+        return f.parts[f.data[0]][0].item()
+
+    arch = "llama"
+    cfg = {
+        "n_layers": int(field(f"{arch}.block_count")),
+        "dim": int(field(f"{arch}.embedding_length")),
+        "ffn_dim": int(field(f"{arch}.feed_forward_length")),
+        "n_heads": int(field(f"{arch}.attention.head_count")),
+        "n_kv_heads": int(field(f"{arch}.attention.head_count_kv")),
+        "rope_theta": float(field(f"{arch}.rope.freq_base")),
+        "norm_eps": float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_style": ROPE_ADJACENT,
+    }
+    cfg["head_dim"] = cfg["dim"] // cfg["n_heads"]
+    tensors = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        shape = [int(x) for x in t.shape][::-1]
+        tensors[t.name] = (w.reshape(shape if len(shape) > 1 else [-1]), int(t.tensor_type))
+    return cfg, tensors
+
+
+def _main(argv=None) -> None:
+    """python cecollm/finetune.py --gguf BASE --data train.json --out DIR [--eval eval.json] [--recipe JSON ...]"""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--data", required=True, help="JSON from `cecollm finetune --save-data` (sequences, held-out)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--recipe", action="append", default=[], help="JSON of Recipe fields; repeat for several runs")
+    parser.add_argument("--base-fingerprint", default="")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    cfg, tensors = tensors_from_gguf(args.gguf)
+    with open(args.data) as f:
+        data = json.load(f)
+    for k, text in enumerate(args.recipe or ["{}"]):
+        fields = json.loads(text)
+        recipe = Recipe(**{**fields, "exits": tuple(fields.get("exits", Recipe.exits))})
+        model = build_torch_model(cfg, tensors, recipe)
+        log = train(model, data["sequences"], recipe, checkpoint=os.path.join(args.out, f"run{k}.ckpt"))
+        held = [(s["ids"], s["prompt_len"]) for s in data.get("heldout", [])]
+        log.evaluation = {str(t): evaluate(model, held, data.get("human", []), threshold=t) for t in (0.5, 0.8, 0.9, 0.95)}
+        print(json.dumps({"run": k, "recipe": asdict(recipe), "seconds": log.seconds, "eval": log.evaluation}), flush=True)
+        with open(os.path.join(args.out, f"run{k}.json"), "w") as f:
+            json.dump(asdict(log), f)
+        if recipe.rank:
+            save_delta(os.path.join(args.out, f"run{k}.safetensors"), model, args.base_fingerprint, "", log)
+
+
+if __name__ == "__main__":
+    _main()
