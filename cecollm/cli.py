@@ -194,7 +194,7 @@ def cmd_finetune(args) -> int:
 
     model = _load(args)
     recipe = Recipe(exits=_ints(args.exits), rank=args.rank, steps=args.steps, batch=args.batch, lr=args.lr,
-                    w_final=args.w_final, top1=args.top1, seed=args.seed)  # fmt: skip
+                    w_final=args.w_final, top1=args.top1, tau=args.tau, seed=args.seed)  # fmt: skip
     data = None
     if args.data and os.path.exists(args.data):
         with open(args.data) as f:
@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--w-final", type=float, default=4.0, help="weight of the final layer's KL to the original")
-    p.add_argument("--top1", type=float, default=1.0, help="weight of the exits' hard-label term")
+    p.add_argument("--top1", type=float, default=0.0, help="weight of the exits' hard-label term")
+    p.add_argument("--tau", type=float, default=0.5, help="temperature of the teacher the exits learn (sharpened < 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=2, help="answers per training instruction (1 greedy + sampled)")
     p.add_argument("--data", default=None, help="tuning data JSON: read if it exists, else generated and written there")

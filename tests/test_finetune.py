@@ -160,3 +160,22 @@ def test_cli_finetune_on_the_tiny_model(tiny, data, tmp_path):
     assert summary["delta"] == str(out) and out.exists()
     assert 0 <= summary["evaluation"]["0.8"]["edge_share"] <= 1
     assert Model(apply_delta(load_gguf(tiny), out)).trained_exits == (1, 2)
+
+
+def test_the_standalone_script_reads_the_gguf_as_the_c_core_does(tiny, data, tmp_path):
+    """finetune.py runs where the extension is not built (a GPU machine): its gguf-based reader gives
+    the C core's configuration and weights, and its entry point trains, evaluates and writes a delta."""
+    config, tensors = finetune.tensors_from_gguf(tiny)
+    ours = torch_tensors(load_gguf(tiny))
+    model = cecollm.load_model(tiny)
+    assert {k: model.config[k] for k in config} == config
+    for name, (w, type_id) in ours.items():
+        assert tensors[name][1] == type_id
+        np.testing.assert_array_equal(tensors[name][0], w, err_msg=name)
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    recipe = json.dumps({"exits": [1, 2], "rank": 2, "steps": 2, "batch": 2, "seq_len": 32})
+    proc = subprocess.run([sys.executable, finetune.__file__, "--gguf", tiny, "--data", str(tmp_path / "data.json"),
+                           "--out", str(tmp_path / "out"), "--recipe", recipe], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["eval"]["0.8"]["perplexity_ratio"] > 0
+    assert Model(apply_delta(load_gguf(tiny), tmp_path / "out" / "run.safetensors")).trained_exits == (1, 2)

@@ -123,6 +123,11 @@ void ce_kv_cache_free(ce_kv_cache *kv) {
     memset(kv, 0, sizeof *kv);
 }
 
+void ce_kv_cache_truncate(ce_kv_cache *kv, int n) {
+    if (n < 0) n = 0;
+    for (int l = 0; l < kv->layer_end - kv->layer_begin; l++) kv->len[l] = kv->len[l] < n ? kv->len[l] : n;
+}
+
 /* Byte offset of (layer, kv_head)'s (capacity, head_dim) block. */
 static size_t kv_offset(const ce_kv_cache *kv, int layer, int kv_head) {
     return ((size_t)(layer - kv->layer_begin) * kv->n_kv_heads + kv_head) * (size_t)kv->capacity * kv->head_dim *

@@ -456,6 +456,20 @@ static PyObject *Cache_lengths(CacheObject *self, PyObject *noargs) {
     return list;
 }
 
+/* truncate(n): forgets positions n.. in every layer */
+static PyObject *Cache_truncate(CacheObject *self, PyObject *arg) {
+    if (!cache_ready(self)) return NULL;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) return PyErr_Format(PyExc_ValueError, "truncate to %ld positions: must be >= 0", n);
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    ce_kv_cache_truncate(&self->kv, n > INT_MAX ? INT_MAX : (int)n);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* kv(layer) -> (keys, values), each float32 (n_kv_heads, len, head_dim): a copy */
 static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
     if (!cache_ready(self)) return NULL;
@@ -1177,6 +1191,7 @@ static PyMethodDef Cache_methods[] = {
     {"fill_kv", (PyCFunction)(void (*)(void))Cache_fill_kv, METH_VARARGS | METH_KEYWORDS,
      "fill_kv(x, pos0, layer_begin, layer_end): keys/values of skipped layers from the same hidden states"},
     {"lengths", (PyCFunction)Cache_lengths, METH_NOARGS, "lengths() -> filled positions per layer"},
+    {"truncate", (PyCFunction)Cache_truncate, METH_O, "truncate(n): forget positions n.. in every layer"},
     {"kv", (PyCFunction)Cache_kv, METH_O, "kv(layer) -> (keys, values) copies, (n_kv_heads, len, head_dim)"},
     {NULL, NULL, 0, NULL},
 };

@@ -505,6 +505,20 @@ static void test_forward_invariants(int activations) {
     CHECK(ce_forward(m, &b, &ws, 0, 3, 1, 2, h, err, sizeof err) == CE_OK, "recompute position 2");
     CHECK(b.len[0] == 3 && b.len[2] == 3, "lengths truncated to 3");
 
+    /* truncation forgets positions; running them again restores the cache and outputs bit for bit */
+    ce_kv_cache_truncate(&a, 4);
+    CHECK(a.len[0] == 4 && a.len[1] == 4 && a.len[2] == 4, "truncated to 4");
+    ce_kv_cache_truncate(&a, 9);
+    CHECK(a.len[0] == 4, "truncating past the length changes nothing");
+    float again[2 * 64];
+    CHECK(ce_embed(m, 2, tok + 4, again, err, sizeof err) == CE_OK, "embed 4..5");
+    CHECK(ce_forward(m, &a, &ws, 0, 3, 2, 4, again, err, sizeof err) == CE_OK, "rerun 4..5: %s", err);
+    CHECK(memcmp(again, one + 4 * d, sizeof again) == 0, "rerun outputs equal the first run");
+    for (int l = 0; l < 3; l++)
+        CHECK(memcmp(ce_kv_cache_k(&a, l, 1), ce_kv_cache_k(&c, l, 1), kv_bytes(n)) == 0, "rerun keys layer %d", l);
+    ce_kv_cache_truncate(&a, -1);
+    CHECK(a.len[0] == 0 && a.len[2] == 0, "negative truncates to empty");
+
     ce_kv_cache_free(&a);
     ce_kv_cache_free(&b);
     ce_kv_cache_free(&c);

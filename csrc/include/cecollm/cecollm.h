@@ -209,6 +209,9 @@ typedef struct {
 ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begin, int layer_end,
                            int capacity, int type, char *err, size_t errlen);
 void ce_kv_cache_free(ce_kv_cache *kv);
+/* Forgets every position from n on, in every layer (a rejected draft's keys and values): lengths
+ * become min(len, n). The next forward pass continues from there as if they had never been run. */
+void ce_kv_cache_truncate(ce_kv_cache *kv, int n);
 /* Keys (or values) of one layer and kv head: (capacity, head_dim) elements of kv->type. */
 void *ce_kv_cache_k(const ce_kv_cache *kv, int layer, int kv_head);
 void *ce_kv_cache_v(const ce_kv_cache *kv, int layer, int kv_head);
