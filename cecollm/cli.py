@@ -122,24 +122,40 @@ def _generate_collab(args, model, kwargs) -> int:
     if kwargs["temperature"]:
         raise ValueError("collaborative mode decodes greedily (--temperature 0)")
     policy = _policy(args, model)
+    speculate = _speculate(args.speculate)
     result = generate_collab(model, args.prompt, policy, _connect(args.cloud, args.key_file),
                              max_new_tokens=args.max_new_tokens, dtype=args.dtype, deadline_s=args.deadline,
-                             chat=args.chat)  # fmt: skip
+                             chat=args.chat, speculate=speculate)  # fmt: skip
     traces, extra = result.extra["traces"], result.extra
     sources = [t.source if t.source != "edge" else t.exit_layer for t in traces]
     if args.json:
-        print(json.dumps({**_result_json(args, result), "mode": "collab", "split": policy.split,
+        verify = {"round_trips": extra["round_trips"], "accepted_per_round_trip": extra["accepted_per_round_trip"]}
+        print(json.dumps({**_result_json(args, result), "mode": "collab", "speculate": speculate,
+                          **(verify if speculate else {}), "split": policy.split,
                           "exits": list(policy.exits), "thresholds": list(policy.thresholds), "dtype": args.dtype,
                           "source": sources, "exit_layers": [t.exit_layer for t in traces],
                           "bytes_sent": extra["bytes_sent"], "bytes_received": extra["bytes_received"],
                           "time": {"edge_compute_s": extra["edge_s"], "cloud_compute_s": extra["cloud_s"],
                                    "network_and_wait_s": max(0.0, extra["wall_s"] - extra["edge_s"] - extra["cloud_s"]),
                                    "wall_s": extra["wall_s"]},
-                          "fallbacks": extra["fallbacks"], "reconnects": extra["reconnects"]}))  # fmt: skip
+                          "fallbacks": extra["fallbacks"], "reconnects": extra.get("reconnects", 0)}))  # fmt: skip
         return 0
     print(result.text)
     print(_collab_summary(result))
     return 0
+
+
+def _speculate(text: str):
+    """--speculate: 0 (the paper's mode), K in [1, 8] or auto (verify mode)."""
+    if text == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= 8:
+        raise ValueError(f"--speculate wants 0, 1..8 or auto, got {text!r}")
+    return k
 
 
 def _collab_summary(result) -> str:
@@ -349,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", default=None, help="shared key file (default: $CECOLLM_KEY)")
     p.add_argument("--dtype", choices=("f16", "q8_0", "f32"), default="f16", help="hidden states on the wire")
     p.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for the cloud per token")
+    p.add_argument("--speculate", default="0",
+                   help="collab: 0 = the paper's mode (exited tokens are final); K (1..8) or auto = verify mode, "
+                        "the cloud checks K drafted tokens per round trip and the output is the cloud model's")  # fmt: skip
     exit_options(p)
     p.add_argument("--exits", default=None, help="exit points, e.g. 6,10 (default: 2/5 and 2/3 of the split)")
     p.add_argument("--threshold", type=float, default=0.8, help="one threshold for every exit")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from .cloud import Cloud, CloudError
+from .cloud import Cloud, CloudError, verify_reply
 from .edge import EdgeRunner, FullModelShadow, TokenTrace, decode_loop
 from .exits import ExitPolicy
 from .model import GenerationResult, Model
@@ -199,6 +199,9 @@ class LocalLink:
             if req["type"] == Msg.UPLOAD:
                 return {"type": Msg.REPLY, "code": 0, "seq": seq, "pos": self.cloud.upload(session, req["pos"], hidden)}
             t0 = time.perf_counter()
+            if req["type"] == Msg.VERIFY:
+                tokens = self.cloud.verify(session, req["pos"], hidden)
+                return verify_reply(seq, req["pos"], tokens, time.perf_counter() - t0)
             token, conf = self.cloud.infer(session, req["pos"], hidden)
             us = int((time.perf_counter() - t0) * 1e6)
             return {"type": Msg.TOKEN, "seq": seq, "pos": req["pos"] + req["n"] - 1, "token": token, "conf": conf, "us": us}
@@ -343,6 +346,10 @@ class CollabSession:
             self.link = None
 
 
+def _link_network_s(session) -> float:
+    return getattr(session.link, "network_s", 0.0) if session.link is not None else 0.0
+
+
 def generate_collab(
     model: Model,
     prompt,
@@ -354,16 +361,27 @@ def generate_collab(
     chat: bool = False,
     trace_full: bool = False,
     on_token=None,
+    speculate: int | str = 0,
 ) -> GenerationResult:
     """Collaborative greedy generation: tokens exit at the edge when confident, else the cloud
     finishes them; when the cloud fails, the edge finishes them at its exit at the split.
 
     connect: a callable returning a fresh link (TcpLink or LocalLink), called again to reconnect.
     on_token: called as on_token(step, trace) after each token is decided.
+    speculate: 0 is the paper's mode (an exited token is final); K >= 1 or "auto" is verify mode
+    (cecollm.speculative): the edge drafts, the cloud verifies K tokens per round trip, and the
+    output is the cloud model's own (exactly, with dtype="f32").
 
     >>> cloud = Cloud(model, split=15)                                              # doctest: +SKIP
     >>> r = generate_collab(model, "Hi", ExitPolicy(split=15), lambda: LocalLink(cloud))  # doctest: +SKIP
     """
+    if speculate:
+        from .speculative import generate_verify
+
+        if trace_full:
+            raise ValueError("trace_full is for the paper's mode: verify mode's output is the full model's")
+        return generate_verify(model, prompt, policy, connect, max_new_tokens, dtype, speculate, deadline_s, chat,
+                               on_token=on_token)  # fmt: skip
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if policy.split >= model.n_layers:
@@ -383,10 +401,16 @@ def generate_collab(
         nonlocal cloud_s, edge_s
         session.record(start, hidden)
         end = start + len(hidden)
+        t, net = time.perf_counter(), _link_network_s(session)
         answer = session.infer(0 if start == 0 else end - 1, end)
         if answer is not None:
             trace.source = "cloud"
             cloud_s += answer[1]
+            # what this token cost: accounted network time on an emulated link, else the wall time
+            virtual = _link_network_s(session) - net
+            cost = virtual + answer[1] if virtual > 0 else time.perf_counter() - t
+            if start > 0:  # the prompt's answer is not a per-token cost
+                runner.cloud_cost_s = cost if runner.cloud_cost_s is None else 0.7 * runner.cloud_cost_s + 0.3 * cost
             return answer[0]
         t = time.perf_counter()
         trace.source = "fallback"
@@ -470,8 +494,9 @@ class Edge:
             raise TypeError("cloud must be None, a Cloud or 'HOST:PORT'")
 
     def generate(self, prompt, max_new_tokens: int = 64, chat: bool = False, trace_full: bool = False,
-                 **sampling) -> GenerationResult:  # fmt: skip
-        """Standalone (sampling allowed) or collaborative (greedy) generation with per-token traces."""
+                 speculate: int | str = 0, **sampling) -> GenerationResult:  # fmt: skip
+        """Standalone (sampling allowed) or collaborative (greedy) generation with per-token traces.
+        speculate: 0 (the paper's mode), K or "auto" (verify mode; see generate_collab)."""
         from .edge import generate_edge
 
         if self.connect is None:
@@ -480,4 +505,5 @@ class Edge:
         if sampling.get("temperature", 0.0):
             raise ValueError("collaborative generation is greedy (temperature 0)")
         return generate_collab(self.model, prompt, self.policy, self.connect, max_new_tokens=max_new_tokens,
-                               dtype=self.dtype, deadline_s=self.deadline_s, chat=chat, trace_full=trace_full)  # fmt: skip
+                               dtype=self.dtype, deadline_s=self.deadline_s, chat=chat, trace_full=trace_full,
+                               speculate=speculate)  # fmt: skip

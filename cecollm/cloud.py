@@ -143,23 +143,38 @@ class Cloud:
         return session.n_hidden
 
     def _rewind(self, session: Session, pos: int) -> None:
+        """Forgets positions from pos on: the groups after it and, when pos falls inside a small group
+        (a verified block whose drafts were partly rejected), that group's tail."""
         keep = [g for g in session.groups if g[1] <= pos]
-        if len(keep) != sum(1 for g in session.groups if g[0] < pos):
-            raise CloudError(Code.BAD_POSITION, f"position {pos} is inside an uploaded group")
-        session.groups = keep
+        inside = [g for g in session.groups if g[0] < pos < g[1]]
+        if inside:
+            a, b = inside[0]
+            if b - a > _core.SMALL_BATCH:  # cutting a large group would change how a rebuild batches it
+                raise CloudError(Code.BAD_POSITION, f"position {pos} is inside an uploaded group of {b - a}")
+            keep.append((a, pos))
         session.computed_groups = min(session.computed_groups, len(keep))
+        session.groups = keep
         session.n_hidden = pos
+        if session.cache is not None:
+            session.cache.truncate(pos)
 
     def infer(self, session: Session, pos: int, hidden: np.ndarray) -> tuple[int, float]:
         """Uploads positions pos.. and returns the greedy token (and its probability) after the last."""
         self.upload(session, pos, hidden)
-        last = self._compute(session)
-        logits = self.model.core.head(last[None])
+        logits = self.model.core.head(self._compute(session)[-1:])
         conf, top1 = _core.confidence(logits, _core.METRIC_MAX_PROB)
         return int(top1[0]), float(conf[0])
 
+    def verify(self, session: Session, pos: int, hidden: np.ndarray) -> np.ndarray:
+        """Uploads positions pos.. (an edge's drafted block) and returns the greedy token after each:
+        int32 (n,). The block runs through the cloud's layers as one batch."""
+        self.upload(session, pos, hidden)
+        logits = self.model.core.head(np.ascontiguousarray(self._compute(session)))
+        return logits.argmax(-1).astype(np.int32)
+
     def _compute(self, session: Session) -> np.ndarray:
-        """Runs every uploaded group not yet in the cache through [split, L); returns the last output.
+        """Runs every uploaded group not yet in the cache through [split, L); returns the last group's
+        outputs (n, dim).
         The request's own group, when small, joins other sessions' in one batched pass."""
         self._ensure_cache(session)
         *earlier, (start, end) = session.groups[session.computed_groups :]
@@ -171,7 +186,7 @@ class Cloud:
         else:
             out = session.cache.forward(session.hidden[start:end], start)
         session.computed_groups += 1
-        return out[-1]
+        return out
 
     def _batched(self, cache, x: np.ndarray, pos0: int) -> np.ndarray:
         future: Future = Future()
@@ -236,6 +251,12 @@ class Cloud:
             self.kv_in_use += need
         session.cache = self.model.new_cache(session.capacity, self.split, self.model.n_layers)
         session.computed_groups = 0
+
+
+def verify_reply(seq: int, pos: int, tokens: np.ndarray, seconds: float) -> dict:
+    """The TOKENS message answering a VERIFY: the cloud's token after each position pos.."""
+    data = np.ascontiguousarray(tokens, "<i4").tobytes()
+    return {"type": Msg.TOKENS, "seq": seq, "pos": pos, "n": len(tokens), "data": data, "us": int(seconds * 1e6)}
 
 
 class CloudServer:
@@ -350,7 +371,7 @@ class CloudServer:
             if kind == Msg.OPEN:
                 sid = self.cloud.open(int(req.get("cap", 2048)))
                 return {"type": Msg.REPLY, "code": Code.OK, "seq": seq, "sid": sid}
-            if kind not in (Msg.UPLOAD, Msg.INFER, Msg.CLOSE, Msg.RESUME):
+            if kind not in (Msg.UPLOAD, Msg.INFER, Msg.VERIFY, Msg.CLOSE, Msg.RESUME):
                 raise CloudError(Code.BAD_REQUEST, f"message type {kind} is not a request")
             session = self.cloud.get(req["sid"])
             with session.lock:
@@ -381,6 +402,10 @@ class CloudServer:
             held = self.cloud.upload(session, req["pos"], hidden)
             return {"type": Msg.REPLY, "code": Code.OK, "seq": seq, "pos": held}
         t0 = time.perf_counter()
+        if kind == Msg.VERIFY:
+            tokens = self.cloud.verify(session, req["pos"], hidden)
+            self.stats["cloud_s"] += time.perf_counter() - t0
+            return verify_reply(seq, req["pos"], tokens, time.perf_counter() - t0)
         token, conf = self.cloud.infer(session, req["pos"], hidden)
         self.stats["cloud_s"] += time.perf_counter() - t0
         cloud_us = int((time.perf_counter() - t0) * 1e6)

@@ -72,6 +72,11 @@ class EdgeRunner:
         self.boundaries = [e for e in policy.exits if e < policy.split] + [policy.split]
         self.pending: dict[int, _Pending] = {}  # position -> exit layer and hidden state there
         self.n_pos = 0
+        # every position's hidden state at the split, rows [0, split_len) (complete in order: catch-up
+        # carries earlier positions along), for the cloud
+        self.split_states = np.zeros((capacity, model.config["dim"]), np.float32)
+        self.split_len = 0
+        self.cloud_cost_s: float | None = None  # what a cloud token costs now (latency-aware exits)
         self.metric = METRICS.get(policy.metric, _core.METRIC_MAX_PROB)  # the gate's exits report their gate
 
     # ---- running layers ----
@@ -92,7 +97,19 @@ class EdgeRunner:
         ids = np.asarray(ids, np.int32)
         hidden = self.cache.forward(self.model.core.embed(ids), 0)
         self.n_pos = len(ids)
+        self._at_split(0, hidden)
         return hidden
+
+    def _at_split(self, start: int, batch: np.ndarray) -> None:
+        self.split_states[start : start + len(batch)] = batch
+        self.split_len = start + len(batch)
+
+    def rollback(self, n: int) -> None:
+        """Forgets positions n.. (rejected drafts): their keys/values, pending catch-up and split states."""
+        self.cache.truncate(n)
+        self.n_pos = min(self.n_pos, n)
+        self.pending = {q: v for q, v in self.pending.items() if q < n}
+        self.split_len = min(self.split_len, n)
 
     def step(self, token: int, finish_at_split: bool = True) -> ExitDecision:
         """Runs token (at the next position) up the edge layers until an exit accepts it.
@@ -112,9 +129,13 @@ class EdgeRunner:
             layers_run += len(batch) * (boundary - layer)
             layer = boundary
             at_split = boundary == self.policy.split
+            if at_split:
+                self._at_split(start, batch)
             if at_split and not finish_at_split:  # collaborative: the split's own exit, else the cloud
                 self.n_pos = p + 1
                 threshold = self.policy.split_exit_threshold()
+                if threshold is not None:
+                    threshold = self.policy.effective_threshold(boundary, self.cloud_cost_s)
                 if threshold is not None and self.policy.metric != GATE:
                     logits = self.policy.head(boundary).logits(self.model, batch[-1:])[0]
                     accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
@@ -123,7 +144,7 @@ class EdgeRunner:
                                             split_hidden=batch)  # fmt: skip
                     checks += 1
                 return ExitDecision(None, boundary, 0.0, batch[-1], layers_run, checks, skipped, split_hidden=batch)
-            threshold = 0.0 if at_split else self.policy.threshold(boundary)
+            threshold = 0.0 if at_split else self.policy.effective_threshold(boundary, self.cloud_cost_s)
             if threshold > 1.0:
                 continue
             head = self.policy.head(boundary)
@@ -189,6 +210,7 @@ class EdgeRunner:
             batch, start = self._catch_up_into(batch, start, layer)
             batch = self._run(batch, start, layer, boundary)
             layer = boundary
+        self._at_split(start, batch)
         return start, batch
 
 

@@ -93,6 +93,8 @@ class ExitPolicy:
     kv: str = "catchup"
     precheck_rows: int | None = None
     exit_heads: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+    latency_budget_s: float | None = None  # latency-aware exits (collaborative mode): see effective_threshold
+    threshold_floor: float = 0.5
 
     def __post_init__(self):
         exits = tuple(sorted(int(e) for e in self.exits))
@@ -115,6 +117,10 @@ class ExitPolicy:
             raise ValueError(f"kv {self.kv!r} is not one of {KV_MODES}")
         if self.precheck_rows is not None and self.metric not in ("max_prob", "margin"):
             raise ValueError("the candidate pre-check bounds max_prob and margin only")
+        if self.latency_budget_s is not None and not self.latency_budget_s > 0:
+            raise ValueError(f"latency_budget_s must be > 0, not {self.latency_budget_s}")
+        if not 0 <= self.threshold_floor <= 1:
+            raise ValueError(f"threshold_floor {self.threshold_floor} outside [0, 1]")
 
     def validate_for(self, n_layers: int, vocab: int, dim: int) -> None:
         if not 1 <= self.split <= n_layers:
@@ -145,6 +151,22 @@ class ExitPolicy:
 
     def threshold(self, exit_layer: int) -> float:
         return self.thresholds[self.exits.index(exit_layer)]
+
+    def effective_threshold(self, exit_layer: int, cloud_cost_s: float | None) -> float:
+        """The latency-aware rule. An exit's threshold τ is met at the link's reference cost: with a
+        latency budget B per token and the cloud currently costing c seconds per token (round trip,
+        upload and cloud compute, as measured), an exit accepts when its confidence reaches
+
+            τ(c) = clip(1 - (1 - τ) · c / B, threshold_floor, 1)
+
+        i.e. the error risk 1 - confidence the edge accepts grows in proportion to what asking the
+        cloud costs: at c = B it is the configured τ, a slow link lowers it (down to the floor), a
+        fast one raises it toward 1. A disabled exit (τ > 1) stays disabled; without a budget, or
+        before any cost is known, τ is used as given."""
+        base = self.threshold(exit_layer)
+        if base > 1.0 or self.latency_budget_s is None or cloud_cost_s is None:
+            return base
+        return min(1.0, max(self.threshold_floor, 1.0 - (1.0 - base) * cloud_cost_s / self.latency_budget_s))
 
     def split_exit_threshold(self) -> float | None:
         """The threshold of an exit at the split (collaborative mode finishes a token at the edge when it

@@ -27,6 +27,8 @@ class Msg(IntEnum):
     RESUME = 8
     ERROR = 9
     REPLY = 10
+    VERIFY = 11  # as INFER over n drafted positions; answered by TOKENS (the cloud's token after each)
+    TOKENS = 12
 
 
 class Code(IntEnum):

@@ -94,6 +94,12 @@ ce_status ce_wire_frame_length(const uint8_t header[CE_WIRE_HEADER], size_t max_
     return CE_OK;
 }
 
+/* Bytes the data field must hold: n int32 tokens in TOKENS, else n hidden states of (dim, dtype). */
+static size_t payload_bytes(const ce_msg *m) {
+    if (m->type == CE_MSG_TOKENS) return m->n > 0 ? (size_t)m->n * 4 : 0;
+    return ce_wire_hidden_bytes(m->dtype, m->n, m->dim);
+}
+
 /* ---- schema ---- */
 
 typedef struct {
@@ -125,6 +131,8 @@ static const struct {
     [CE_MSG_RESUME] = {CE_F_SEQ | CE_F_SID, CE_F_SEQ | CE_F_SID},
     [CE_MSG_ERROR] = {CE_F_CODE | CE_F_MSG, CE_F_CODE | CE_F_MSG | CE_F_SEQ},
     [CE_MSG_REPLY] = {CE_F_CODE, CE_F_CODE | CE_F_SEQ | CE_F_SID | CE_F_POS | CE_F_NONCE | CE_F_VER | CE_F_CAP},
+    [CE_MSG_VERIFY] = {HIDDEN, HIDDEN},
+    [CE_MSG_TOKENS] = {CE_F_SEQ | CE_F_POS | CE_F_N | CE_F_DATA, CE_F_SEQ | CE_F_POS | CE_F_N | CE_F_DATA | CE_F_US},
 };
 
 /* Reads a big-endian unsigned of `bytes` bytes at p[*off]; 0 when it does not fit. */
@@ -320,8 +328,7 @@ ce_status ce_wire_decode(const uint8_t *body, size_t len, size_t max_data, ce_ms
             st = ce_fail(err, errlen, CE_EINVAL, "message type %d: fields 0x%x missing, 0x%x not allowed", m->type,
                          missing, extra);
     }
-    if (st == CE_OK && (m->fields & CE_F_DATA) &&
-        m->data_len != ce_wire_hidden_bytes(m->dtype, m->n, m->dim))
+    if (st == CE_OK && (m->fields & CE_F_DATA) && m->data_len != payload_bytes(m))
         st = ce_fail(err, errlen, CE_EINVAL, "payload of %zu bytes does not hold (%d, %d) of wire type %d", m->data_len,
                      m->n, m->dim, m->dtype);
     if (st != CE_OK) ce_msg_clear(m);
@@ -355,7 +362,7 @@ ce_status ce_wire_encode(const ce_msg *m, uint8_t **out, size_t *out_len, char *
     if (missing || extra)
         return ce_fail(err, errlen, CE_EINVAL, "message type %d: fields 0x%x missing, 0x%x not allowed", m->type,
                        missing, extra);
-    if ((m->fields & CE_F_DATA) && m->data_len != ce_wire_hidden_bytes(m->dtype, m->n, m->dim))
+    if ((m->fields & CE_F_DATA) && m->data_len != payload_bytes(m))
         return ce_fail(err, errlen, CE_EINVAL, "payload of %zu bytes does not hold (%d, %d) of wire type %d",
                        m->data_len, m->n, m->dim, m->dtype);
     if (m->nonce_len > CE_WIRE_MAX_BLOB || m->mac_len > CE_WIRE_MAX_BLOB || strlen(m->msg) >= CE_WIRE_MAX_TEXT)

@@ -777,6 +777,26 @@ static void test_wire_round_trip(void) {
     }
     CHECK(ce_wire_hidden_decode(CE_WIRE_Q8_0, q, sizeof q - 1, 2, 64, y, err, sizeof err) == CE_EINVAL, "q8 size");
     CHECK(ce_wire_hidden_bytes(CE_WIRE_Q8_0, 1, 33) == 0, "q8 needs whole blocks");
+
+    /* VERIFY carries hidden states like INFER; TOKENS carries n int32 tokens, and exactly n */
+    m.type = CE_MSG_VERIFY;
+    CHECK(ce_wire_encode(&m, &frame, &len, err, sizeof err) == CE_OK, "verify encode: %s", err);
+    CHECK(ce_wire_decode(frame + 4, len - 4, 1 << 20, &d, err, sizeof err) == CE_OK && d.type == CE_MSG_VERIFY &&
+              d.n == 2,
+          "verify decode: %s", err);
+    ce_msg_clear(&d);
+    free(frame);
+    int32_t tokens[3] = {5, 49151, 0};
+    ce_msg r = {.type = CE_MSG_TOKENS, .fields = CE_F_SEQ | CE_F_POS | CE_F_N | CE_F_DATA | CE_F_US, .seq = 9,
+                .pos = 40, .n = 3, .us = 1234, .data = (uint8_t *)tokens, .data_len = sizeof tokens};
+    CHECK(ce_wire_encode(&r, &frame, &len, err, sizeof err) == CE_OK, "tokens encode: %s", err);
+    CHECK(ce_wire_decode(frame + 4, len - 4, 1 << 20, &d, err, sizeof err) == CE_OK, "tokens decode: %s", err);
+    CHECK(d.type == CE_MSG_TOKENS && d.n == 3 && d.pos == 40 && d.data_len == 12 && memcmp(d.data, tokens, 12) == 0,
+          "tokens survive");
+    ce_msg_clear(&d);
+    free(frame);
+    r.n = 4; /* 12 bytes cannot hold 4 tokens */
+    CHECK(ce_wire_encode(&r, &frame, &len, err, sizeof err) == CE_EINVAL, "token count checked on encode");
 }
 
 static void test_wire_hostile(void) {

@@ -33,9 +33,11 @@ typedef enum {
     CE_MSG_RESUME = 8,    /* client: seq, sid                           server: seq, pos (= positions held) */
     CE_MSG_ERROR = 9,     /* server: seq, code, msg */
     CE_MSG_REPLY = 10,    /* server: generic acknowledgement of OPEN/UPLOAD/CLOSE/RESUME/AUTH */
+    CE_MSG_VERIFY = 11,   /* client: as INFER with n >= 1 drafted positions: the cloud's token after each */
+    CE_MSG_TOKENS = 12,   /* server: seq, pos (first position), n, data (n int32 little-endian tokens), us */
 } ce_msg_type;
 
-#define CE_MSG_TYPE_MAX CE_MSG_REPLY
+#define CE_MSG_TYPE_MAX CE_MSG_TOKENS
 
 /* Hidden-state encodings on the wire. */
 typedef enum {
