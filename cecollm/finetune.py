@@ -374,6 +374,55 @@ def _bar(total: int, initial: int, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------
+# Teacher answers on the accelerator (the base model, batched; no KV cache: each step recomputes)
+
+
+def generate_answers(model, prompts: list, max_new_tokens: int, end_ids, temperature: float = 0.0,
+                     top_p: float = 0.95, seed: int = 0, batch: int = 64, device: str | None = None) -> list:  # fmt: skip
+    """The base model's answers (token ids, an end token included when one ended it) to prompts (token
+    ids), in batches: sequences are right-padded, so causal attention never sees the padding."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev).eval()
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    n_layers, ends = model.cfg["n_layers"], set(end_ids)
+    answers = []
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    for b0 in range(0, len(prompts), batch):
+        group = prompts[b0 : b0 + batch]
+        lens = torch.tensor([len(p) for p in group], device=dev)
+        ids = torch.zeros((len(group), int(lens.max()) + max_new_tokens), dtype=torch.long, device=dev)
+        for i, p in enumerate(group):
+            ids[i, : len(p)] = torch.as_tensor(p, device=dev)
+        done = torch.zeros(len(group), dtype=torch.bool, device=dev)
+        out = [[] for _ in group]
+        with torch.no_grad(), ctx:
+            for _ in range(max_new_tokens):
+                t = int(lens.max())
+                h = model.hidden_states(ids[:, :t], [n_layers], adapted=False)[n_layers]
+                logits = model.logits(h[torch.arange(len(group), device=dev), lens - 1]).float()
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, -1)
+                    sorted_p, order = probs.sort(-1, descending=True)
+                    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest prefix reaching top_p
+                    sorted_p = sorted_p * keep
+                    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)[:, 0]
+                    token = order.gather(-1, pick[:, None])[:, 0]
+                else:
+                    token = logits.argmax(-1)
+                for i in torch.nonzero(~done).flatten().tolist():
+                    out[i].append(int(token[i]))
+                    done[i] = int(token[i]) in ends
+                ids[torch.arange(len(group), device=dev), lens] = token
+                lens = torch.where(done, lens, lens + 1)
+                if bool(done.all()):
+                    break
+        answers += out
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation in torch (teacher-forced), to compare recipes quickly on any device
 
 

@@ -18,7 +18,6 @@ over TCP the clock is the wall clock.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeout

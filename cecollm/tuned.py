@@ -12,7 +12,6 @@ core, so the rebuilt tensors are the same bits wherever it runs, and equal the e
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, replace

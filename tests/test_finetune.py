@@ -15,7 +15,7 @@ from cecollm import _core, finetune  # noqa: E402
 from cecollm.finetune import Recipe  # noqa: E402
 from cecollm.gguf_loader import ModelFormatError, load_gguf  # noqa: E402
 from cecollm.model import Model  # noqa: E402
-from cecollm.tuned import apply_delta, export_gguf, finetune_exits, torch_tensors  # noqa: E402
+from cecollm.tuned import apply_delta, finetune_exits, torch_tensors  # noqa: E402
 
 from .tiny_gguf import write_tiny_gguf  # noqa: E402
 
@@ -175,7 +175,21 @@ def test_the_standalone_script_reads_the_gguf_as_the_c_core_does(tiny, data, tmp
     (tmp_path / "data.json").write_text(json.dumps(data))
     recipe = json.dumps({"exits": [1, 2], "rank": 2, "steps": 2, "batch": 2, "seq_len": 32})
     proc = subprocess.run([sys.executable, finetune.__file__, "--gguf", tiny, "--data", str(tmp_path / "data.json"),
-                           "--out", str(tmp_path / "out"), "--recipe", recipe], capture_output=True, text=True, timeout=300)  # fmt: skip
+                           "--out", str(tmp_path / "out"), "--recipe", recipe],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["eval"]["0.8"]["perplexity_ratio"] > 0
     assert Model(apply_delta(load_gguf(tiny), tmp_path / "out" / "run.safetensors")).trained_exits == (1, 2)
+
+
+def test_batched_teacher_answers_are_the_c_engines_greedy_answers(tiny_model):
+    prompts = [tiny_model.tokenize(t) for t in ("hello", "the quick brown fox", "ab")]
+    tm = finetune.build_torch_model(tiny_model.config, torch_tensors(tiny_model.weights), RECIPE)
+    answers = finetune.generate_answers(tm, prompts, 10, tiny_model.tokenizer.end_ids, batch=2, device="cpu")
+    for p, a in zip(prompts, answers):
+        r = tiny_model.generate(p, max_new_tokens=10)
+        assert a[: len(r.tokens)] == r.tokens and len(a) == len(r.tokens) + (r.finish_reason == "stop")
+    sampled = finetune.generate_answers(tm, prompts, 10, tiny_model.tokenizer.end_ids, temperature=1.0, seed=3,
+                                        device="cpu")  # fmt: skip
+    assert sampled == finetune.generate_answers(tm, prompts, 10, tiny_model.tokenizer.end_ids, temperature=1.0,
+                                                seed=3, device="cpu")  # fmt: skip
