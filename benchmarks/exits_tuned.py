@@ -84,7 +84,7 @@ def run_variant(name, model, exits, heads, prompts, tokens, thresholds, split, n
             seconds += r.extra["edge_s"] + r.extra["cloud_s"] + r.extra["network_s"]
         row = {**info, "threshold": t, "edge_share": edge / max(total, 1), "rougeL": float(np.mean(rouge)),
                "identical": same / len(prompts), "ms_per_token": 1e3 * seconds / max(total, 1),
-               "tokens": total, "wall_s": time.perf_counter() - t0}  # fmt: skip
+               "tokens": total, "prompts": len(prompts), "wall_s": time.perf_counter() - t0}  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -120,11 +120,15 @@ def main():
     ap.add_argument("--tuned", default="smollm2-135m-ee", help="preset name or GGUF of the tuned model")
     ap.add_argument("--adapters", default="docs/exits4.safetensors")
     ap.add_argument("--out", default="docs/exits_tuned")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in OUT.json (other variants)")
     args = ap.parse_args()
     prompts = [user_message(item) for item in instructions("eval")[: args.n]]
     thresholds = [float(t) for t in args.thresholds.split(",")]
     network = (12.5e6, 0.02)  # 100 Mbit/s, 20 ms RTT
     rows: list[dict] = []
+    if args.append:
+        with open(args.out + ".json") as f:
+            rows = json.load(f)
     variants = args.variants.split(",")
     if "original" in variants or "adapters" in variants:
         base = cecollm.load_model()
@@ -139,7 +143,7 @@ def main():
         exits = ExitPolicy.for_model(tuned, args.split).exits
         run_variant("tuned", tuned, exits, {}, prompts, args.tokens, thresholds, args.split, network, rows)
     with open(args.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
     with open(args.out + ".json", "w") as f:

@@ -209,7 +209,7 @@ def cmd_finetune(args) -> int:
     from .tuned import finetune_exits, tuning_data
 
     model = _load(args)
-    recipe = Recipe(exits=_ints(args.exits), rank=args.rank, steps=args.steps, batch=args.batch, lr=args.lr,
+    recipe = Recipe(exits=_ints(args.exits), method=args.method, rank=args.rank, steps=args.steps, batch=args.batch, lr=args.lr,
                     w_final=args.w_final, top1=args.top1, tau=args.tau, seed=args.seed)  # fmt: skip
     data = None
     if args.data and os.path.exists(args.data):
@@ -287,32 +287,39 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Starts a cloud server on loopback, runs the edge on a few prompts collaboratively, stops it."""
+    """Starts a cloud server on loopback and runs the edge collaboratively on a few prompts, in the
+    paper's mode (confident tokens finish at the edge) and in verify mode (the cloud checks the edge's
+    drafts; the output is the cloud model's). Default model: the exit-tuned preset."""
+    import os
     import subprocess
 
     from .client import generate_collab
     from .exits import ExitPolicy
 
+    args.model = args.model or "smollm2-135m-ee"
     model = _load(args)
     split = model.n_layers // 2
-    # 0.95 rather than the paper's 0.8: this model's exits are untrained (see docs/exits.md)
-    policy = ExitPolicy(exits=(split * 2 // 5, split * 2 // 3), split=split, thresholds=(0.95,), precheck_rows=4096)
-    cmd = [sys.executable, "-m", "cecollm.cli", "serve", "--port", "0", "--split", str(split)]
-    if args.model:
-        cmd += ["--model", args.model]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "CECOLLM_KEY": ""})
+    policy = ExitPolicy.for_model(model, split, threshold=0.8)
+    cmd = [sys.executable, "-m", "cecollm.cli", "serve", "--port", "0", "--split", str(split), "--model", args.model]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "CECOLLM_KEY": ""})
     try:
         banner = server.stdout.readline().strip()
         print(banner)
         address = banner.split(" on ")[1].split(" ")[0]
-        print(f"edge: layers [0, {split}) with exits {list(policy.exits)}, threshold 0.95 (max_prob); F16 uploads")
+        print(f"model: {args.model}; edge: layers [0, {split}) with exits {list(policy.exits)}, threshold 0.8 (max_prob)")
         print("tags: [c] finished by the cloud, [eN] at the edge's exit after N layers, [f] edge fallback\n")
         for prompt in DEMO_PROMPTS:
-            result = generate_collab(model, prompt, policy, _connect(address, None), max_new_tokens=args.max_new_tokens,
-                                     chat=True)  # fmt: skip
+            connect = _connect(address, None)
+            paper = generate_collab(model, prompt, policy, connect, max_new_tokens=args.max_new_tokens, chat=True)
+            verify = generate_collab(model, prompt, policy, connect, max_new_tokens=args.max_new_tokens, chat=True,
+                                     dtype="f32", speculate="auto")  # fmt: skip
             print(f"> {prompt}")
-            print(_colored(model, result))
-            print(_collab_summary(result) + "\n")
+            print("paper's mode (F16 uploads; an exited token is final):")
+            print(_colored(model, paper))
+            print(_collab_summary(paper))
+            print(f"verify mode (the edge drafts, the cloud checks; the output is the cloud model's):\n{verify.text}")
+            print(f"[{len(verify.tokens)} tokens in {verify.extra['round_trips']} round trips, "
+                  f"{verify.extra['accepted_per_round_trip']:.2f} drafts accepted per round trip]\n")  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -334,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--model", default=None, help="path to a llama GGUF (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--model", default=None,
+                       help="a llama GGUF, or a preset: smollm2-135m (the default), smollm2-135m-ee (tuned for exits)")  # fmt: skip
         p.add_argument("--threads", type=int, default=None, help="threads for the C core (default: all cores)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--activations", choices=("f32", "q8"), default="f32",
@@ -409,10 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exits", default="4,8,12,15", help="exits trained through the shared final norm and head")
     p.add_argument("--out", required=True, help="the delta to write (.safetensors)")
     p.add_argument("--gguf-out", default=None, help="also write the tuned model as a GGUF")
-    p.add_argument("--rank", type=int, default=16, help="rank of each matrix's update")
+    p.add_argument("--method", choices=("scales", "lora"), default="scales",
+                   help="scales: tune each quantization block's scale and minimum (ships exactly in the base's types); "
+                        "lora: a low-rank update per matrix, re-quantized")  # fmt: skip
+    p.add_argument("--rank", type=int, default=16, help="lora: rank of each matrix's update")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--w-final", type=float, default=4.0, help="weight of the final layer's KL to the original")
     p.add_argument("--top1", type=float, default=0.0, help="weight of the exits' hard-label term")
     p.add_argument("--tau", type=float, default=0.5, help="temperature of the teacher the exits learn (sharpened < 1)")

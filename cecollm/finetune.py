@@ -45,8 +45,10 @@ class Recipe:
     """Everything that decides a tuned model (stored in the delta's metadata)."""
 
     exits: tuple = (4, 8, 12, 15)  # exits trained through the shared head (the split among them)
-    rank: int = 16  # rank of each matrix's update; 0 = full weights (not shippable as a small delta)
-    alpha: float = 32.0  # update scale: up · down · alpha / rank (folded into `up` at export)
+    method: str = "scales"  # "scales": each quantization block's scale and minimum; "lora"; "full"
+    rank: int = 16  # lora: rank of each matrix's update
+    alpha: float = 32.0  # lora: update scale, up · down · alpha / rank (folded into `up` at export)
+    quantize_aware: bool = True  # lora / full: train through the matrix's quantizer (straight-through)
     w_exit: float = 1.0  # weight of each exit's loss
     w_final: float = 4.0  # weight of the final layer's KL to the teacher
     top1: float = 0.0  # λ_top1: hard-label term toward the teacher's greedy token at exits
@@ -54,7 +56,7 @@ class Recipe:
     steps: int = 1500
     batch: int = 16  # sequences per step
     seq_len: int = 384  # longer sequences are cut
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.0
     train_norms: bool = True
@@ -109,6 +111,42 @@ def fake_quantize(w, type_id: int):
     return q.detach() + (w - w.detach())  # the value is q exactly; the gradient is w's
 
 
+def _fp16(x):
+    """x rounded to fp16 (as stored), gradient straight through."""
+    import torch
+
+    return x.detach().to(torch.float16).float() + (x - x.detach())
+
+
+def block_grid(w, type_id: int):
+    """(codes, d, m) of a matrix (rows, cols) stored in a block type: w == codes · d + m per block of 32
+    (Q4_0: codes already minus 8; m = 0 for Q4_0 and Q8_0), d and m float32 holding fp16 values, shaped
+    (rows, cols / 32) and codes (rows, cols / 32, 32). Reads the grid off the dequantized values, which
+    holds for blocks a reference quantizer made (they contain their extreme codes); checked."""
+    import torch
+
+    rows = w.shape[0]
+    b = w.reshape(rows, -1, 32).double()
+    if type_id == TYPE_Q4_1:
+        m = b.min(-1).values
+        d = (b.max(-1).values - m) / 15
+    elif type_id == TYPE_Q4_0:  # the code-0 element is the signed extreme: -8 d
+        extreme = torch.gather(b, -1, b.abs().argmax(-1, keepdim=True))[..., 0]
+        d, m = extreme / -8, torch.zeros_like(extreme)
+    elif type_id == TYPE_Q8_0:
+        d, m = b.abs().max(-1).values / 127, torch.zeros(b.shape[:2], dtype=b.dtype)
+    else:
+        raise ValueError(f"type id {type_id} has no block grid")
+    d = d.to(torch.float16).double()
+    m = m.to(torch.float16).double()
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    codes = torch.round((b - m[..., None]) / safe[..., None])
+    rebuilt = (codes.float() * d.float()[..., None] + m.float()[..., None]).reshape(w.shape)
+    if not torch.equal(rebuilt, w.float()):
+        raise ValueError("the matrix is not on a block grid its type's reference quantizer makes")
+    return codes.float(), d.float(), m.float()
+
+
 # ---------------------------------------------------------------------------------------------
 # The model in torch: the same LLaMA forward as the C core, with exits through the shared head
 
@@ -119,28 +157,50 @@ def _torch_module_classes():
     from torch import nn
 
     class TunedLinear(nn.Module):
-        """y = x · Q(W + s · up · down)ᵀ: the frozen base W (dequantized), a trainable low-rank update
-        (rank 0: W itself trainable), Q the matrix's own quantizer (straight-through)."""
+        """y = x · W'ᵀ for a matrix stored quantized. method "scales": W' keeps every weight's integer
+        code and trains each block's fp16 scale d and minimum m (W' = q · d' + m', d' = d (1 + s),
+        m' = m + d t, rounded to fp16 straight-through): exactly what the block format stores, so the
+        tuned matrix ships in the base's own type with nothing re-quantized. "lora": W' = Q(W + s · up ·
+        down); "full": W' = Q(W'') with W'' trained; Q the matrix's quantizer (straight-through) when
+        quantize_aware, else the identity."""
 
-        def __init__(self, weight: np.ndarray, type_id: int, rank: int, alpha: float, generator):
+        def __init__(self, weight: np.ndarray, type_id: int, recipe: Recipe, generator):
             super().__init__()
-            self.type_id = type_id
-            self.rank = rank
-            self.scale = alpha / rank if rank else 1.0
+            self.type_id, self.method = type_id, recipe.method
+            self.quantize = recipe.quantize_aware
             w = torch.from_numpy(np.ascontiguousarray(weight, np.float32))
             self.register_buffer("base", w)  # the original weights: the teacher's, and the update's origin
-            if rank:
+            if self.method == "scales":
+                q, d, m = block_grid(w, type_id)
+                self.register_buffer("codes", q)
+                self.register_buffer("d0", d)
+                self.register_buffer("m0", m)
+                self.s = nn.Parameter(torch.zeros_like(d))
+                self.t = nn.Parameter(torch.zeros_like(m)) if type_id == TYPE_Q4_1 else None
+            elif self.method == "lora":
+                self.scale = recipe.alpha / recipe.rank
                 out_f, in_f = w.shape
-                self.down = nn.Parameter(torch.randn(rank, in_f, generator=generator) / math.sqrt(in_f))
-                self.up = nn.Parameter(torch.zeros(out_f, rank))
-            else:
+                self.down = nn.Parameter(torch.randn(recipe.rank, in_f, generator=generator) / math.sqrt(in_f))
+                self.up = nn.Parameter(torch.zeros(out_f, recipe.rank))
+            elif self.method == "full":
                 self.full = nn.Parameter(w.clone())
+            else:
+                raise ValueError(f"method {self.method!r} is not one of 'scales', 'lora', 'full'")
+
+        def scales(self):
+            """(d', m') of every block, (rows, blocks), fp16 values (straight-through)."""
+            d = _fp16(self.d0 * (1 + self.s))
+            m = _fp16(self.m0 + self.d0 * self.t) if self.t is not None else self.m0
+            return d, m
 
         def weight(self, adapted: bool = True):
             if not adapted:
                 return self.base
-            w = self.base + self.scale * (self.up @ self.down) if self.rank else self.full
-            return fake_quantize(w, self.type_id)
+            if self.method == "scales":
+                d, m = self.scales()
+                return (self.codes * d[..., None] + m[..., None]).reshape(self.base.shape)
+            w = self.base + self.scale * (self.up @ self.down) if self.method == "lora" else self.full
+            return fake_quantize(w, self.type_id) if self.quantize else w
 
         def forward(self, x, adapted: bool = True):
             return F.linear(x, self.weight(adapted).to(x.dtype))
@@ -151,7 +211,7 @@ def _torch_module_classes():
             self.cfg = cfg
             for name in MATRICES:
                 w, type_id = tensors[f"blk.{i}.{name}.weight"]
-                setattr(self, name, TunedLinear(w, type_id, recipe.rank, recipe.alpha, generator))
+                setattr(self, name, TunedLinear(w, type_id, recipe, generator))
             for name in NORMS:
                 w = torch.from_numpy(np.asarray(tensors[f"blk.{i}.{name}.weight"][0], np.float32).reshape(-1).copy())
                 self.register_buffer(name + "_base", w.clone())
@@ -484,17 +544,26 @@ def evaluate(model, answers: list, human: list, threshold: float = 0.8, device: 
 
 
 def delta_tensors(model) -> dict:
-    """{name: float32 array} of the tuned model's update: per matrix `<name>.up` (rows, rank) with the
-    scale folded in and `<name>.down` (rank, cols); per norm its full weights."""
-    if model.recipe.rank == 0:
-        raise ValueError("a full-weight tuning has no low-rank delta; train with rank > 0 to ship one")
+    """{name: float32 array} of the tuned model's change. method "scales": per matrix `<name>.d` (and
+    `<name>.m` for Q4_1), each block's new scale (minimum), (rows, cols / 32), fp16 values; "lora":
+    `<name>.up` (rows, rank) with the scale folded in and `<name>.down` (rank, cols). Per layer norm its
+    full weights."""
+    recipe = model.recipe
+    if recipe.method == "full":
+        raise ValueError("a full-weight tuning has no small delta; use method 'scales' or 'lora' to ship one")
     out = {}
     for i, block in enumerate(model.blocks):
         for name in MATRICES:
-            lin = getattr(block, name)
-            out[f"blk.{i}.{name}.weight.up"] = (lin.up.detach().float().cpu().numpy() * lin.scale).astype(np.float32)
-            out[f"blk.{i}.{name}.weight.down"] = lin.down.detach().float().cpu().numpy().astype(np.float32)
-        if model.recipe.train_norms:
+            lin, key = getattr(block, name), f"blk.{i}.{name}.weight"
+            if recipe.method == "scales":
+                d, m = lin.scales()
+                out[key + ".d"] = d.detach().float().cpu().numpy()
+                if lin.t is not None:
+                    out[key + ".m"] = m.detach().float().cpu().numpy()
+            else:
+                out[key + ".up"] = (lin.up.detach().float().cpu().numpy() * lin.scale).astype(np.float32)
+                out[key + ".down"] = lin.down.detach().float().cpu().numpy().astype(np.float32)
+        if recipe.train_norms:
             for name in NORMS:
                 out[f"blk.{i}.{name}.weight"] = getattr(block, name).detach().float().cpu().numpy()
     return out
@@ -502,13 +571,14 @@ def delta_tensors(model) -> dict:
 
 def save_delta(path, model, base_fingerprint: str, base_name: str, log: TrainLog | None = None,
                dtype: str = "f16") -> None:  # fmt: skip
-    """Writes the delta as safetensors (low-rank factors in `dtype`, norms in f32) with the recipe."""
+    """Writes the delta as safetensors (block scales in fp16, as stored; low-rank factors in `dtype`;
+    norms in f32) with the recipe."""
     from safetensors.numpy import save_file
 
     tensors = {}
     for name, value in delta_tensors(model).items():
-        keep_f32 = not name.endswith((".up", ".down")) or dtype == "f32"
-        tensors[name] = np.ascontiguousarray(value.astype(np.float32 if keep_f32 else np.float16))
+        half = name.endswith((".d", ".m")) or (name.endswith((".up", ".down")) and dtype == "f16")
+        tensors[name] = np.ascontiguousarray(value.astype(np.float16 if half else np.float32))
     recipe = dict(asdict(model.recipe), exits=list(model.recipe.exits))
     metadata = {
         "format": DELTA_FORMAT,
@@ -570,11 +640,18 @@ def _main(argv=None) -> None:
     parser.add_argument("--base-fingerprint", default="")
     parser.add_argument("--checkpoint-dir", default=None, help="where resumable training state goes (default: --out)")
     parser.add_argument("--name", default="run", help="prefix of the files written")
+    parser.add_argument("--sample-text", type=int, default=0, help="add this many free texts the base model samples")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cfg, tensors = tensors_from_gguf(args.gguf)
     with open(args.data) as f:
         data = json.load(f)
+    if args.sample_text:  # the base model's own free text (document start, temperature 1): protects the final layer
+        sampler = build_torch_model(cfg, tensors, Recipe(method="full"))
+        texts = generate_answers(sampler, [[data.get("bos_id", 0)]] * args.sample_text, 256, [], temperature=1.0,
+                                 top_p=1.0, seed=1, batch=128)  # fmt: skip
+        data["sequences"] = list(data["sequences"]) + [[data.get("bos_id", 0)] + t for t in texts]
+        del sampler
     for k, text in enumerate(args.recipe or ["{}"]):
         fields = json.loads(text)
         recipe = Recipe(**{**fields, "exits": tuple(fields.get("exits", Recipe.exits))})
@@ -582,12 +659,16 @@ def _main(argv=None) -> None:
         name = f"{args.name}{k}" if len(args.recipe) > 1 else args.name
         seqs = [s["ids"] if isinstance(s, dict) else s for s in data["sequences"]]
         log = train(model, seqs, recipe, checkpoint=os.path.join(args.checkpoint_dir or args.out, name + ".ckpt"))
+        if "heldout" not in data and "heldout_prompts" in data:  # the base model answers them here, once
+            prompts = data["heldout_prompts"]
+            answers = generate_answers(model, prompts, 100, data.get("end_ids", []))
+            data["heldout"] = [{"ids": p + a, "prompt_len": len(p)} for p, a in zip(prompts, answers)]
         held = [(s["ids"], s["prompt_len"]) for s in data.get("heldout", [])]
         log.evaluation = {str(t): evaluate(model, held, data.get("human", []), threshold=t) for t in (0.5, 0.8, 0.9, 0.95)}
         print(json.dumps({"run": name, "recipe": asdict(recipe), "seconds": log.seconds, "eval": log.evaluation}), flush=True)
         with open(os.path.join(args.out, name + ".json"), "w") as f:
             json.dump(asdict(log), f)
-        if recipe.rank:
+        if recipe.method != "full":
             save_delta(os.path.join(args.out, name + ".safetensors"), model, args.base_fingerprint, "", log)
 
 

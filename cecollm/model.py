@@ -208,6 +208,8 @@ class Model:
         n_params = sum(int(t[2]) * int(t[3]) for t in self.weights.tensors.values())
         return {
             "path": self.path,
+            "delta": self.weights.metadata.get("delta", ""),
+            "trained_exits": list(self.trained_exits),
             "name": self.weights.metadata.get("name", ""),
             "architecture": self.weights.metadata.get("architecture", ""),
             **{k: v for k, v in self.config.items()},

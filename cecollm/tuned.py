@@ -73,6 +73,12 @@ def apply_delta(weights: LoadedWeights, path) -> LoadedWeights:
         raise ModelFormatError(f"{path} was made for another base model (fingerprint {metadata['base_fingerprint']}; "
                                f"{weights.path} has {fingerprint})")  # fmt: skip
     new = dict(weights.tensors)
+    for name in sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith((".d", ".m"))}):
+        if name not in new or name.split(".")[-2] not in MATRICES:
+            raise ModelFormatError(f"{path}: block scales for {name}, which the base model has no matrix for")
+        raw, type_id, rows, cols = new[name]
+        new[name] = (_with_block_scales(raw, type_id, rows, cols, tensors.get(name + ".d"), tensors.get(name + ".m"),
+                                        f"{path}: {name}"), type_id, rows, cols)  # fmt: skip
     for name in sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith((".up", ".down"))}):
         if name not in new or name.split(".")[-2] not in MATRICES:
             raise ModelFormatError(f"{path}: update for {name}, which the base model has no matrix for")
@@ -84,7 +90,7 @@ def apply_delta(weights: LoadedWeights, path) -> LoadedWeights:
         merged = _core.add_lowrank(_core.dequantize(raw, type_id, rows, cols), up, down)
         new[name] = (_core.quantize(merged, type_id).reshape(rows, -1), type_id, rows, cols)
     for name, value in tensors.items():
-        if name.endswith((".up", ".down")):
+        if name.endswith((".up", ".down", ".d", ".m")):
             continue
         if name not in new or name.split(".")[-2] not in NORMS or value.shape != (new[name][3],):
             raise ModelFormatError(f"{path}: tensor {name} {value.shape} does not replace a layer norm of the base")
@@ -92,6 +98,31 @@ def apply_delta(weights: LoadedWeights, path) -> LoadedWeights:
     meta = dict(weights.metadata, exits=_exits_of(metadata), delta=str(path),
                 recipe=metadata.get("recipe", ""), base_fingerprint=fingerprint)  # fmt: skip
     return replace(weights, tensors=new, metadata=meta)
+
+
+BLOCK_BYTES = {_core.TYPE_Q4_0: 18, _core.TYPE_Q4_1: 20, _core.TYPE_Q8_0: 34}
+
+
+def _with_block_scales(raw, type_id: int, rows: int, cols: int, d, m, what: str) -> np.ndarray:
+    """A copy of a matrix's blocks with each block's fp16 scale d (and, for Q4_1, minimum m) replaced;
+    the integer codes stay. d, m: (rows, cols / 32) holding fp16 values."""
+    nb = cols // 32
+    if type_id not in BLOCK_BYTES or d is None or d.shape != (rows, nb) or (type_id == _core.TYPE_Q4_1) != (m is not None):
+        raise ModelFormatError(f"{what}: block scales {_shape(d)} / {_shape(m)} do not fit a {rows} x {cols} "
+                               f"matrix of type id {type_id}")  # fmt: skip
+    if m is not None and m.shape != (rows, nb):
+        raise ModelFormatError(f"{what}: block minima have shape {m.shape}, expected {(rows, nb)}")
+    blocks = np.array(np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows, nb, BLOCK_BYTES[type_id]))
+    half = d.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), d) or not np.isfinite(half).all():
+        raise ModelFormatError(f"{what}: block scales are not finite fp16 values")
+    blocks[..., 0:2] = half.view(np.uint8).reshape(rows, nb, 2)  # d: the first field of every block type
+    if m is not None:
+        low = m.astype(np.float16)
+        if not np.array_equal(low.astype(np.float32), m) or not np.isfinite(low).all():
+            raise ModelFormatError(f"{what}: block minima are not finite fp16 values")
+        blocks[..., 2:4] = low.view(np.uint8).reshape(rows, nb, 2)  # Q4_1: m follows d
+    return blocks.reshape(rows, -1)
 
 
 def _shape(a):

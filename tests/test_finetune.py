@@ -19,7 +19,8 @@ from cecollm.tuned import apply_delta, finetune_exits, torch_tensors  # noqa: E4
 
 from .tiny_gguf import write_tiny_gguf  # noqa: E402
 
-RECIPE = Recipe(exits=(1, 2), rank=4, steps=6, batch=3, seq_len=48, lr=2e-2, warmup=1, w_final=1.0)
+RECIPE = Recipe(exits=(1, 2), steps=6, batch=3, seq_len=48, lr=2e-2, warmup=1, w_final=1.0)  # block scales
+LORA = Recipe(exits=(1, 2), method="lora", rank=4, steps=6, batch=3, seq_len=48, lr=2e-2, warmup=1, w_final=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,10 @@ def test_fake_quantize_is_the_c_quantizer(type_id, rng):
     np.testing.assert_array_equal(wt.grad.numpy(), np.ones_like(w))
 
 
-@pytest.fixture(scope="module")
-def tuned(tiny_model, data, tmp_path_factory):
+@pytest.fixture(scope="module", params=[RECIPE, LORA], ids=["scales", "lora"])
+def tuned(tiny_model, data, tmp_path_factory, request):
     folder = tmp_path_factory.mktemp("tuned")
-    result = finetune_exits(tiny_model, str(folder / "delta.safetensors"), RECIPE, data,
+    result = finetune_exits(tiny_model, str(folder / "delta.safetensors"), request.param, data,
                             gguf_out=str(folder / "tuned.gguf"), device="cpu", progress=False)  # fmt: skip
     return result
 
@@ -102,17 +103,30 @@ def test_exported_gguf_loads_and_generates_like_the_rebuilt_model(tiny, tuned):
     assert policy.exits == (1, 2) and policy.split == 2
 
 
-def test_what_trains_is_what_ships(tiny, tiny_model, data, tmp_path):
-    """The torch model's tuned logits equal the C engine running the rebuilt model (f32 delta)."""
-    tm = finetune.build_torch_model(tiny_model.config, torch_tensors(tiny_model.weights), RECIPE)
-    finetune.train(tm, [s["ids"] for s in data["sequences"]], RECIPE, device="cpu", progress=False)
+@pytest.mark.parametrize("recipe, tolerance", [(RECIPE, 1e-4), (LORA, 2e-3)], ids=["scales", "lora"])
+def test_what_trains_is_what_ships(tiny, tiny_model, data, tmp_path, recipe, tolerance):
+    """The torch model's tuned logits equal the C engine running the rebuilt model (lora: f32 delta)."""
+    tm = finetune.build_torch_model(tiny_model.config, torch_tensors(tiny_model.weights), recipe)
+    finetune.train(tm, [s["ids"] for s in data["sequences"]], recipe, device="cpu", progress=False)
     finetune.save_delta(tmp_path / "d.safetensors", tm, "", "tiny", dtype="f32")
     shipped = Model(apply_delta(load_gguf(tiny), tmp_path / "d.safetensors"))
     ids = data["sequences"][0]["ids"]
     with torch.no_grad():
         ours = tm.logits(tm.hidden_states(torch.tensor([ids]), [4])[4])[0].numpy()
-    np.testing.assert_allclose(ours, shipped.logits(ids), atol=2e-3, rtol=0)
+    np.testing.assert_allclose(ours, shipped.logits(ids), atol=tolerance, rtol=0)
     assert np.abs(ours - tiny_model.logits(ids)).max() > 1e-2  # and training did change the model
+
+
+def test_block_grid_reads_codes_and_scales_off_the_dequantized_matrix(rng):
+    for type_id in (_core.TYPE_Q4_0, _core.TYPE_Q4_1, _core.TYPE_Q8_0):
+        raw = _core.quantize((rng.standard_normal((6, 64)) * 0.05).astype(np.float32), type_id)
+        w = _core.dequantize(raw.reshape(6, -1), type_id, 6, 64)
+        codes, d, m = finetune.block_grid(torch.from_numpy(w), type_id)
+        np.testing.assert_array_equal((codes * d[..., None] + m[..., None]).reshape(6, 64).numpy(), w)
+        np.testing.assert_array_equal(d.numpy().astype(np.float16).view(np.uint16)[:, 0],
+                                      raw.reshape(6, 2, -1)[:, 0, :2].copy().view(np.uint16)[:, 0])  # fmt: skip
+    with pytest.raises(ValueError, match="block grid"):
+        finetune.block_grid(torch.from_numpy(rng.standard_normal((2, 32)).astype(np.float32)), _core.TYPE_Q4_1)
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(tiny_model, data, tmp_path):
