@@ -216,7 +216,7 @@ def cmd_finetune(args) -> int:
         with open(args.data) as f:
             data = json.load(f)
     else:
-        data = tuning_data(model, train_samples=args.samples, progress=not args.no_progress)
+        data = tuning_data(model, train_samples=args.samples, free_text=args.free_text, progress=not args.no_progress)
         if args.data:
             with open(args.data, "w") as f:
                 json.dump(data, f)
@@ -421,14 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scales: tune each quantization block's scale and minimum (ships exactly in the base's types); "
                         "lora: a low-rank update per matrix, re-quantized")  # fmt: skip
     p.add_argument("--rank", type=int, default=16, help="lora: rank of each matrix's update")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--w-final", type=float, default=4.0, help="weight of the final layer's KL to the original")
+    p.add_argument("--w-final", type=float, default=12.0, help="weight of the final layer's KL to the original")
     p.add_argument("--top1", type=float, default=0.0, help="weight of the exits' hard-label term")
     p.add_argument("--tau", type=float, default=0.5, help="temperature of the teacher the exits learn (sharpened < 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=2, help="answers per training instruction (1 greedy + sampled)")
+    p.add_argument("--free-text", type=int, default=256, help="texts the model samples freely (protect the final layer)")
     p.add_argument("--data", default=None, help="tuning data JSON: read if it exists, else generated and written there")
     p.add_argument("--checkpoint", default=None, help="resumable training state (written every 200 steps)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")

@@ -133,10 +133,8 @@ class EdgeRunner:
                 self._at_split(start, batch)
             if at_split and not finish_at_split:  # collaborative: the split's own exit, else the cloud
                 self.n_pos = p + 1
-                threshold = self.policy.split_exit_threshold()
-                if threshold is not None:
-                    threshold = self.policy.effective_threshold(boundary, self.cloud_cost_s)
-                if threshold is not None and self.policy.metric != GATE:
+                threshold = self.policy.effective_threshold(boundary, self.cloud_cost_s) if boundary in self.policy.exits else 2.0
+                if threshold <= 1.0 and self.policy.metric != GATE:
                     logits = self.policy.head(boundary).logits(self.model, batch[-1:])[0]
                     accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
                     if accept:

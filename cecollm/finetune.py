@@ -50,10 +50,10 @@ class Recipe:
     alpha: float = 32.0  # lora: update scale, up · down · alpha / rank (folded into `up` at export)
     quantize_aware: bool = True  # lora / full: train through the matrix's quantizer (straight-through)
     w_exit: float = 1.0  # weight of each exit's loss
-    w_final: float = 4.0  # weight of the final layer's KL to the teacher
+    w_final: float = 12.0  # weight of the final layer's KL to the teacher
     top1: float = 0.0  # λ_top1: hard-label term toward the teacher's greedy token at exits
     tau: float = 0.5  # temperature of the teacher the exits learn (1: its own distribution)
-    steps: int = 1500
+    steps: int = 500
     batch: int = 16  # sequences per step
     seq_len: int = 384  # longer sequences are cut
     lr: float = 1e-3

