@@ -168,6 +168,10 @@ class ExitPolicy:
             return base
         return min(1.0, max(self.threshold_floor, 1.0 - (1.0 - base) * cloud_cost_s / self.latency_budget_s))
 
+    def head(self, exit_layer: int) -> ExitHead:
+        """The exit's head: the trained one when given, else the model's final norm and LM head."""
+        return self.exit_heads.get(exit_layer) or ExitHead()
+
 
 def confidence(logits: np.ndarray, metric: str = "max_prob") -> tuple[np.ndarray, np.ndarray]:
     """(confidence, top-1 id) per row of logits, computed in C."""

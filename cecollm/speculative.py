@@ -1,7 +1,7 @@
 """Lossless collaboration: the edge drafts tokens with its exits, the cloud verifies a block of them
 per round trip (speculative decoding), and the output is the cloud model's own.
 
-The edge feeds each token through its layers and drafts the next one at its exits (standalone mode),
+The edge feeds each token through its layers and drafts the next one at the split's exit,
 keeping every position's split-layer state. A block of fed positions [s, e) goes to the cloud in one
 VERIFY; the cloud runs its layers over the block as one batch and answers with its greedy token after
 each position. Comparing the answer with the drafts at (s, e], the edge keeps the longest agreeing
@@ -36,12 +36,13 @@ MAX_BLOCK = _core.SMALL_BATCH  # positions per VERIFY: a block computes as one p
 
 def choose_block(acceptance: float, round_trip_s: float, draft_s: float, max_block: int = MAX_BLOCK) -> int:
     """The block size K maximizing expected tokens per second when each draft is accepted with
-    probability `acceptance`: a round trip yields (1 - a^(K+1)) / (1 - a) tokens (the agreeing drafts
-    and the cloud's own token) and costs K · draft_s + round_trip_s."""
+    probability `acceptance`: a block of K positions checks K drafts, and yields the agreeing prefix
+    plus the cloud's token at the first disagreement, (1 - a^K) / (1 - a) tokens on average; it costs
+    K · draft_s + round_trip_s."""
     a = min(max(acceptance, 0.0), 0.999)
     best, best_rate = 1, -1.0
     for k in range(1, max_block + 1):
-        rate = (1 - a ** (k + 1)) / (1 - a) / (k * draft_s + round_trip_s)
+        rate = (1 - a**k) / (1 - a) / (k * draft_s + round_trip_s)
         if rate > best_rate:
             best, best_rate = k, rate
     return best
@@ -85,16 +86,20 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
     """
     from .client import CollabSession
 
+    auto = speculate == "auto"
+    if not auto and (isinstance(speculate, bool) or not isinstance(speculate, int) or not 1 <= speculate <= MAX_BLOCK):
+        raise ValueError(f"speculate must be 'auto' or an integer in [1, {MAX_BLOCK}], not {speculate!r}")
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if policy.split >= model.n_layers:
         raise ValueError("collaboration needs split < n_layers: the cloud owns the layers after it")
-    auto = speculate == "auto"
-    if not auto and (isinstance(speculate, bool) or not isinstance(speculate, int) or not 1 <= speculate <= MAX_BLOCK):
-        raise ValueError(f"speculate must be 'auto' or an integer in [1, {MAX_BLOCK}], not {speculate!r}")
     if max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
     block = 4 if auto else speculate
+    # Drafts come from the split's exit alone: every drafted position must reach the split anyway (the
+    # cloud verifies its split state), so earlier exits would only add LM-head evaluations.
+    policy = ExitPolicy(exits=(policy.split,), split=policy.split, thresholds=(0.0,), metric="max_prob",
+                        exit_heads={policy.split: policy.head(policy.split)})  # fmt: skip
     ids = model._prompt_ids(prompt, chat)
     n_prompt = len(ids)
     limit = n_prompt + max_new_tokens  # positions that can hold tokens
@@ -268,16 +273,18 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
             feed()
             continue
         unsent = runner.n_pos - next_start
+        # a second block in flight pays only when the first is likely to be accepted whole
+        in_flight = max_in_flight if not auto or acceptance**block >= 0.25 else 1
         known = token_at(runner.n_pos) if runner.n_pos < limit else None
         can_feed = known is not None and known not in ends
         ready = inflight and (inflight[0].arrival <= clock.now() if virtual else inflight[0].future.done())
         if ready:
             receive()
-        elif can_feed and (unsent < block or len(inflight) < max_in_flight):
+        elif can_feed and (unsent < block or len(inflight) < in_flight):
             feed()
-            if runner.n_pos - next_start >= block and len(inflight) < max_in_flight:
+            if runner.n_pos - next_start >= block and len(inflight) < in_flight:
                 send()
-        elif unsent > 0 and len(inflight) < max_in_flight:
+        elif unsent > 0 and len(inflight) < in_flight:
             send()
         elif inflight:
             receive()
