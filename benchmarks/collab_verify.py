@@ -101,10 +101,14 @@ def main():
     ap.add_argument("--models", default="smollm2-135m,smollm2-135m-ee")
     ap.add_argument("--split", type=int, default=15)
     ap.add_argument("--out", default="docs/collab_verify")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in OUT.json")
     args = ap.parse_args()
     _core.set_threads(1)
     prompts = [user_message(item) for item in instructions("eval")[: args.n]]
     rows = []
+    if args.append:
+        with open(args.out + ".json") as f:
+            rows = json.load(f)
     for name in args.models.split(","):
         model = cecollm.load_model(name)
         exits = ExitPolicy.for_model(model, args.split).exits
@@ -136,9 +140,15 @@ def main():
                                          "identical": float(np.mean([a == b for a, b in zip(toks, reference)])),
                                          "tokens_per_round_trip": n / rts if rts else None})  # fmt: skip
                             print(json.dumps(rows[-1]), flush=True)
+            with open(args.out + ".json", "w") as f:  # each model's rows as soon as they exist
+                json.dump(rows, f, indent=1)
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # the server's shutdown can take ~10 s (handler threads)
+                proc.kill()
+                proc.wait()
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     plot(rows, args.out + ".png")
