@@ -98,8 +98,8 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
     block = 4 if auto else speculate
     # Drafts come from the split's exit alone: every drafted position must reach the split anyway (the
     # cloud verifies its split state), so earlier exits would only add LM-head evaluations.
-    policy = ExitPolicy(exits=(policy.split,), split=policy.split, thresholds=(0.0,), metric="max_prob",
-                        exit_heads={policy.split: policy.head(policy.split)})  # fmt: skip
+    given, policy = policy, ExitPolicy(exits=(policy.split,), split=policy.split, thresholds=(0.0,),
+                                       exit_heads={policy.split: policy.head(policy.split)})  # fmt: skip
     ids = model._prompt_ids(prompt, chat)
     n_prompt = len(ids)
     limit = n_prompt + max_new_tokens  # positions that can hold tokens
@@ -296,7 +296,7 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
     total = clock.now() if virtual else wall
     extra = {
         "traces": traces,
-        "policy": policy,
+        "policy": given,
         "speculate": speculate,
         "round_trips": stats["round_trips"],
         "accepted_per_round_trip": stats["drafts_accepted"] / max(stats["round_trips"], 1),

@@ -101,19 +101,17 @@ def apply_delta(weights: LoadedWeights, path) -> LoadedWeights:
     return replace(weights, tensors=new, metadata=meta)
 
 
-BLOCK_BYTES = {_core.TYPE_Q4_0: 18, _core.TYPE_Q4_1: 20, _core.TYPE_Q8_0: 34}
-
-
 def _with_block_scales(raw, type_id: int, rows: int, cols: int, d, m, what: str) -> np.ndarray:
     """A copy of a matrix's blocks with each block's fp16 scale d (and, for Q4_1, minimum m) replaced;
     the integer codes stay. d, m: (rows, cols / 32) holding fp16 values."""
     nb = cols // 32
-    if type_id not in BLOCK_BYTES or d is None or d.shape != (rows, nb) or (type_id == _core.TYPE_Q4_1) != (m is not None):
+    blocky = type_id in (_core.TYPE_Q4_0, _core.TYPE_Q4_1, _core.TYPE_Q8_0)
+    if not blocky or d is None or d.shape != (rows, nb) or (type_id == _core.TYPE_Q4_1) != (m is not None):
         raise ModelFormatError(f"{what}: block scales {_shape(d)} / {_shape(m)} do not fit a {rows} x {cols} "
                                f"matrix of type id {type_id}")  # fmt: skip
     if m is not None and m.shape != (rows, nb):
         raise ModelFormatError(f"{what}: block minima have shape {m.shape}, expected {(rows, nb)}")
-    blocks = np.array(np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows, nb, BLOCK_BYTES[type_id]))
+    blocks = np.array(np.asarray(raw).reshape(-1).view(np.uint8).reshape(rows, nb, _core.row_bytes(type_id, 32)))
     half = d.astype(np.float16)
     if not np.array_equal(half.astype(np.float32), d) or not np.isfinite(half).all():
         raise ModelFormatError(f"{what}: block scales are not finite fp16 values")
