@@ -125,7 +125,7 @@ def _generate_collab(args, model, kwargs) -> int:
     speculate = _speculate(args.speculate)
     result = generate_collab(model, args.prompt, policy, _connect(args.cloud, args.key_file),
                              max_new_tokens=args.max_new_tokens, dtype=args.dtype, deadline_s=args.deadline,
-                             chat=args.chat, speculate=speculate)  # fmt: skip
+                             chat=args.chat, speculate=speculate, strict=args.strict)  # fmt: skip
     traces, extra = result.extra["traces"], result.extra
     sources = [t.source if t.source != "edge" else t.exit_layer for t in traces]
     if args.json:
@@ -138,7 +138,8 @@ def _generate_collab(args, model, kwargs) -> int:
                           "time": {"edge_compute_s": extra["edge_s"], "cloud_compute_s": extra["cloud_s"],
                                    "network_and_wait_s": max(0.0, extra["wall_s"] - extra["edge_s"] - extra["cloud_s"]),
                                    "wall_s": extra["wall_s"]},
-                          "fallbacks": extra["fallbacks"], "reconnects": extra.get("reconnects", 0)}))  # fmt: skip
+                          "fallbacks": extra["fallbacks"], "reconnects": extra.get("reconnects", 0),
+                          "cloud_failure": extra["cloud_failure"]}))  # fmt: skip
         return 0
     print(result.text)
     print(_collab_summary(result))
@@ -235,12 +236,15 @@ def cmd_serve(args) -> int:
     from .cloud import Cloud, CloudServer
     from .protocol import load_key
 
+    import logging
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = _load(args)
     split = args.split if args.split is not None else model.n_layers // 2
     key = load_key(args.key_file)
     cloud = Cloud(model, split=split, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_sessions=args.max_sessions,
-                  ttl_s=args.ttl)  # fmt: skip
-    server = CloudServer(cloud, host=args.host, port=args.port, key=key)
+                  ttl_s=args.ttl, max_sessions_per_peer=args.max_sessions_per_peer)  # fmt: skip
+    server = CloudServer(cloud, host=args.host, port=args.port, key=key, max_connections=args.max_connections)
     host, port = server.address
     print(f"cecollm cloud: layers [{split}, {model.n_layers}) of {model.info()['name']} on {host}:{port}"
           f" ({'HMAC key required' if key else 'no key: loopback only'})", flush=True)  # fmt: skip
@@ -275,7 +279,8 @@ def cmd_sweep(args) -> int:
     result = sweep(model, thresholds=_floats(args.thresholds), exit_sets=exit_sets, splits=_ints(args.splits),
                    metric=args.metric, gen_tokens=args.gen_tokens, precheck_rows=args.precheck_rows,
                    exit_heads=_heads(args, model), texts=eval_text(args.split_text),
-                   progress=not args.no_progress)  # fmt: skip
+                   progress=not args.no_progress, ray=args.ray_address or (True if args.ray else None),
+                   workers=args.workers)  # fmt: skip
     if args.csv:
         result.to_csv(args.csv)
     if args.out_json:
@@ -283,6 +288,30 @@ def cmd_sweep(args) -> int:
     if args.plot:
         result.plot(args.plot)
     print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from .experiments import grid, run_grid
+
+    settings = grid(schemes=args.schemes.split(","), thresholds=_floats(args.thresholds),
+                    datasets=args.dataset.split(","), models=args.model.split(","), rtts=_floats(args.rtt),
+                    bandwidths=[b * 1e6 / 8 for b in _floats(args.bandwidth_mbit)], splits=_ints(args.split),
+                    exits=_ints(args.exits) if args.exits else None, dtypes=args.dtype.split(","), n=args.n,
+                    tokens=args.tokens, speculate=args.speculate if args.speculate == "auto" else int(args.speculate))  # fmt: skip
+    ray = args.ray_address or (True if args.ray else None)
+    result = run_grid(settings, progress=not args.no_progress and not args.json, ray=ray, workers=args.workers,
+                      threads=args.threads)  # fmt: skip
+    if args.csv:
+        result.to_csv(args.csv)
+    if args.json:
+        print(result.to_json())
+        return 0
+    cols = ("scheme", "dataset", "rtt_s", "time_per_token_s", "edge_token_share", "cloud_work_offloaded", "bytes_up",
+            "rougeL", "chrf", "rougeL_vs_cloud")  # fmt: skip
+    print("  ".join(f"{c:>14}" for c in cols))
+    for row in result.rows:
+        print("  ".join(f"{row[c]:>14.4g}" if isinstance(row[c], float) else f"{row[c]!s:>14}" for c in cols))
     return 0
 
 
@@ -356,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precheck-rows", type=int, default=None,
                        help="skip exit checks that a head over this many leading tokens proves hopeless")  # fmt: skip
 
+    def ray_options(p):
+        p.add_argument("--ray", action="store_true", help="run on a local Ray cluster (pip install cecollm[cluster])")
+        p.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. auto)")
+        p.add_argument("--workers", type=int, default=2, help="Ray actors, one CPU each, each loading the model once")
+
     p = sub.add_parser("info", help="architecture, layers, tensor types, size")
     common(p)
     p.set_defaults(func=cmd_info)
@@ -373,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", default=None, help="shared key file (default: $CECOLLM_KEY)")
     p.add_argument("--dtype", choices=("f16", "q8_0", "f32"), default="f16", help="hidden states on the wire")
     p.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for the cloud per token")
+    p.add_argument("--strict", action="store_true",
+                   help="a cloud failure ends the command with exit code 3 (default: warn once, finish at the edge)")  # fmt: skip
     p.add_argument("--speculate", default="0",
                    help="collab: 0 = the paper's mode (exited tokens are final); K (1..8) or auto = verify mode, "
                         "the cloud checks K drafted tokens per round trip and the output is the cloud model's")  # fmt: skip
@@ -394,7 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", default=None, help="write the table as JSON")
     p.add_argument("--plot", default=None, help="write the agreement plot (PNG)")
     p.add_argument("--no-progress", action="store_true")
+    ray_options(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("experiment", help="the paper's evaluation: schemes x data sets x links (time, offload, bytes, quality)")
+    p.add_argument("--schemes", default="cloud,edge,naive,collab", help="of cloud,edge,naive,collab,verify")
+    p.add_argument("--thresholds", default="0.8,0.9,1.0", help="collab: one row per threshold")
+    p.add_argument("--dataset", default="instructions", help="instructions and/or summaries, comma-separated")
+    p.add_argument("--model", default="smollm2-135m-ee", help="preset(s) or GGUF path(s), comma-separated")
+    p.add_argument("--n", type=int, default=100, help="prompts per data set")
+    p.add_argument("--tokens", type=int, default=100, help="new tokens per prompt")
+    p.add_argument("--rtt", default="0.02", help="round-trip times in seconds, comma-separated")
+    p.add_argument("--bandwidth-mbit", default="100", help="link bandwidths, comma-separated")
+    p.add_argument("--split", default="15", help="splits, comma-separated")
+    p.add_argument("--exits", default=None, help="exit layers (default: the model's own)")
+    p.add_argument("--dtype", default="f16", help="wire dtypes of hidden states: f16, q8_0, f32")
+    p.add_argument("--speculate", default="auto", help="verify: drafts per round trip, or auto")
+    p.add_argument("--threads", type=int, default=None, help="threads for the C core (per worker with Ray)")
+    ray_options(p)
+    p.add_argument("--csv", default=None, help="write the table as CSV")
+    p.add_argument("--json", action="store_true", help="print one JSON object with rows")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("bench", help="pp512 and tg128 tokens/s, as llama-bench reports them")
     common(p)
@@ -442,9 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7433)
     p.add_argument("--split", type=int, default=None, help="the cloud owns layers [split, L) (default: half)")
     p.add_argument("--key-file", default=None, help="shared key file (default: $CECOLLM_KEY; none: loopback only)")
-    p.add_argument("--kv-budget-mb", type=float, default=2048, help="KV memory for all sessions")
+    p.add_argument("--kv-budget-mb", type=float, default=2048, help="memory for all sessions' KV and hidden states")
     p.add_argument("--max-sessions", type=int, default=256)
+    p.add_argument("--max-sessions-per-peer", type=int, default=16)
+    p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--ttl", type=float, default=600, help="seconds before an idle session expires")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="auth failures and limit hits are logged at WARNING")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="generate from a few prompts and report speed")
@@ -455,12 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .client import CloudUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"cecollm: error: {exc}", file=sys.stderr)
         return 2
+    except CloudUnavailable as exc:
+        print(f"cecollm: the cloud failed: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import random
 import socket
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from .cloud import Cloud, CloudError, verify_reply
+from .cloud import Cloud, CloudError, Handler
 from .edge import EdgeRunner, FullModelShadow, TokenTrace, decode_loop
 from .exits import ExitPolicy
 from .model import GenerationResult, Model
@@ -42,25 +43,32 @@ from .protocol import (
 
 
 class TcpLink:
-    """A connection to a CloudServer."""
+    """A connection to a CloudServer; start(identity) connects and shakes hands."""
 
     def __init__(self, host: str, port: int, key: bytes | None = None, connect_timeout_s: float = 3.0):
+        self.host, self.port, self.key, self.connect_timeout_s = host, port, key, connect_timeout_s
         self.bytes_sent = self.bytes_received = 0
-        self.sock = socket.create_connection((host, port), timeout=connect_timeout_s)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._send_sync({"type": Msg.HELLO, "ver": _core.WIRE_VERSION})
-        hello = self._recv_sync()
-        if "nonce" in hello:
-            if key is None:
-                raise RemoteError(Code.AUTH_FAILED, "the server asks for a key and none is set")
-            self._send_sync({"type": Msg.AUTH, "mac": mac(key, hello["nonce"])})
-            self._recv_sync()
-        self.sock.settimeout(None)
-        self.alive = True
+        self.sock: socket.socket | None = None
+        self.alive = False
         self.futures: dict[int, Future] = {}
         self.errors: list[str] = []
         self.lock = threading.Lock()
         self.outbox: queue.Queue = queue.Queue()
+
+    def start(self, identity: dict) -> None:
+        """Connects; the hello names the edge's model fingerprint, split and wire dtype (the server
+        refuses a mismatch); then authenticates when the server asks for a key."""
+        self.sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_sync({"type": Msg.HELLO, "ver": _core.WIRE_VERSION, **identity})
+        hello = self._recv_sync()
+        if "nonce" in hello:
+            if self.key is None:
+                raise RemoteError(Code.AUTH_FAILED, "the server asks for a key and none is set")
+            self._send_sync({"type": Msg.AUTH, "mac": mac(self.key, hello["nonce"])})
+            self._recv_sync()
+        self.sock.settimeout(None)
+        self.alive = True
         threading.Thread(target=self._sender, daemon=True, name="cecollm-send").start()
         threading.Thread(target=self._reader, daemon=True, name="cecollm-recv").start()
 
@@ -121,6 +129,8 @@ class TcpLink:
         with self.lock:
             self.alive = False
         self.outbox.put(None)
+        if self.sock is None:
+            return
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -153,27 +163,37 @@ class NetworkModel:
 
 
 class LocalLink:
-    """The same request/reply stream as TcpLink, served in process by a Cloud (the simulation).
-    With a NetworkModel, network time is accounted on a virtual clock."""
+    """The same request/reply stream as TcpLink, served in process by the server's own Handler (the
+    simulation runs the server's code). With a NetworkModel, network time is accounted on a virtual
+    clock."""
 
     def __init__(self, cloud: Cloud, network: NetworkModel | None = None):
         self.cloud, self.network = cloud, network
+        self.handler = Handler(cloud)
         self.bytes_sent = self.bytes_received = 0
-        self.alive = True
+        self.alive = False
         self.errors: list[str] = []
         self.backlog = 0  # bytes queued since the last request that waits for its reply
         self.network_s = 0.0  # accounted (virtual) network time
 
+    def start(self, identity: dict) -> None:
+        """The server's hello check: the same model, split and a known dtype."""
+        try:
+            self.handler.hello({"ver": _core.WIRE_VERSION, **identity})
+        except CloudError as exc:
+            raise RemoteError(exc.code, str(exc)) from None
+        self.alive = True
+
     def request(self, message: dict, want_reply: bool) -> Future | None:
         frame = _core.wire_encode(message)
         self.bytes_sent += len(frame)
-        reply = self._serve(_core.wire_decode(frame[4:], MAX_BODY))
-        reply_bytes = len(_core.wire_encode(reply))
-        self.bytes_received += reply_bytes
+        reply_frame = self.handler.handle(frame[4:])
+        reply = _core.wire_decode(reply_frame[4:], MAX_BODY)
+        self.bytes_received += len(reply_frame)
         self.backlog += len(frame)
         if want_reply and self.network is not None:
             # TCP keeps order: queued uploads cross the link before the request; then the reply returns
-            self.network_s += self.network.one_way(self.backlog) + self.network.one_way(reply_bytes)
+            self.network_s += self.network.one_way(self.backlog) + self.network.one_way(len(reply_frame))
         if want_reply:
             self.backlog = 0
         if reply["type"] == Msg.ERROR and not want_reply:
@@ -184,38 +204,49 @@ class LocalLink:
         future.set_result(reply)
         return future
 
-    def _serve(self, req: dict) -> dict:
-        seq = req.get("seq", 0)
-        try:
-            if req["type"] == Msg.OPEN:
-                return {"type": Msg.REPLY, "code": 0, "seq": seq, "sid": self.cloud.open(req["cap"])}
-            session = self.cloud.get(req["sid"])
-            if req["type"] == Msg.RESUME:
-                return {"type": Msg.REPLY, "code": 0, "seq": seq, "pos": session.n_hidden}
-            if req["type"] == Msg.CLOSE:
-                self.cloud.close(req["sid"])
-                return {"type": Msg.REPLY, "code": 0, "seq": seq}
-            hidden = _core.hidden_decode(req["data"], req["n"], req["dim"], req["dtype"])
-            if req["type"] == Msg.UPLOAD:
-                return {"type": Msg.REPLY, "code": 0, "seq": seq, "pos": self.cloud.upload(session, req["pos"], hidden)}
-            t0 = time.perf_counter()
-            if req["type"] == Msg.VERIFY:
-                tokens = self.cloud.verify(session, req["pos"], hidden)
-                return verify_reply(seq, req["pos"], tokens, time.perf_counter() - t0)
-            token, conf = self.cloud.infer(session, req["pos"], hidden)
-            us = int((time.perf_counter() - t0) * 1e6)
-            return {"type": Msg.TOKEN, "seq": seq, "pos": req["pos"] + req["n"] - 1, "token": token, "conf": conf, "us": us}
-        except CloudError as exc:
-            return {"type": Msg.ERROR, "code": exc.code, "msg": str(exc), "seq": seq}
-
     def close(self) -> None:
         self.alive = False
 
 
-class CollabSession:
-    """One sequence's conversation with the cloud: sequence numbers, what the cloud holds, re-uploads."""
+class CloudUnavailable(ConnectionError):
+    """The cloud failed (strict mode): the reason is the message."""
 
-    def __init__(self, connect, capacity: int, dim: int, dtype: str, deadline_s: float):
+
+class CloudFallbackWarning(UserWarning):
+    """The cloud failed; the edge finishes tokens at its split exit until a reconnect."""
+
+
+def edge_identity(model: Model, split: int, dtype: str) -> dict:
+    """What the hello tells the cloud: the model's fingerprint, the split and the wire dtype."""
+    from .exits import model_fingerprint
+
+    if not hasattr(model, "_fingerprint"):
+        model._fingerprint = model_fingerprint(model)
+    return {"model": model._fingerprint, "split": split, "dtype": DTYPES[dtype]}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failure in words: auth failed, mismatch, refused, timed out, or what the cloud said."""
+    if isinstance(exc, RemoteError):
+        kind = {Code.AUTH_FAILED: "auth failed", Code.MISMATCH: "mismatch"}.get(exc.code, "cloud error")
+        return f"{kind}: {exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"refused: {exc}"
+    if isinstance(exc, (FutureTimeout, socket.timeout, TimeoutError)):
+        return f"timed out: {str(exc) or 'no answer before the deadline'}"
+    return f"connection failed: {exc}"
+
+
+class CollabSession:
+    """One sequence's conversation with the cloud: sequence numbers, what the cloud holds, re-uploads.
+
+    The first failure is kept (`failure`, in words) and warned about once (CloudFallbackWarning);
+    with strict, it raises CloudUnavailable instead of falling back to the edge."""
+
+    def __init__(self, connect, capacity: int, dim: int, dtype: str, deadline_s: float, identity: dict | None = None,
+                 strict: bool = False):  # fmt: skip
+        self.identity = identity or {"model": "", "split": 0, "dtype": DTYPES[dtype]}
+        self.strict, self.failure = strict, None
         self.connect, self.capacity, self.dim = connect, capacity, dim
         self.dtype, self.deadline_s = DTYPES[dtype], deadline_s
         self.split_hidden = np.zeros((capacity, dim), np.float32)  # every position's split state, kept
@@ -245,12 +276,17 @@ class CollabSession:
         """Connects and opens a session (a failure leaves the session in fallback until reconnect)."""
         try:
             self._adopt(*self._establish(None))
-        except (OSError, RemoteError, FutureTimeout):
-            self._go_down()
+        except (OSError, RemoteError, FutureTimeout) as exc:
+            self._go_down(exc)
 
     def _establish(self, sid):
         """A link with the session resumed (or newly opened) and the cloud's held count."""
         link = self.connect()
+        try:
+            link.start(self.identity)
+        except BaseException:
+            link.close()
+            raise
         seq = self.seq + 1000  # a fresh range: never collides with requests of the old link
         if sid is not None:
             try:
@@ -288,18 +324,20 @@ class CollabSession:
         Returns (token, cloud seconds) or None when the cloud could not answer in time."""
         self._maybe_adopt_reconnect()
         if self.link is None or not self.link.alive:
-            self._go_down()
+            self._go_down(ConnectionError("the link is down"))
             return None
         try:
             self.upload_gap(start)
             reply = self._call(self.link, self._message(Msg.INFER, start, end), True, self.deadline_s)
             self.held = end
             return reply["token"], reply.get("us", 0) / 1e6
-        except (OSError, ConnectionError, RemoteError, FutureTimeout):
-            self._go_down()
+        except (OSError, ConnectionError, RemoteError, FutureTimeout) as exc:
+            self._go_down(exc)
             return None
 
-    def _go_down(self) -> None:
+    def _go_down(self, exc: BaseException) -> None:
+        """The cloud failed: remember why (warn once, or raise when strict), fall back, reconnect."""
+        self.note_failure(exc)
         self.fallbacks += 1
         if self.link is not None:
             self._count(self.link)
@@ -308,6 +346,15 @@ class CollabSession:
         if self._reconnecting is None or not self._reconnecting.is_alive():
             self._reconnecting = threading.Thread(target=self._reconnect, daemon=True, name="cecollm-reconnect")
             self._reconnecting.start()
+
+    def note_failure(self, exc: BaseException) -> None:
+        """Keeps the first failure's reason and warns once; strict: raises CloudUnavailable."""
+        if self.failure is None:
+            self.failure = failure_reason(exc)
+            if self.strict:
+                raise CloudUnavailable(self.failure) from exc
+            warnings.warn(f"cecollm: the cloud failed ({self.failure}); the edge finishes tokens itself",
+                          CloudFallbackWarning, stacklevel=5)  # fmt: skip
 
     def _reconnect(self) -> None:
         delay = 0.05
@@ -362,6 +409,7 @@ def generate_collab(
     trace_full: bool = False,
     on_token=None,
     speculate: int | str = 0,
+    strict: bool = False,
 ) -> GenerationResult:
     """Collaborative greedy generation: tokens exit at the edge when confident, else the cloud
     finishes them; when the cloud fails, the edge finishes them at its exit at the split.
@@ -371,6 +419,8 @@ def generate_collab(
     speculate: 0 is the paper's mode (an exited token is final); K >= 1 or "auto" is verify mode
     (cecollm.speculative): the edge drafts, the cloud verifies K tokens per round trip, and the
     output is the cloud model's own (exactly, with dtype="f32").
+    strict: a cloud failure raises CloudUnavailable (with the reason) instead of a warning and the
+    edge finishing tokens itself; extra["cloud_failure"] holds the first failure's reason either way.
 
     >>> cloud = Cloud(model, split=15)                                              # doctest: +SKIP
     >>> r = generate_collab(model, "Hi", ExitPolicy(split=15), lambda: LocalLink(cloud))  # doctest: +SKIP
@@ -381,7 +431,7 @@ def generate_collab(
         if trace_full:
             raise ValueError("trace_full is for the paper's mode: verify mode's output is the full model's")
         return generate_verify(model, prompt, policy, connect, max_new_tokens, dtype, speculate, deadline_s, chat,
-                               on_token=on_token)  # fmt: skip
+                               on_token=on_token, strict=strict)  # fmt: skip
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     if policy.split >= model.n_layers:
@@ -389,7 +439,8 @@ def generate_collab(
     ids = model._prompt_ids(prompt, chat)
     capacity = len(ids) + max_new_tokens
     runner = EdgeRunner(model, policy, capacity)
-    session = CollabSession(connect, capacity, model.config["dim"], dtype, deadline_s)
+    session = CollabSession(connect, capacity, model.config["dim"], dtype, deadline_s,
+                            edge_identity(model, policy.split, dtype), strict)  # fmt: skip
     edge_s = cloud_s = 0.0
     t_start = time.perf_counter()
     session.start()
@@ -455,10 +506,12 @@ def generate_collab(
             "bytes_received": session.bytes_received,
             "edge_s": edge_s,
             "cloud_s": cloud_s,
+            "edge_layer_positions": runner.layer_positions,
             "wall_s": t_end - t_start,
             "network_s": session.network_s,
             "fallbacks": session.fallbacks,
             "reconnects": session.reconnects,
+            "cloud_failure": session.failure,
         },
     )
 
@@ -474,10 +527,11 @@ class Edge:
     """
 
     def __init__(self, model: Model, policy: ExitPolicy, cloud=None, key: bytes | None = None, dtype: str = "f16",
-                 deadline_s: float = 2.0, network: NetworkModel | None = None):  # fmt: skip
+                 deadline_s: float = 2.0, network: NetworkModel | None = None, strict: bool = False):  # fmt: skip
         from .protocol import load_key
 
         self.model, self.policy, self.dtype, self.deadline_s = model, policy, dtype, deadline_s
+        self.strict = strict
         if cloud is None:
             self.connect = None
         elif isinstance(cloud, Cloud):
@@ -506,4 +560,4 @@ class Edge:
             raise ValueError("collaborative generation is greedy (temperature 0)")
         return generate_collab(self.model, prompt, self.policy, self.connect, max_new_tokens=max_new_tokens,
                                dtype=self.dtype, deadline_s=self.deadline_s, chat=chat, trace_full=trace_full,
-                               speculate=speculate)  # fmt: skip
+                               speculate=speculate, strict=self.strict)  # fmt: skip

@@ -10,6 +10,7 @@ and are rebuilt when they return; when even that cannot make room the answer is 
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import os
@@ -25,15 +26,17 @@ import numpy as np
 from . import _core
 from .model import Model
 from .protocol import (
+    DTYPES,
     MAX_BODY,
     MAX_BODY_BEFORE_AUTH,
+    MAX_UPLOAD_POSITIONS,
     Code,
     Msg,
     ProtocolError,
     mac,
     new_nonce,
+    recv_body,
     recv_message,
-    send_message,
 )
 
 log = logging.getLogger("cecollm.cloud")
@@ -50,6 +53,7 @@ class Session:
     sid: bytes
     capacity: int
     hidden: np.ndarray  # (capacity, dim) float32: uploaded split hidden states, rows [0, n_hidden)
+    owner: str | None = None  # the peer that opened it (limits sessions per peer)
     n_hidden: int = 0
     groups: list = field(default_factory=list)  # (start, end) of each upload, in order
     computed_groups: int = 0  # groups whose keys/values are in the cache
@@ -69,36 +73,56 @@ class Cloud:
     """
 
     def __init__(self, model: Model, split: int, kv_budget_bytes: int = 2 << 30, session_budget_bytes: int = 512 << 20,
-                 max_sessions: int = 256, ttl_s: float = 600.0, batching: bool = True):  # fmt: skip
+                 max_sessions: int = 256, ttl_s: float = 600.0, batching: bool = True,
+                 max_sessions_per_peer: int = 16):  # fmt: skip
+        """kv_budget_bytes: memory for every session's KV cache *and* uploaded hidden states;
+        session_budget_bytes: the most one session may take; sessions hold at most the model's
+        context length."""
+        from .exits import model_fingerprint
+
         if not 1 <= split < model.n_layers:
             raise ValueError(f"split {split} outside [1, {model.n_layers})")
         self.model, self.split = model, split
+        self.fingerprint = model_fingerprint(model)
         self.dim = model.config["dim"]
+        self.context_length = int(model.config.get("context_length", 1 << 20))
         self.kv_bytes_per_position = model.kv_bytes_per_position(model.n_layers - split)
+        self.hidden_bytes_per_position = 4 * self.dim
         self.kv_budget, self.session_budget = kv_budget_bytes, session_budget_bytes
-        self.max_sessions, self.ttl_s = max_sessions, ttl_s
+        self.max_sessions, self.ttl_s, self.max_sessions_per_peer = max_sessions, ttl_s, max_sessions_per_peer
         self.sessions: dict[bytes, Session] = {}
         self.kv_in_use = 0
+        self.hidden_in_use = 0  # bytes of every session's hidden-state store (allocated at open)
         self.lock = threading.Lock()  # guards the session table and the budget
         # cross-session batching: small requests queue here and a worker runs them together
         self.batching = batching
         self.batch_queue: queue.Queue = queue.Queue()
         self.batch_lock = threading.Lock()  # held by the worker while it computes a batch
         self.batch_stats = {"passes": 0, "rows": 0, "most_sessions": 0}
+        self.positions_computed = 0  # positions run through [split, n_layers), all sessions (cloud work)
         self._worker: threading.Thread | None = None
 
     # ---- sessions ----
-    def open(self, capacity: int) -> bytes:
-        if not 1 <= capacity <= 1 << 20:
-            raise CloudError(Code.BAD_REQUEST, f"capacity {capacity} outside [1, {1 << 20}]")
-        if capacity * self.kv_bytes_per_position > self.session_budget:
+    def open(self, capacity: int, owner: str | None = None) -> bytes:
+        """A new session of `capacity` positions; owner: the peer asking (None: no per-peer limit)."""
+        if not 1 <= capacity <= self.context_length:
+            raise CloudError(Code.BAD_REQUEST, f"capacity {capacity} outside [1, {self.context_length}] (the model's context)")
+        hidden_bytes = capacity * self.hidden_bytes_per_position
+        if capacity * self.kv_bytes_per_position + hidden_bytes > self.session_budget:
             raise CloudError(Code.BUSY, f"a session of {capacity} positions exceeds the per-session budget")
         with self.lock:
             self._expire_idle()
             if len(self.sessions) >= self.max_sessions:
                 raise CloudError(Code.BUSY, f"{self.max_sessions} sessions are open")
+            if owner is not None and sum(s.owner == owner for s in self.sessions.values()) >= self.max_sessions_per_peer:
+                raise CloudError(Code.BUSY, f"{owner} has {self.max_sessions_per_peer} sessions open")
+            # admission: hidden states are never evicted, so they must leave room for one KV cache
+            need_kv = capacity * self.kv_bytes_per_position
+            if self.hidden_in_use + hidden_bytes + need_kv > self.kv_budget:
+                raise CloudError(Code.BUSY, "no memory left for this session's hidden states; try again later")
             sid = os.urandom(16)  # 128-bit random, minted here
-            self.sessions[sid] = Session(sid, capacity, np.zeros((capacity, self.dim), np.float32))
+            self.sessions[sid] = Session(sid, capacity, np.zeros((capacity, self.dim), np.float32), owner)
+            self.hidden_in_use += hidden_bytes
         return sid
 
     def get(self, sid: bytes) -> Session:
@@ -112,9 +136,14 @@ class Cloud:
     def close(self, sid: bytes) -> None:
         with self.lock:
             session = self.sessions.pop(sid, None)
-            if session is not None and session.cache is not None:
-                self.kv_in_use -= session.capacity * self.kv_bytes_per_position
-                session.cache = None
+            if session is not None:
+                self._release(session)
+
+    def _release(self, session: Session) -> None:  # with self.lock held
+        self.hidden_in_use -= session.capacity * self.hidden_bytes_per_position
+        if session.cache is not None:
+            self.kv_in_use -= session.capacity * self.kv_bytes_per_position
+            session.cache = None
 
     def positions(self, sid: bytes) -> int:
         return self.get(sid).n_hidden
@@ -122,9 +151,7 @@ class Cloud:
     def _expire_idle(self) -> None:  # with self.lock held
         now = time.monotonic()
         for sid in [s for s, v in self.sessions.items() if now - v.last_used > self.ttl_s]:
-            session = self.sessions.pop(sid)
-            if session.cache is not None:
-                self.kv_in_use -= session.capacity * self.kv_bytes_per_position
+            self._release(self.sessions.pop(sid))
 
     # ---- context ----
     def upload(self, session: Session, pos: int, hidden: np.ndarray) -> int:
@@ -178,6 +205,8 @@ class Cloud:
         The request's own group, when small, joins other sessions' in one batched pass."""
         self._ensure_cache(session)
         *earlier, (start, end) = session.groups[session.computed_groups :]
+        with self.lock:
+            self.positions_computed += end - session.groups[session.computed_groups][0]
         for a, b in earlier:
             session.cache.forward(session.hidden[a:b], a)
             session.computed_groups += 1
@@ -233,9 +262,9 @@ class Cloud:
             return
         need = session.capacity * self.kv_bytes_per_position
         with self.lock:
-            if need > self.kv_budget:
-                raise CloudError(Code.BUSY, "the session's KV cache exceeds the cloud's whole budget")
-            while self.kv_in_use + need > self.kv_budget:
+            if need + self.hidden_in_use > self.kv_budget:
+                raise CloudError(Code.BUSY, "no memory left for this session's KV cache; try again later")
+            while self.kv_in_use + self.hidden_in_use + need > self.kv_budget:
                 victims = [s for s in self.sessions.values() if s.cache is not None and s is not session
                            and s.lock.acquire(blocking=False)]  # fmt: skip
                 if not victims:
@@ -259,117 +288,43 @@ def verify_reply(seq: int, pos: int, tokens: np.ndarray, seconds: float) -> dict
     return {"type": Msg.TOKENS, "seq": seq, "pos": pos, "n": len(tokens), "data": data, "us": int(seconds * 1e6)}
 
 
-class CloudServer:
-    """TCP front of a Cloud. Without a key it listens on loopback only.
+class Handler:
+    """The cloud's request handling, in one place: a frame body in, a reply frame out. The TCP server
+    and the in-process link (the simulation) both pump bytes through it. Session requests are
+    applied once per sequence number (a duplicate gets the stored reply)."""
 
-    >>> server = CloudServer(Cloud(model, split=15), port=0).start()   # doctest: +SKIP
-    >>> server.address                                                 # doctest: +SKIP
-    ('127.0.0.1', 40123)
-    """
+    def __init__(self, cloud: Cloud, max_positions: int = MAX_UPLOAD_POSITIONS):
+        self.cloud, self.max_positions = cloud, max_positions
+        self.stats = {"requests": 0, "errors": 0, "cloud_s": 0.0}
+        self.lock = threading.Lock()  # guards stats
 
-    def __init__(self, cloud: Cloud, host: str = "127.0.0.1", port: int = 7433, key: bytes | None = None,
-                 max_data: int = MAX_BODY, io_timeout_s: float = 300.0):  # fmt: skip
-        if key is None and host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError("without a key the server listens on loopback only (set CECOLLM_KEY or --key-file)")
-        self.cloud, self.key, self.max_data, self.io_timeout_s = cloud, key, max_data, io_timeout_s
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(64)
-        self.address = self.sock.getsockname()[:2]
-        self.stopping = threading.Event()
-        self.connections: set[socket.socket] = set()
-        self.threads: list[threading.Thread] = []
-        self.stats = {"bytes_out": 0, "requests": 0, "errors": 0, "cloud_s": 0.0}
+    def hello(self, hello: dict) -> None:
+        """Raises CloudError(MISMATCH) unless the edge runs this model, split and a known dtype."""
+        cloud = self.cloud
+        if hello.get("ver") != _core.WIRE_VERSION:
+            raise CloudError(Code.MISMATCH, f"wire version {hello.get('ver')}, the server speaks {_core.WIRE_VERSION}")
+        if hello["model"] != cloud.fingerprint or hello["split"] != cloud.split:
+            raise CloudError(Code.MISMATCH, f"the edge runs model {hello['model']} split at layer {hello['split']}; "
+                             f"this cloud runs model {cloud.fingerprint} from layer {cloud.split}")  # fmt: skip
+        if hello["dtype"] not in DTYPES.values():
+            raise CloudError(Code.MISMATCH, f"unknown wire dtype {hello['dtype']}")
 
-    def start(self) -> CloudServer:
-        t = threading.Thread(target=self.serve_forever, name="cecollm-accept", daemon=True)
-        t.start()
-        self.threads.append(t)
-        return self
-
-    def serve_forever(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                break
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.io_timeout_s)
-            self.connections.add(conn)
-            t = threading.Thread(target=self._serve_connection, args=(conn,), name="cecollm-conn", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def shutdown(self) -> None:
-        """Stops accepting, closes every connection, waits for the handlers."""
-        self.stopping.set()
+    def handle(self, body: bytes, owner: str | None = None) -> bytes:
+        """One request frame body -> the reply frame (length prefix included)."""
         try:
-            self.sock.close()
-        except OSError:
-            pass
-        for conn in list(self.connections):
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self.threads:
-            if t is not threading.current_thread():
-                t.join(timeout=10)
+            request = _core.wire_decode(body, MAX_BODY)
+        except ValueError as exc:
+            self._count("errors")
+            return _core.wire_encode({"type": Msg.ERROR, "code": Code.BAD_FRAME, "msg": str(exc)[:200]})
+        return _core.wire_encode(self.reply(request, owner))
 
-    # ---- one connection ----
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            if self._handshake(conn):
-                while not self.stopping.is_set():
-                    request = recv_message(conn, MAX_BODY)
-                    self._reply(conn, self._handle(request))
-        except ProtocolError as exc:
-            self.stats["errors"] += 1
-            self._try_send(conn, {"type": Msg.ERROR, "code": Code.BAD_FRAME, "msg": str(exc)[:200]})
-        except (OSError, socket.timeout):
-            pass
-        finally:
-            self.connections.discard(conn)
-            conn.close()
-
-    def _handshake(self, conn: socket.socket) -> bool:
-        hello = recv_message(conn, MAX_BODY_BEFORE_AUTH)
-        if hello["type"] != Msg.HELLO or hello.get("ver") != _core.WIRE_VERSION:
-            self._reply(conn, {"type": Msg.ERROR, "code": Code.BAD_REQUEST,
-                               "msg": f"expected hello with version {_core.WIRE_VERSION}"})  # fmt: skip
-            return False
-        if self.key is None:
-            self._reply(conn, {"type": Msg.REPLY, "code": Code.OK, "ver": _core.WIRE_VERSION})
-            return True
-        nonce = new_nonce()
-        self._reply(conn, {"type": Msg.REPLY, "code": Code.OK, "ver": _core.WIRE_VERSION, "nonce": nonce})
-        auth = recv_message(conn, MAX_BODY_BEFORE_AUTH)
-        if auth["type"] != Msg.AUTH or not hmac.compare_digest(auth.get("mac", b""), mac(self.key, nonce)):
-            self.stats["errors"] += 1
-            self._reply(conn, {"type": Msg.ERROR, "code": Code.AUTH_FAILED, "msg": "authentication failed"})
-            return False
-        self._reply(conn, {"type": Msg.REPLY, "code": Code.OK})
-        return True
-
-    def _reply(self, conn: socket.socket, message: dict) -> None:
-        self.stats["bytes_out"] += send_message(conn, message)
-
-    def _try_send(self, conn, message) -> None:
-        try:
-            self._reply(conn, message)
-        except OSError:
-            pass
-
-    def _handle(self, req: dict) -> dict:
-        """One request -> one reply. Session requests are applied once per sequence number."""
-        self.stats["requests"] += 1
+    def reply(self, req: dict, owner: str | None = None) -> dict:
+        self._count("requests")
         seq = req.get("seq", 0)
         try:
             kind = req["type"]
             if kind == Msg.OPEN:
-                sid = self.cloud.open(int(req.get("cap", 2048)))
+                sid = self.cloud.open(int(req.get("cap", 2048)), owner)
                 return {"type": Msg.REPLY, "code": Code.OK, "seq": seq, "sid": sid}
             if kind not in (Msg.UPLOAD, Msg.INFER, Msg.VERIFY, Msg.CLOSE, Msg.RESUME):
                 raise CloudError(Code.BAD_REQUEST, f"message type {kind} is not a request")
@@ -383,10 +338,12 @@ class CloudServer:
                 session.last_seq, session.last_reply = seq, reply
                 return reply
         except CloudError as exc:
-            self.stats["errors"] += 1
+            self._count("errors")
+            if exc.code == Code.BUSY:
+                log.warning("limit reached (%s): %s", owner or "in process", exc)
             return {"type": Msg.ERROR, "code": exc.code, "msg": str(exc)[:200], "seq": seq}
         except (ValueError, IndexError) as exc:  # e.g. a payload that decodes to non-finite values
-            self.stats["errors"] += 1
+            self._count("errors")
             return {"type": Msg.ERROR, "code": Code.BAD_REQUEST, "msg": str(exc)[:200], "seq": seq}
 
     def _apply(self, session: Session, kind: int, req: dict, seq: int) -> dict:
@@ -397,6 +354,8 @@ class CloudServer:
             return {"type": Msg.REPLY, "code": Code.OK, "seq": seq, "pos": session.n_hidden}
         if req["dim"] != self.cloud.dim:
             raise CloudError(Code.BAD_REQUEST, f"hidden size {req['dim']}, the model's is {self.cloud.dim}")
+        if req["n"] > self.max_positions:
+            raise CloudError(Code.BAD_REQUEST, f"{req['n']} positions in one request; at most {self.max_positions}")
         hidden = _core.hidden_decode(req["data"], req["n"], req["dim"], req["dtype"])
         if kind == Msg.UPLOAD:
             held = self.cloud.upload(session, req["pos"], hidden)
@@ -404,10 +363,176 @@ class CloudServer:
         t0 = time.perf_counter()
         if kind == Msg.VERIFY:
             tokens = self.cloud.verify(session, req["pos"], hidden)
-            self.stats["cloud_s"] += time.perf_counter() - t0
-            return verify_reply(seq, req["pos"], tokens, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self._count("cloud_s", seconds)
+            return verify_reply(seq, req["pos"], tokens, seconds)
         token, conf = self.cloud.infer(session, req["pos"], hidden)
-        self.stats["cloud_s"] += time.perf_counter() - t0
-        cloud_us = int((time.perf_counter() - t0) * 1e6)
+        seconds = time.perf_counter() - t0
+        self._count("cloud_s", seconds)
         return {"type": Msg.TOKEN, "seq": seq, "pos": req["pos"] + req["n"] - 1, "token": token, "conf": conf,
-                "us": cloud_us}  # fmt: skip
+                "us": int(seconds * 1e6)}  # fmt: skip
+
+    def _count(self, key: str, amount=1) -> None:
+        with self.lock:
+            self.stats[key] += amount
+
+
+_ACCEPT_RETRYABLE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO)
+
+
+class CloudServer:
+    """TCP front of a Cloud. Without a key it listens on loopback only.
+
+    Limits (each a keyword): max_connections at once (more are answered BUSY and closed);
+    handshake_timeout_s for the hello and authentication; frame_timeout_s for a frame's body once its
+    header is in; io_timeout_s of silence before an idle connection is closed. Sessions per peer and
+    memory are the Cloud's limits.
+
+    >>> server = CloudServer(Cloud(model, split=15), port=0).start()   # doctest: +SKIP
+    >>> server.address                                                 # doctest: +SKIP
+    ('127.0.0.1', 40123)
+    """
+
+    def __init__(self, cloud: Cloud, host: str = "127.0.0.1", port: int = 7433, key: bytes | None = None,
+                 io_timeout_s: float = 300.0, max_connections: int = 256, handshake_timeout_s: float = 5.0,
+                 frame_timeout_s: float = 30.0):  # fmt: skip
+        if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("without a key the server listens on loopback only (set CECOLLM_KEY or --key-file)")
+        self.cloud, self.key, self.io_timeout_s = cloud, key, io_timeout_s
+        self.handler = Handler(cloud)
+        self.max_connections, self.handshake_timeout_s = max_connections, handshake_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)  # the accept loop sees a shutdown within this
+        self.address = self.sock.getsockname()[:2]
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # guards connections and threads
+        self.connections: dict[socket.socket, threading.Thread] = {}
+        self.accept_thread: threading.Thread | None = None
+        self.stats = {"bytes_out": 0, "auth_failures": 0, "refused_connections": 0, "accept_errors": 0}
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The live connection handlers (finished ones are forgotten)."""
+        with self.lock:
+            return list(self.connections.values())
+
+    def start(self) -> CloudServer:
+        self.accept_thread = threading.Thread(target=self.serve_forever, name="cecollm-accept", daemon=True)
+        self.accept_thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        backoff = 0.01
+        while not self.stopping.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if self.stopping.is_set():
+                    break
+                if exc.errno in _ACCEPT_RETRYABLE:  # out of descriptors or memory: wait, never stop serving
+                    self.stats["accept_errors"] += 1
+                    log.warning("accept failed (%s); retrying in %.2f s", exc, backoff)
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                log.error("accept failed for good: %s", exc)
+                break
+            backoff = 0.01
+            with self.lock:
+                crowded = len(self.connections) >= self.max_connections
+            if crowded:
+                self.stats["refused_connections"] += 1
+                log.warning("refused %s: %d connections open", peer[0], self.max_connections)
+                self._try_send(conn, {"type": Msg.ERROR, "code": Code.BUSY, "msg": "too many connections"})
+                conn.close()
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            t = threading.Thread(target=self._serve_connection, args=(conn, peer[0]), name="cecollm-conn", daemon=True)
+            with self.lock:
+                self.connections[conn] = t
+            t.start()
+
+    def shutdown(self, timeout_s: float = 1.0) -> None:
+        """Stops accepting, closes every connection, waits (up to timeout_s) for the handlers."""
+        self.stopping.set()
+        with self.lock:
+            conns = list(self.connections)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        for t in [self.accept_thread, *self.threads]:
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=max(deadline - time.monotonic(), 0.0))
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # ---- one connection ----
+    def _serve_connection(self, conn: socket.socket, peer: str) -> None:
+        try:
+            if self._handshake(conn, peer):
+                while not self.stopping.is_set():
+                    conn.settimeout(self.io_timeout_s)  # idle between frames; a started frame has its deadline
+                    body = recv_body(conn, MAX_BODY, frame_timeout_s=self.frame_timeout_s)
+                    self._send(conn, self.handler.handle(body, peer))
+        except ProtocolError as exc:
+            self.handler._count("errors")
+            self._try_send(conn, {"type": Msg.ERROR, "code": Code.BAD_FRAME, "msg": str(exc)[:200]})
+        except (OSError, socket.timeout):
+            pass
+        finally:
+            with self.lock:
+                self.connections.pop(conn, None)
+            conn.close()
+
+    def _handshake(self, conn: socket.socket, peer: str) -> bool:
+        """The hello (model, split, dtype must match) and, with a key, the challenge, all within
+        handshake_timeout_s."""
+        deadline = time.monotonic() + self.handshake_timeout_s
+        hello = recv_message(conn, MAX_BODY_BEFORE_AUTH, deadline)
+        try:
+            if hello["type"] != Msg.HELLO:
+                raise CloudError(Code.BAD_REQUEST, "expected hello")
+            self.handler.hello(hello)
+        except CloudError as exc:
+            log.warning("refused %s: %s", peer, exc)
+            self._reply(conn, {"type": Msg.ERROR, "code": exc.code, "msg": str(exc)[:200]})
+            return False
+        if self.key is None:
+            self._reply(conn, {"type": Msg.REPLY, "code": Code.OK, "ver": _core.WIRE_VERSION})
+            return True
+        nonce = new_nonce()
+        self._reply(conn, {"type": Msg.REPLY, "code": Code.OK, "ver": _core.WIRE_VERSION, "nonce": nonce})
+        auth = recv_message(conn, MAX_BODY_BEFORE_AUTH, deadline)
+        if auth["type"] != Msg.AUTH or not hmac.compare_digest(auth.get("mac", b""), mac(self.key, nonce)):
+            self.stats["auth_failures"] += 1
+            log.warning("authentication failed from %s", peer)
+            self._reply(conn, {"type": Msg.ERROR, "code": Code.AUTH_FAILED, "msg": "authentication failed"})
+            return False
+        self._reply(conn, {"type": Msg.REPLY, "code": Code.OK})
+        return True
+
+    def _send(self, conn: socket.socket, frame: bytes) -> None:
+        conn.sendall(frame)
+        self.stats["bytes_out"] += len(frame)
+
+    def _reply(self, conn: socket.socket, message: dict) -> None:
+        self._send(conn, _core.wire_encode(message))
+
+    def _try_send(self, conn, message) -> None:
+        try:
+            conn.settimeout(1.0)
+            self._reply(conn, message)
+        except OSError:
+            pass

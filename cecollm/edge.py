@@ -77,6 +77,7 @@ class EdgeRunner:
         self.split_states = np.zeros((capacity, model.config["dim"]), np.float32)
         self.split_len = 0
         self.cloud_cost_s: float | None = None  # what a cloud token costs now (latency-aware exits)
+        self.layer_positions = 0  # positions × layers run here, prompt and rolled-back drafts included
         self.metric = METRICS.get(policy.metric, _core.METRIC_MAX_PROB)  # the gate's exits report their gate
 
     # ---- running layers ----
@@ -85,6 +86,7 @@ class EdgeRunner:
         catch-up is bitwise identical to one position at a time."""
         if begin == end:
             return hidden
+        self.layer_positions += len(hidden) * (end - begin)
         out = np.empty_like(hidden)
         for i in range(0, len(hidden), _core.SMALL_BATCH):
             out[i : i + _core.SMALL_BATCH] = self.cache.forward(hidden[i : i + _core.SMALL_BATCH], pos0 + i, begin, end)
@@ -96,6 +98,7 @@ class EdgeRunner:
             raise RuntimeError("prefill starts a fresh sequence")
         ids = np.asarray(ids, np.int32)
         hidden = self.cache.forward(self.model.core.embed(ids), 0)
+        self.layer_positions += len(ids) * self.policy.split
         self.n_pos = len(ids)
         self._at_split(0, hidden)
         return hidden
@@ -289,4 +292,5 @@ def generate_edge(
     first = (sample(logits), TokenTrace(-1, policy.split, 0.0, 0, 1))  # prompt work is not a decode step's
     tokens, traces, finish = decode_loop(model, first, step, max_new_tokens, shadow)
     return GenerationResult.of_run(model, tokens, ids, finish, t0, t1, time.perf_counter(),
-                                   {"traces": traces, "policy": policy})  # fmt: skip
+                                   {"traces": traces, "policy": policy,
+                                    "edge_layer_positions": runner.layer_positions})  # fmt: skip

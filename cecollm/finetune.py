@@ -352,11 +352,12 @@ class _null:
 
 def train(model, sequences: list, recipe: Recipe, device: str | None = None, progress: bool = True,
           checkpoint: str | None = None, checkpoint_every: int = 200, log_every: int = 25,
-          stop_after: int | None = None) -> TrainLog:  # fmt: skip
+          stop_after: int | None = None, deadline: float | None = None) -> TrainLog:  # fmt: skip
     """Tunes `model` (from build_torch_model) on token sequences. With checkpoint given, the state
     (trainable tensors, optimizer, step, data position) is saved there every checkpoint_every steps and
     when the run stops; a run with the same checkpoint resumes from it. stop_after: stop after this
-    many steps of this call (a time-boxed CPU session; resume later)."""
+    many steps of this call (a time-boxed CPU session; resume later). deadline: a time.time() after
+    which this call stops at the end of the current step (checkpointed; log.steps_done < recipe.steps)."""
     import os
 
     import torch
@@ -397,11 +398,15 @@ def train(model, sequences: list, recipe: Recipe, device: str | None = None, pro
             log.losses.append(row)
             bar.set_postfix_str(" ".join(f"{k}:{float(v):.3f}" for k, v in kls.items()))
         bar.update(1)
-        if checkpoint and ((step + 1) % checkpoint_every == 0 or step + 1 == end):
+        late = deadline is not None and time.time() >= deadline and step + 1 < end
+        if checkpoint and ((step + 1) % checkpoint_every == 0 or step + 1 == end or late):
             log.seconds = time.perf_counter() - t0
             torch.save({"model": {k: v for k, v in model.state_dict().items() if k in _trainable_names(model)},
                         "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step + 1,
                         "losses": log.losses, "seconds": log.seconds}, checkpoint)  # fmt: skip
+        if late:
+            end = step + 1
+            break
     bar.close()
     log.steps_done = end
     log.seconds = time.perf_counter() - t0
@@ -641,24 +646,51 @@ def _main(argv=None) -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="where resumable training state goes (default: --out)")
     parser.add_argument("--name", default="run", help="prefix of the files written")
     parser.add_argument("--sample-text", type=int, default=0, help="add this many free texts the base model samples")
+    parser.add_argument("--extra-answers", type=int, default=0, help="add N answers per train prompt, sampled at T=0.8")
+    parser.add_argument("--data-fraction", type=float, default=1.0, help="train on a seeded random fraction of the sequences")
+    parser.add_argument("--deadline", type=float, default=None, help="time.time() to stop training at (checkpointed)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     cfg, tensors = tensors_from_gguf(args.gguf)
     with open(args.data) as f:
         data = json.load(f)
-    if args.sample_text:  # the base model's own free text (document start, temperature 1): protects the final layer
+    if args.sample_text or args.extra_answers:
         sampler = build_torch_model(cfg, tensors, Recipe(method="full"))
+    if args.sample_text:  # the base model's own free text (document start, temperature 1): protects the final layer
         texts = generate_answers(sampler, [[data.get("bos_id", 0)]] * args.sample_text, 256, [], temperature=1.0,
                                  top_p=1.0, seed=1, batch=128)  # fmt: skip
         data["sequences"] = list(data["sequences"]) + [[data.get("bos_id", 0)] + t for t in texts]
+    if args.extra_answers:  # more of the base model's answers to the training instructions (data-size ablation)
+        prompts, seen = [], set()
+        for s in data["sequences"]:
+            if isinstance(s, dict) and s.get("prompt_len", 0) > 0 and s.get("id") not in seen:
+                seen.add(s.get("id"))
+                prompts.append(s["ids"][: s["prompt_len"]])
+        for k in range(args.extra_answers):
+            answers = generate_answers(sampler, prompts, 200, data.get("end_ids", []), temperature=0.8,
+                                       seed=100 + k, batch=128)  # fmt: skip
+            data["sequences"] = list(data["sequences"]) + [
+                {"id": f"extra-{k}-{i}", "sample": 2 + k, "prompt_len": len(p), "ids": p + a}
+                for i, (p, a) in enumerate(zip(prompts, answers))
+            ]
+    if args.sample_text or args.extra_answers:
         del sampler
+    if args.data_fraction < 1.0:  # a seeded random subset, the same for every recipe of this call
+        n = len(data["sequences"])
+        keep = np.random.default_rng(0).permutation(n)[: max(1, round(args.data_fraction * n))]
+        data["sequences"] = [data["sequences"][i] for i in sorted(keep)]
+    print(json.dumps({"training_sequences": len(data["sequences"])}), flush=True)
     for k, text in enumerate(args.recipe or ["{}"]):
         fields = json.loads(text)
         recipe = Recipe(**{**fields, "exits": tuple(fields.get("exits", Recipe.exits))})
         model = build_torch_model(cfg, tensors, recipe)
         name = f"{args.name}{k}" if len(args.recipe) > 1 else args.name
         seqs = [s["ids"] if isinstance(s, dict) else s for s in data["sequences"]]
-        log = train(model, seqs, recipe, checkpoint=os.path.join(args.checkpoint_dir or args.out, name + ".ckpt"))
+        log = train(model, seqs, recipe, checkpoint=os.path.join(args.checkpoint_dir or args.out, name + ".ckpt"),
+                    deadline=args.deadline)  # fmt: skip
+        if log.steps_done < recipe.steps:  # stopped at the deadline: resume with the same command
+            print(json.dumps({"run": name, "stopped_at": log.steps_done, "of": recipe.steps}), flush=True)
+            continue
         if "heldout" not in data and "heldout_prompts" in data:  # the base model answers them here, once
             prompts = data["heldout_prompts"]
             answers = generate_answers(model, prompts, 100, data.get("end_ids", []))

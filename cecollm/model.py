@@ -245,4 +245,6 @@ def load_model(path: str | None = None, activations: str = "f32", kv_dtype: str 
     from .tuned import is_preset, preset_weights
 
     weights = preset_weights(path) if is_preset(path) else load_gguf(path or default_model_path())
-    return Model(weights, activations, kv_dtype)
+    model = Model(weights, activations, kv_dtype)
+    model.source = path  # what load_model was given: a worker process loads the same model from it
+    return model

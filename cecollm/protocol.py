@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import os
 import socket
+import time
 from enum import IntEnum
 
 from . import _core
@@ -32,15 +33,18 @@ class Msg(IntEnum):
 
 
 class Code(IntEnum):
-    OK = 0
-    BAD_FRAME = 1
-    AUTH_FAILED = 2
-    UNKNOWN_SESSION = 3
-    BUSY = 4
-    BAD_POSITION = 5
-    BAD_REQUEST = 6
-    STALE_SEQUENCE = 7
-    SHUTTING_DOWN = 8
+    """Error codes, defined in C (csrc/include/cecollm/wire.h, ce_wire_code)."""
+
+    OK = _core.CODE_OK
+    BAD_FRAME = _core.CODE_BAD_FRAME
+    AUTH_FAILED = _core.CODE_AUTH_FAILED
+    UNKNOWN_SESSION = _core.CODE_UNKNOWN_SESSION
+    BUSY = _core.CODE_BUSY
+    BAD_POSITION = _core.CODE_BAD_POSITION
+    BAD_REQUEST = _core.CODE_BAD_REQUEST
+    STALE_SEQUENCE = _core.CODE_STALE_SEQUENCE
+    SHUTTING_DOWN = _core.CODE_SHUTTING_DOWN
+    MISMATCH = _core.CODE_MISMATCH
 
 
 class ProtocolError(ConnectionError):
@@ -55,9 +59,15 @@ class RemoteError(Exception):
         self.code = code
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """n bytes; with a deadline (time.monotonic()), all of them by then or socket.timeout."""
     chunks, got = [], 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"{n - got} of {n} bytes still missing at the deadline")
+            sock.settimeout(left)
         chunk = sock.recv(min(n - got, 1 << 20))
         if not chunk:
             raise ProtocolError("connection closed by peer")
@@ -66,23 +76,37 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_message(sock: socket.socket, max_body: int = MAX_BODY) -> dict:
+def recv_message(sock: socket.socket, max_body: int = MAX_BODY, deadline: float | None = None) -> dict:
     """One frame: the length is checked against max_body before the body is read."""
-    return recv_frame(sock, max_body)[0]
+    return recv_frame(sock, max_body, deadline)[0]
 
 
-def recv_frame(sock: socket.socket, max_body: int = MAX_BODY) -> tuple[dict, int]:
-    """(message, frame bytes)."""
-    header = recv_exact(sock, 4)
+def recv_body(sock: socket.socket, max_body: int = MAX_BODY, deadline: float | None = None,
+              frame_timeout_s: float | None = None) -> bytes:  # fmt: skip
+    """One frame's body. deadline: for the whole frame; frame_timeout_s: once its first byte is in,
+    the rest must follow within this many seconds (a slow sender cannot pin the buffer)."""
+    header = recv_exact(sock, 4, deadline)
     try:
         length = _core.frame_length(header, max_body)
     except (IndexError, ValueError) as exc:
         raise ProtocolError(f"bad frame header: {exc}") from None
-    body = recv_exact(sock, length)
+    if frame_timeout_s is not None:
+        whole = time.monotonic() + frame_timeout_s
+        deadline = whole if deadline is None else min(deadline, whole)
+    return recv_exact(sock, length, deadline)
+
+
+def decode(body: bytes, max_body: int = MAX_BODY) -> dict:
     try:
-        return _core.wire_decode(body, max_body), 4 + length
+        return _core.wire_decode(body, max_body)
     except ValueError as exc:
         raise ProtocolError(f"bad frame: {exc}") from None
+
+
+def recv_frame(sock: socket.socket, max_body: int = MAX_BODY, deadline: float | None = None) -> tuple[dict, int]:
+    """(message, frame bytes)."""
+    body = recv_body(sock, max_body, deadline)
+    return decode(body, max_body), 4 + len(body)
 
 
 def send_message(sock: socket.socket, message: dict) -> int:
@@ -105,8 +129,8 @@ def load_key(path: str | None = None, env: str = "CECOLLM_KEY") -> bytes | None:
     if path:
         with open(path, "rb") as f:
             key = f.read().strip()
-    else:
-        key = os.environ.get(env, "").encode()
+    else:  # environment values are text; a non-UTF-8 byte survives as its surrogate escape
+        key = os.environ.get(env, "").encode("utf-8", "surrogateescape")
     if path and not key:
         raise ValueError(f"key file {path} is empty")
     return key or None

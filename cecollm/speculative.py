@@ -78,13 +78,14 @@ class _Clock:
 
 def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_tokens: int = 64, dtype: str = "f32",
                     speculate: int | str = "auto", deadline_s: float = 2.0, chat: bool = False, max_in_flight: int = 2,
-                    on_token=None) -> GenerationResult:  # fmt: skip
+                    on_token=None, strict: bool = False) -> GenerationResult:  # fmt: skip
     """Collaborative greedy generation whose output is the cloud model's (exactly, with dtype="f32").
+    strict: a cloud failure raises CloudUnavailable (see generate_collab).
 
     speculate: drafted tokens per round trip (1..CE_SMALL_BATCH) or "auto" (adapted to the running
     acceptance rate and the measured round trip). connect: a callable returning a fresh link.
     """
-    from .client import CollabSession
+    from .client import CollabSession, edge_identity
 
     auto = speculate == "auto"
     if not auto and (isinstance(speculate, bool) or not isinstance(speculate, int) or not 1 <= speculate <= MAX_BLOCK):
@@ -104,7 +105,8 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
     n_prompt = len(ids)
     limit = n_prompt + max_new_tokens  # positions that can hold tokens
     runner = EdgeRunner(model, policy, limit + 1)
-    session = CollabSession(connect, limit + 1, model.config["dim"], dtype, deadline_s)
+    session = CollabSession(connect, limit + 1, model.config["dim"], dtype, deadline_s,
+                            edge_identity(model, policy.split, dtype), strict)  # fmt: skip
     ends = model.tokenizer.end_ids
     t_start = time.perf_counter()
     session.start()
@@ -197,8 +199,8 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
             before = getattr(link, "network_s", 0.0)
             future = link.request(session._message(Msg.VERIFY, next_start, end), True)
             rt = getattr(link, "network_s", 0.0) - before
-        except (OSError, ConnectionError, RemoteError):
-            go_standalone()
+        except (OSError, ConnectionError, RemoteError) as exc:
+            go_standalone(exc)
             return
         arrival = 0.0
         if virtual:  # served already; it arrives after the network's round trip and the cloud's compute
@@ -208,9 +210,10 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
         stats["round_trips"] += 1
         next_start = end
 
-    def go_standalone() -> None:
+    def go_standalone(exc: BaseException) -> None:
         """The cloud failed or timed out: the edge finishes the rest itself (drafts become final)."""
         nonlocal standalone
+        session.note_failure(exc)
         standalone = True
         session.fallbacks += 1
         if session.link is not None:
@@ -234,8 +237,8 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
             reply = blk.future.result(timeout=None if virtual else deadline_s)
             if reply["type"] == Msg.ERROR:
                 raise RemoteError(reply["code"], reply["msg"])
-        except (OSError, ConnectionError, RemoteError, FutureTimeout):
-            go_standalone()
+        except (OSError, ConnectionError, RemoteError, FutureTimeout) as exc:
+            go_standalone(exc)
             return
         clock.wait_until(blk.arrival)
         inflight.popleft()
@@ -306,10 +309,12 @@ def generate_verify(model: Model, prompt, policy: ExitPolicy, connect, max_new_t
         "bytes_received": session.bytes_received,
         "edge_s": stats["edge_s"],
         "cloud_s": stats["cloud_s"],
+        "edge_layer_positions": runner.layer_positions,
         "network_s": session.network_s,
         "wall_s": wall,
         "time_s": total,  # virtual on an emulated link, else wall
         "fallbacks": session.fallbacks,
+        "cloud_failure": session.failure,
     }
     finish = "stop" if stopped else "length"
     return GenerationResult.of_run(model, committed, ids, finish, t_start, t_first, t_end, extra)

@@ -8,7 +8,7 @@ import pytest
 
 import cecollm
 from cecollm import _core
-from cecollm.client import LocalLink, NetworkModel, TcpLink, generate_collab
+from cecollm.client import CloudFallbackWarning, LocalLink, NetworkModel, TcpLink, generate_collab
 from cecollm.cloud import Cloud, CloudServer
 from cecollm.edge import generate_edge
 from cecollm.exits import ExitPolicy
@@ -73,8 +73,9 @@ def test_server_killed_then_restarted(model):
 
     policy = ExitPolicy(exits=(6, 10), split=SPLIT, thresholds=(1.1,))
     try:
-        result = generate_collab(model, PROMPT, policy, lambda: TcpLink(host, port, key=KEY), max_new_tokens=40,
-                                 deadline_s=1.0, on_token=on_token)  # fmt: skip
+        with pytest.warns(CloudFallbackWarning, match="the cloud failed"):
+            result = generate_collab(model, PROMPT, policy, lambda: TcpLink(host, port, key=KEY), max_new_tokens=40,
+                                     deadline_s=1.0, on_token=on_token)  # fmt: skip
     finally:
         state["srv"].shutdown()
     sources = [t.source for t in result.extra["traces"]]
@@ -95,7 +96,8 @@ def test_dropped_connection_resumes_the_same_session(model, server):
                 conn.shutdown(socket.SHUT_RDWR)
         sids.update(server.cloud.sessions)
 
-    result = generate_collab(model, PROMPT, policy, tcp(server), max_new_tokens=20, dtype="f32", on_token=on_token)
+    with pytest.warns(CloudFallbackWarning, match="the cloud failed"):
+        result = generate_collab(model, PROMPT, policy, tcp(server), max_new_tokens=20, dtype="f32", on_token=on_token)
     sources = [t.source for t in result.extra["traces"]]
     assert len(result.tokens) == 20 and sources[-1] == "cloud" and result.extra["reconnects"] >= 1
     assert len(sids) == 1, "the same session was resumed, not reopened"
@@ -162,8 +164,9 @@ def test_cloud_unreachable_from_the_start_is_edge_standalone(model):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     policy = ExitPolicy(exits=(6, 10), split=SPLIT, thresholds=(0.7,))
-    result = generate_collab(model, PROMPT, policy, lambda: TcpLink("127.0.0.1", port, key=KEY, connect_timeout_s=0.2),
-                             max_new_tokens=12, deadline_s=0.2)  # fmt: skip
+    with pytest.warns(CloudFallbackWarning, match="refused"):
+        result = generate_collab(model, PROMPT, policy, lambda: TcpLink("127.0.0.1", port, key=KEY, connect_timeout_s=0.2),
+                                 max_new_tokens=12, deadline_s=0.2)  # fmt: skip
     standalone = generate_edge(model, PROMPT, policy, max_new_tokens=12)
     assert result.tokens == standalone.tokens
     assert {t.source for t in result.extra["traces"]} <= {"fallback", "edge"}
@@ -172,9 +175,15 @@ def test_cloud_unreachable_from_the_start_is_edge_standalone(model):
 # ---- hostile input ----
 
 
+def hello_frame(srv) -> bytes:
+    """The hello frame of an edge that matches the server's model and split."""
+    return _core.wire_encode({"type": Msg.HELLO, "ver": _core.WIRE_VERSION, "model": srv.cloud.fingerprint,
+                              "split": srv.cloud.split, "dtype": _core.WIRE_F16})  # fmt: skip
+
+
 def raw_connection(srv, key=KEY):
     sock = socket.create_connection(srv.address, timeout=10)
-    sock.sendall(_core.wire_encode({"type": Msg.HELLO, "ver": _core.WIRE_VERSION}))
+    sock.sendall(hello_frame(srv))
     hello = recv_message(sock, 512)
     if key is not None:
         from cecollm.protocol import mac
@@ -202,7 +211,7 @@ def attacks(srv):
     with raw_connection(srv, key=None) as s:  # the wrong key
         pass
     with socket.create_connection(srv.address, timeout=10) as s:
-        s.sendall(_core.wire_encode({"type": Msg.HELLO, "ver": _core.WIRE_VERSION}))
+        s.sendall(hello_frame(srv))
         recv_message(s, 512)
         s.sendall(_core.wire_encode({"type": Msg.AUTH, "mac": b"\x00" * 32}))
         expect_error(s)

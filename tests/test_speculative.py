@@ -2,7 +2,7 @@
 
 import pytest
 
-from cecollm.client import LocalLink, NetworkModel, TcpLink, generate_collab
+from cecollm.client import CloudFallbackWarning, LocalLink, NetworkModel, TcpLink, generate_collab
 from cecollm.cloud import Cloud, CloudServer
 from cecollm.exits import ExitPolicy
 from cecollm.speculative import choose_block
@@ -74,8 +74,10 @@ def test_cloud_loss_in_the_middle_of_a_block(model, reference, lives):
     """The edge finishes alone: every token counted once, the verified prefix is the full model's."""
     cloud = Cloud(model, split=SPLIT)
     prompt = PROMPTS[1]
-    r = generate_collab(model, prompt, POLICY, lambda: DyingLink(cloud, lives), max_new_tokens=24, dtype="f32",
-                        chat=True, speculate=4, deadline_s=0.5)  # fmt: skip
+    with pytest.warns(CloudFallbackWarning, match="link lost"):
+        r = generate_collab(model, prompt, POLICY, lambda: DyingLink(cloud, lives), max_new_tokens=24, dtype="f32",
+                            chat=True, speculate=4, deadline_s=0.5)  # fmt: skip
+    assert r.extra["cloud_failure"] == "connection failed: link lost"
     sources = [t.source for t in r.extra["traces"]]
     assert "fallback" in sources and r.extra["fallbacks"] >= 1
     assert len(r.tokens) == len(sources) == 24 or r.finish_reason == "stop"
@@ -87,8 +89,8 @@ def test_cloud_loss_in_the_middle_of_a_block(model, reference, lives):
 def test_eviction_and_rebuild_with_blocks_in_flight(model, reference):
     """A KV budget for one session: a second edge runs while the first has blocks in flight, evicting
     the first's KV; the first is rebuilt from its hidden states on its next block. Both stay exact."""
-    one = model.kv_bytes_per_position(model.n_layers - SPLIT) * 64
-    cloud = Cloud(model, split=SPLIT, kv_budget_bytes=one, session_budget_bytes=one)
+    kv, hidden = model.kv_bytes_per_position(model.n_layers - SPLIT) * 64, 4 * model.config["dim"] * 64
+    cloud = Cloud(model, split=SPLIT, kv_budget_bytes=kv + 2 * hidden, session_budget_bytes=kv + hidden)
     link = lambda: LocalLink(cloud, NetworkModel(12.5e6, 0.05))  # noqa: E731  (slow link: blocks stay in flight)
     inner = []
 

@@ -111,7 +111,7 @@ static const field_name FIELDS[] = {
     {"seq", CE_F_SEQ},   {"sid", CE_F_SID},   {"pos", CE_F_POS},     {"n", CE_F_N},       {"dim", CE_F_DIM},
     {"dtype", CE_F_DTYPE}, {"data", CE_F_DATA}, {"token", CE_F_TOKEN}, {"conf", CE_F_CONF}, {"code", CE_F_CODE},
     {"msg", CE_F_MSG},   {"nonce", CE_F_NONCE}, {"mac", CE_F_MAC},   {"ver", CE_F_VER},   {"cap", CE_F_CAP},
-    {"us", CE_F_US},
+    {"us", CE_F_US},     {"model", CE_F_MODEL}, {"split", CE_F_SPLIT},
 };
 #define N_FIELDS (sizeof FIELDS / sizeof FIELDS[0])
 
@@ -121,7 +121,7 @@ static const field_name FIELDS[] = {
 static const struct {
     unsigned required, allowed;
 } SCHEMA[CE_MSG_TYPE_MAX + 1] = {
-    [CE_MSG_HELLO] = {CE_F_VER, CE_F_VER | CE_F_NONCE},
+    [CE_MSG_HELLO] = {CE_F_VER | CE_F_MODEL | CE_F_SPLIT | CE_F_DTYPE, CE_F_VER | CE_F_MODEL | CE_F_SPLIT | CE_F_DTYPE},
     [CE_MSG_AUTH] = {CE_F_MAC, CE_F_MAC},
     [CE_MSG_OPEN] = {CE_F_SEQ, CE_F_SEQ | CE_F_CAP},
     [CE_MSG_UPLOAD] = {HIDDEN, HIDDEN},
@@ -236,7 +236,15 @@ static ce_status decode_field(ce_msg *m, unsigned bit, const msgpack_object *v, 
     size_t n = 0;
     int ok = 1;
     switch (bit) {
-    case CE_F_SEQ: ok = as_uint(v, UINT64_MAX, &m->seq); break;
+    case CE_F_SEQ: ok = as_uint(v, CE_WIRE_MAX_SEQ, &m->seq); break;
+    case CE_F_SPLIT: ok = as_uint(v, (1u << 16), &u); m->split = (int32_t)u; break;
+    case CE_F_MODEL:
+        ok = v->type == MSGPACK_OBJECT_STR && v->via.str.size < CE_WIRE_MAX_MODEL;
+        if (ok) {
+            memcpy(m->model, v->via.str.ptr, v->via.str.size);
+            m->model[v->via.str.size] = 0;
+        }
+        break;
     case CE_F_SID:
         ok = as_bin(v, CE_WIRE_SESSION_BYTES, &b, &n) && n == CE_WIRE_SESSION_BYTES;
         if (ok) memcpy(m->sid, b, n);
@@ -365,8 +373,11 @@ ce_status ce_wire_encode(const ce_msg *m, uint8_t **out, size_t *out_len, char *
     if ((m->fields & CE_F_DATA) && m->data_len != payload_bytes(m))
         return ce_fail(err, errlen, CE_EINVAL, "payload of %zu bytes does not hold (%d, %d) of wire type %d",
                        m->data_len, m->n, m->dim, m->dtype);
-    if (m->nonce_len > CE_WIRE_MAX_BLOB || m->mac_len > CE_WIRE_MAX_BLOB || strlen(m->msg) >= CE_WIRE_MAX_TEXT)
-        return ce_fail(err, errlen, CE_EINVAL, "nonce, mac or text too long");
+    if (m->nonce_len > CE_WIRE_MAX_BLOB || m->mac_len > CE_WIRE_MAX_BLOB || strlen(m->msg) >= CE_WIRE_MAX_TEXT ||
+        memchr(m->model, 0, CE_WIRE_MAX_MODEL) == NULL)
+        return ce_fail(err, errlen, CE_EINVAL, "nonce, mac, model or text too long");
+    if (m->seq > CE_WIRE_MAX_SEQ || m->split < 0 || m->split > (1 << 16))
+        return ce_fail(err, errlen, CE_EINVAL, "sequence number or split out of range");
 
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
@@ -397,7 +408,9 @@ ce_status ce_wire_encode(const ce_msg *m, uint8_t **out, size_t *out_len, char *
         case CE_F_MAC: bad |= pack_bin(&pk, m->mac, m->mac_len); break;
         case CE_F_VER: bad |= msgpack_pack_int32(&pk, m->ver); break;
         case CE_F_CAP: bad |= msgpack_pack_uint64(&pk, (uint64_t)m->cap); break;
-        case CE_F_US: bad |= msgpack_pack_uint64(&pk, m->us); break;
+        case CE_F_US: bad |= msgpack_pack_fix_uint64(&pk, m->us); break; /* fixed width: frame sizes never depend on timing */
+        case CE_F_MODEL: bad |= pack_str(&pk, m->model); break;
+        case CE_F_SPLIT: bad |= msgpack_pack_uint32(&pk, (uint32_t)m->split); break;
         }
     }
     if (bad || sb.data == NULL || sb.size > UINT32_MAX + (size_t)CE_WIRE_HEADER) {

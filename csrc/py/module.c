@@ -858,7 +858,7 @@ static const wire_field WIRE_FIELDS[] = {
     {"dim", CE_F_DIM, 'u'},     {"dtype", CE_F_DTYPE, 'u'}, {"data", CE_F_DATA, 'b'}, {"token", CE_F_TOKEN, 'i'},
     {"conf", CE_F_CONF, 'f'},   {"code", CE_F_CODE, 'i'}, {"msg", CE_F_MSG, 's'},     {"nonce", CE_F_NONCE, 'b'},
     {"mac", CE_F_MAC, 'b'},     {"ver", CE_F_VER, 'i'},   {"cap", CE_F_CAP, 'u'},
-    {"us", CE_F_US, 'u'},
+    {"us", CE_F_US, 'u'},       {"model", CE_F_MODEL, 's'}, {"split", CE_F_SPLIT, 'u'},
 };
 #define N_WIRE_FIELDS (sizeof WIRE_FIELDS / sizeof WIRE_FIELDS[0])
 
@@ -901,14 +901,24 @@ static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
             Py_ssize_t n;
             const char *p = PyUnicode_AsUTF8AndSize(val, &n);
             if (p == NULL) return NULL;
-            if (n >= CE_WIRE_MAX_TEXT) n = CE_WIRE_MAX_TEXT - 1; /* messages are truncated, never refused */
-            memcpy(m.msg, p, n);
-            m.msg[n] = 0;
+            if (f->bit == CE_F_MODEL) {
+                if (n >= CE_WIRE_MAX_MODEL) return PyErr_Format(PyExc_ValueError, "model longer than %d bytes", CE_WIRE_MAX_MODEL - 1);
+                memcpy(m.model, p, n);
+                m.model[n] = 0;
+            } else {
+                if (n >= CE_WIRE_MAX_TEXT) n = CE_WIRE_MAX_TEXT - 1; /* messages are truncated, never refused */
+                memcpy(m.msg, p, n);
+                m.msg[n] = 0;
+            }
         } else if (f->kind == 'f') {
             m.conf = (float)PyFloat_AsDouble(val);
         } else {
             long long v = PyLong_AsLongLong(val);
-            if (v == -1 && PyErr_Occurred()) return NULL;
+            if (v == -1 && PyErr_Occurred()) {
+                if (!PyErr_ExceptionMatches(PyExc_OverflowError)) return NULL;
+                PyErr_Clear();
+                return PyErr_Format(PyExc_ValueError, "%s does not fit the wire's 64-bit signed range", k);
+            }
             if (f->kind == 'u' && v < 0) return PyErr_Format(PyExc_ValueError, "%s must be >= 0", k);
             if (f->kind == 'i' && (v < INT32_MIN || v > INT32_MAX)) return PyErr_Format(PyExc_OverflowError, "%s out of range", k);
             switch (f->bit) {
@@ -922,6 +932,7 @@ static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
             case CE_F_VER: m.ver = (int32_t)v; break;
             case CE_F_CAP: m.cap = v; break;
             case CE_F_US: m.us = (uint64_t)v; break;
+            case CE_F_SPLIT: m.split = v > INT32_MAX ? INT32_MAX : (int32_t)v; break;
             }
         }
         if (PyErr_Occurred()) return NULL;
@@ -972,6 +983,8 @@ static PyObject *core_wire_decode(PyObject *mod, PyObject *args) {
         case CE_F_VER: v = PyLong_FromLong(m.ver); break;
         case CE_F_CAP: v = PyLong_FromLongLong(m.cap); break;
         case CE_F_US: v = PyLong_FromUnsignedLongLong(m.us); break;
+        case CE_F_MODEL: v = PyUnicode_DecodeUTF8(m.model, (Py_ssize_t)strlen(m.model), "replace"); break;
+        case CE_F_SPLIT: v = PyLong_FromLong(m.split); break;
         }
         if (v == NULL || PyDict_SetItemString(d, f->key, v) < 0) goto fail;
         Py_CLEAR(v);
@@ -1238,6 +1251,15 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "ROPE_ADJACENT", CE_ROPE_ADJACENT) ||
         PyModule_AddIntConstant(mod, "ROPE_HALF", CE_ROPE_HALF) ||
         PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH) ||
+        PyModule_AddIntConstant(mod, "CODE_OK", CE_CODE_OK) || PyModule_AddIntConstant(mod, "CODE_BAD_FRAME", CE_CODE_BAD_FRAME) ||
+        PyModule_AddIntConstant(mod, "CODE_AUTH_FAILED", CE_CODE_AUTH_FAILED) ||
+        PyModule_AddIntConstant(mod, "CODE_UNKNOWN_SESSION", CE_CODE_UNKNOWN_SESSION) ||
+        PyModule_AddIntConstant(mod, "CODE_BUSY", CE_CODE_BUSY) ||
+        PyModule_AddIntConstant(mod, "CODE_BAD_POSITION", CE_CODE_BAD_POSITION) ||
+        PyModule_AddIntConstant(mod, "CODE_BAD_REQUEST", CE_CODE_BAD_REQUEST) ||
+        PyModule_AddIntConstant(mod, "CODE_STALE_SEQUENCE", CE_CODE_STALE_SEQUENCE) ||
+        PyModule_AddIntConstant(mod, "CODE_SHUTTING_DOWN", CE_CODE_SHUTTING_DOWN) ||
+        PyModule_AddIntConstant(mod, "CODE_MISMATCH", CE_CODE_MISMATCH) ||
         PyModule_AddIntConstant(mod, "BATCH_CHUNK", CE_BATCH_CHUNK) ||
         PyModule_AddIntConstant(mod, "METRIC_MAX_PROB", CE_METRIC_MAX_PROB) ||
         PyModule_AddIntConstant(mod, "METRIC_MARGIN", CE_METRIC_MARGIN) ||
@@ -1246,7 +1268,10 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "WIRE_F32", CE_WIRE_F32) ||
         PyModule_AddIntConstant(mod, "WIRE_VERSION", CE_WIRE_VERSION))
         return -1;
-    return 0;
+    PyObject *max_seq = PyLong_FromUnsignedLongLong(CE_WIRE_MAX_SEQ);
+    int bad = max_seq == NULL || PyModule_AddObjectRef(mod, "WIRE_MAX_SEQ", max_seq) < 0;
+    Py_XDECREF(max_seq);
+    return bad ? -1 : 0;
 }
 
 static int core_traverse(PyObject *mod, visitproc visit, void *arg) {

@@ -816,14 +816,39 @@ static void test_wire_hostile(void) {
           "unknown key: %s", err);
     const uint8_t no_type[] = {0x81, 0xa3, 'v', 'e', 'r', 0x01};
     CHECK(ce_wire_decode(no_type, sizeof no_type, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "no type");
-    const uint8_t bad_ver[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0xa1, 'x'};
-    CHECK(ce_wire_decode(bad_ver, sizeof bad_ver, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "ver as string");
-    const uint8_t trailing[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01, 0x00};
+    const uint8_t bad_seq[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x03, 0xa3, 's', 'e', 'q', 0xa1, 'x'};
+    CHECK(ce_wire_decode(bad_seq, sizeof bad_seq, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "seq as string");
+    const uint8_t open_ok[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x03, 0xa3, 's', 'e', 'q', 0x01};
+    CHECK(ce_wire_decode(open_ok, sizeof open_ok, 1 << 20, &m, err, sizeof err) == CE_OK && m.seq == 1, "open: %s", err);
+    const uint8_t trailing[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x03, 0xa3, 's', 'e', 'q', 0x01, 0x00};
     CHECK(ce_wire_decode(trailing, sizeof trailing, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "trailing");
-    const uint8_t hello[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01};
-    CHECK(ce_wire_decode(hello, sizeof hello, 1 << 20, &m, err, sizeof err) == CE_OK && m.type == CE_MSG_HELLO && m.ver == 1,
-          "a minimal hello decodes: %s", err);
-    const uint8_t twice[] = {0x83, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01, 0xa3, 'v', 'e', 'r', 0x01};
+    /* the hello names the model, the split and the dtype (version 2); a version-1 hello is refused */
+    const uint8_t old_hello[] = {0x82, 0xa4, 't', 'y', 'p', 'e', 0x01, 0xa3, 'v', 'e', 'r', 0x01};
+    CHECK(ce_wire_decode(old_hello, sizeof old_hello, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "version-1 hello");
+    ce_msg h = {.type = CE_MSG_HELLO, .fields = CE_F_VER | CE_F_MODEL | CE_F_SPLIT | CE_F_DTYPE,
+                .ver = CE_WIRE_VERSION, .split = 15, .dtype = CE_WIRE_F16};
+    strcpy(h.model, "0123abcd");
+    uint8_t *hf = NULL;
+    size_t hl = 0;
+    CHECK(ce_wire_encode(&h, &hf, &hl, err, sizeof err) == CE_OK, "hello encodes: %s", err);
+    CHECK(hf && ce_wire_decode(hf + CE_WIRE_HEADER, hl - CE_WIRE_HEADER, 1 << 20, &m, err, sizeof err) == CE_OK &&
+              m.type == CE_MSG_HELLO && m.split == 15 && m.dtype == CE_WIRE_F16 && strcmp(m.model, "0123abcd") == 0,
+          "hello round trip: %s", err);
+    free(hf);
+    memset(h.model, 'x', sizeof h.model); /* no NUL inside: too long */
+    CHECK(ce_wire_encode(&h, &hf, &hl, err, sizeof err) == CE_EINVAL, "encoder refuses an overlong model");
+    /* sequence numbers stop at 2^63 - 1, the range every side holds (a larger one could not be answered) */
+    uint8_t close_frame[] = {0x83, 0xa4, 't', 'y', 'p', 'e', 0x07, 0xa3, 's', 'e', 'q', 0xcf, 0x80, 0, 0, 0, 0, 0, 0, 0,
+                             0xa3, 's', 'i', 'd', 0xc4, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    CHECK(ce_wire_decode(close_frame, sizeof close_frame, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "seq 2^63");
+    close_frame[12] = 0x7f;
+    for (int i = 13; i < 20; i++) close_frame[i] = 0xff;
+    CHECK(ce_wire_decode(close_frame, sizeof close_frame, 1 << 20, &m, err, sizeof err) == CE_OK &&
+              m.seq == CE_WIRE_MAX_SEQ,
+          "seq 2^63 - 1: %s", err);
+    m.seq = CE_WIRE_MAX_SEQ + 1;
+    CHECK(ce_wire_encode(&m, &hf, &hl, err, sizeof err) == CE_EINVAL, "encoder refuses seq 2^63");
+    const uint8_t twice[] = {0x83, 0xa4, 't', 'y', 'p', 'e', 0x03, 0xa3, 's', 'e', 'q', 0x01, 0xa3, 's', 'e', 'q', 0x01};
     CHECK(ce_wire_decode(twice, sizeof twice, 1 << 20, &m, err, sizeof err) == CE_EINVAL, "repeated key");
     const uint8_t zero_len[4] = {0, 0, 0, 0}, big_len[4] = {0x7f, 0xff, 0xff, 0xff};
     size_t body;

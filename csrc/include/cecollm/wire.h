@@ -16,14 +16,16 @@
 extern "C" {
 #endif
 
-#define CE_WIRE_VERSION 1
+#define CE_WIRE_VERSION 2         /* 2: the hello carries the model's fingerprint, the split and the dtype */
 #define CE_WIRE_HEADER 4          /* bytes of the length prefix */
 #define CE_WIRE_SESSION_BYTES 16  /* 128-bit session ids */
 #define CE_WIRE_MAX_BLOB 64       /* nonce / MAC */
 #define CE_WIRE_MAX_TEXT 256
+#define CE_WIRE_MAX_MODEL 64      /* bytes of a model fingerprint, NUL included */
+#define CE_WIRE_MAX_SEQ ((uint64_t)INT64_MAX) /* sequence numbers fit a signed 64-bit integer everywhere */
 
 typedef enum {
-    CE_MSG_HELLO = 1,     /* client -> server: ver                      server -> client: ver, nonce */
+    CE_MSG_HELLO = 1,     /* client: ver, model, split, dtype           server: REPLY with ver (and nonce) */
     CE_MSG_AUTH = 2,      /* client: mac = HMAC(key, nonce)             server: code (0 ok) */
     CE_MSG_OPEN = 3,      /* client: seq, cap                           server: seq, sid */
     CE_MSG_UPLOAD = 4,    /* client: seq, sid, pos, n, dim, dtype, data  server: seq, pos (= filled length) */
@@ -38,6 +40,20 @@ typedef enum {
 } ce_msg_type;
 
 #define CE_MSG_TYPE_MAX CE_MSG_TOKENS
+
+/* Error codes of ERROR messages (and REPLY's code: 0). */
+typedef enum {
+    CE_CODE_OK = 0,
+    CE_CODE_BAD_FRAME = 1,       /* the frame broke the schema; the connection closes */
+    CE_CODE_AUTH_FAILED = 2,     /* wrong or missing key */
+    CE_CODE_UNKNOWN_SESSION = 3, /* never opened, closed or expired */
+    CE_CODE_BUSY = 4,            /* a limit is reached (sessions, memory, connections): try later */
+    CE_CODE_BAD_POSITION = 5,    /* positions that do not follow what the session holds */
+    CE_CODE_BAD_REQUEST = 6,     /* a well-formed request the server cannot apply */
+    CE_CODE_STALE_SEQUENCE = 7,  /* a sequence number older than the session's last */
+    CE_CODE_SHUTTING_DOWN = 8,
+    CE_CODE_MISMATCH = 9,        /* the hello names another model, split or dtype than the server's */
+} ce_wire_code;
 
 /* Hidden-state encodings on the wire. */
 typedef enum {
@@ -64,6 +80,8 @@ enum {
     CE_F_VER = 1 << 13,
     CE_F_CAP = 1 << 14,
     CE_F_US = 1 << 15, /* microseconds of cloud compute behind a reply */
+    CE_F_MODEL = 1 << 16, /* the model's fingerprint (text) */
+    CE_F_SPLIT = 1 << 17, /* the first layer the cloud runs */
 };
 
 typedef struct {
@@ -79,6 +97,8 @@ typedef struct {
     int32_t ver;
     int64_t cap;
     uint64_t us;
+    int32_t split;
+    char model[CE_WIRE_MAX_MODEL]; /* NUL-terminated */
     char msg[CE_WIRE_MAX_TEXT]; /* NUL-terminated */
     uint8_t nonce[CE_WIRE_MAX_BLOB];
     size_t nonce_len;

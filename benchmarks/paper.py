@@ -1,0 +1,93 @@
+"""The paper's evaluation at our scale (docs/paper.md): schemes × data sets on the default link, the
+naive split on fewer prompts (it recomputes the whole context for every token), an RTT sweep, and
+the original model's exits beside the exit-tuned model's. Rows are saved after each grid (resumable:
+grids already in OUT.json are skipped), then the figures are drawn. Grids share computations: a
+(scheme, prompt) computed once is reused by every grid that needs it.
+
+    .venv/bin/python benchmarks/paper.py --out docs/paper       # about an hour on this 2-core machine
+    .venv/bin/python benchmarks/paper.py --n 4 --tokens 16 --out /tmp/paper   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from cecollm.experiments import Results, grid, plot, run_grid
+
+
+def grids(n: int, n_naive: int, n_rtt: int, tokens: int) -> dict:
+    both = ("instructions", "summaries")
+    return {
+        "main": grid(["cloud", "edge", "collab", "verify"], datasets=both, n=n, tokens=tokens),
+        "naive": grid(["cloud", "naive"], datasets=both, n=n_naive, tokens=tokens),
+        "rtt": grid(["cloud", "naive", "collab", "verify"], thresholds=(0.8,), rtts=(0.0, 0.02, 0.05, 0.1),
+                    n=n_rtt, tokens=tokens),  # fmt: skip
+        "original": grid(["cloud", "collab"], models=("smollm2-135m",), n=n, tokens=tokens),
+        # issue 13: latency-aware exits (threshold 0.8 met at a cloud cost equal to the budget) vs fixed thresholds
+        "latency": grid(["cloud", "collab"], thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95), rtts=(0.02, 0.1), n=n_rtt * 2,
+                        tokens=tokens)  # fmt: skip
+        + grid(["collab"], thresholds=(0.8,), latency_budgets=(0.01, 0.02, 0.04, 0.08), rtts=(0.02, 0.1),
+               n=n_rtt * 2, tokens=tokens),  # fmt: skip
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n-naive", type=int, default=10)
+    ap.add_argument("--n-rtt", type=int, default=10)
+    ap.add_argument("--tokens", type=int, default=100)
+    ap.add_argument("--out", default="docs/paper")
+    args = ap.parse_args()
+    done, cache = {}, {}  # grids share computations (cloud-only, naive, the default link's runs)
+    if os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            done = json.load(f)["grids"]
+    for name, settings in grids(args.n, min(args.n_naive, args.n), min(args.n_rtt, args.n), args.tokens).items():
+        if name in done:
+            continue
+        t0 = time.perf_counter()
+        res = run_grid(settings, cache=cache)
+        done[name] = {"rows": res.rows, "wall_s": time.perf_counter() - t0}
+        with open(args.out + ".json", "w") as f:
+            json.dump({"args": vars(args), "grids": done}, f, indent=1)
+        print(f"{name}: {len(res.rows)} rows in {done[name]['wall_s']:.0f} s", flush=True)
+    rows = [dict(r, grid=g) for g, d in done.items() for r in d["rows"]]
+    Results(rows).to_csv(args.out + ".csv")
+    plot([r for r in rows if r["grid"] in ("main", "naive", "rtt")], args.out + ".png")
+    if "latency" in done:
+        plot_latency(done["latency"]["rows"], args.out + "_latency.png")
+
+
+def plot_latency(rows, path):
+    """Per RTT: time per token against agreement with cloud-only, fixed thresholds vs latency budgets."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for rtt, color in zip(sorted({r["rtt_s"] for r in rows}), ("tab:blue", "tab:orange", "tab:green")):
+        for aware, marker in ((False, "o-"), (True, "s--")):
+            pts = sorted((r for r in rows if r["rtt_s"] == rtt and r["scheme"] != "cloud"
+                          and (r["latency_budget_s"] is not None) == aware), key=lambda r: r["time_per_token_s"])  # fmt: skip
+            ax.plot([1e3 * r["time_per_token_s"] for r in pts], [r["rougeL_vs_cloud"] for r in pts], marker,
+                    color=color, label=f"RTT {rtt * 1e3:g} ms, {'latency budget' if aware else 'fixed threshold'}")  # fmt: skip
+            for r in pts:
+                tag = f"{r['latency_budget_s'] * 1e3:g}ms" if aware else f"{r['threshold']:g}"
+                ax.annotate(tag, (1e3 * r["time_per_token_s"], r["rougeL_vs_cloud"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+        cloud = [r for r in rows if r["rtt_s"] == rtt and r["scheme"] == "cloud"]
+        if cloud:
+            ax.axvline(1e3 * cloud[0]["time_per_token_s"], color=color, lw=0.8, ls=":")
+    ax.set_xlabel("ms per token (dotted: cloud-only)")
+    ax.set_ylabel("ROUGE-L F1 vs cloud-only output")
+    ax.set_title("Paper's mode: latency-aware exits vs fixed thresholds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
