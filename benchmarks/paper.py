@@ -18,35 +18,100 @@ import time
 from cecollm.experiments import Results, grid, plot, run_grid
 
 
-def grids(n: int, n_naive: int, n_rtt: int, tokens: int) -> dict:
+def grids(n: int, n_naive: int, n_rtt: int, n_original: int, tokens: int) -> dict:
     both = ("instructions", "summaries")
     return {
         "main": grid(["cloud", "edge", "collab", "verify"], datasets=both, n=n, tokens=tokens),
         "naive": grid(["cloud", "naive"], datasets=both, n=n_naive, tokens=tokens),
         "rtt": grid(["cloud", "naive", "collab", "verify"], thresholds=(0.8,), rtts=(0.0, 0.02, 0.05, 0.1),
                     n=n_rtt, tokens=tokens),  # fmt: skip
-        "original": grid(["cloud", "collab"], models=("smollm2-135m",), n=n, tokens=tokens),
+        "original": grid(["cloud", "collab"], models=("smollm2-135m",), n=n_original, tokens=tokens),
         # issue 13: latency-aware exits (threshold 0.8 met at a cloud cost equal to the budget) vs fixed thresholds
-        "latency": grid(["cloud", "collab"], thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95), rtts=(0.02, 0.1), n=n_rtt * 2,
+        # the paper's schemes on the naive split's prompts, for a like-for-like communication table
+        "naive_compare": grid(["collab", "verify"], datasets=both, n=n_naive, tokens=tokens),
+        "latency": grid(["cloud", "collab"], thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95), rtts=(0.02, 0.1), n=n_rtt,
                         tokens=tokens)  # fmt: skip
         + grid(["collab"], thresholds=(0.8,), latency_budgets=(0.01, 0.02, 0.04, 0.08), rtts=(0.02, 0.1),
-               n=n_rtt * 2, tokens=tokens),  # fmt: skip
+               n=n_rtt, tokens=tokens),  # fmt: skip
     }
+
+
+def tables(done: dict) -> str:
+    """docs/paper.md's tables, in markdown, from OUT.json."""
+    def fmt(rows, cols):
+        out = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in rows]
+        return "\n".join(out)
+
+    text = []
+    main_rows = done["main"]["rows"]
+    for ds in ("instructions", "summaries"):
+        rows = [r for r in main_rows if r["dataset"] == ds]
+        cloud = next(r for r in rows if r["scheme"] == "cloud")
+        text.append(f"### {ds} ({rows[0]['prompts']} prompts, {rows[0]['tokens'] / rows[0]['prompts']:.0f} tokens each on average, "
+                    f"RTT {rows[0]['rtt_s'] * 1e3:g} ms, 100 Mbit/s)\n")  # fmt: skip
+        text.append(fmt(rows, [
+            ("scheme", lambda r: r["scheme"]),
+            ("ms/token", lambda r: f"{r['time_per_token_s'] * 1e3:.1f}"),
+            ("vs cloud-only", lambda r: f"{r['time_per_token_s'] / cloud['time_per_token_s'] - 1:+.1%}"),
+            ("tokens at the edge", lambda r: f"{r['edge_token_share']:.1%}"),
+            ("cloud work offloaded", lambda r: f"{r['cloud_work_offloaded']:.1%}"),
+            ("MB up / down", lambda r: f"{r['bytes_up'] / 1e6:.2f} / {r['bytes_down'] / 1e6:.3f}"),
+            ("ROUGE-1/2/L", lambda r: f"{r['rouge1']:.3f} / {r['rouge2']:.3f} / {r['rougeL']:.3f}"),
+            ("chrF", lambda r: f"{r['chrf']:.1f}"),
+            ("ROUGE-L vs cloud-only", lambda r: f"{r['rougeL_vs_cloud']:.3f}"),
+            ("identical to cloud-only", lambda r: f"{r['identical_to_cloud']:.0%}"),
+        ]))
+        text.append("")
+    compare = done.get("naive", {"rows": []})["rows"] + done.get("naive_compare", {"rows": []})["rows"]
+    if compare:
+        text.append(f"### Communication and time, the naive split's {compare[0]['prompts']} prompts per data set\n")
+        text.append(fmt(compare, [
+            ("data set", lambda r: r["dataset"]), ("scheme", lambda r: r["scheme"]),
+            ("ms/token", lambda r: f"{r['time_per_token_s'] * 1e3:.1f}"),
+            ("MB up", lambda r: f"{r['bytes_up'] / 1e6:.3f}"),
+            ("round trips", lambda r: str(r["round_trips"])),
+            ("cloud work offloaded", lambda r: f"{r['cloud_work_offloaded']:.1%}"),
+            ("identical to cloud-only", lambda r: f"{r['identical_to_cloud']:.0%}"),
+        ]))
+        text.append("")
+    for name, title in (("rtt", "Time per token against RTT (instructions)"), ("original", "The original model's exits"),
+                        ("latency", "Latency-aware exits vs fixed thresholds (instructions)")):  # fmt: skip
+        if name not in done:
+            continue
+        text.append(f"### {title}, {done[name]['rows'][0]['prompts']} prompts\n")
+        text.append(fmt(done[name]["rows"], [
+            ("scheme", lambda r: r["scheme"]), ("model", lambda r: r["model"]),
+            ("RTT ms", lambda r: f"{r['rtt_s'] * 1e3:g}"),
+            ("ms/token", lambda r: f"{r['time_per_token_s'] * 1e3:.1f}"),
+            ("tokens at the edge", lambda r: f"{r['edge_token_share']:.1%}"),
+            ("ROUGE-L vs refs", lambda r: f"{r['rougeL']:.3f}"),
+            ("ROUGE-L vs cloud-only", lambda r: f"{r['rougeL_vs_cloud']:.3f}"),
+            ("identical", lambda r: f"{r['identical_to_cloud']:.0%}"),
+        ]))
+        text.append("")
+    return "\n".join(text)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--n-naive", type=int, default=10)
-    ap.add_argument("--n-rtt", type=int, default=10)
+    ap.add_argument("--n-rtt", type=int, default=10, help="prompts of the RTT and latency-aware grids")
+    ap.add_argument("--n-original", type=int, default=30, help="prompts of the original model's grid")
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--out", default="docs/paper")
+    ap.add_argument("--tables", action="store_true", help="print docs/paper.md's tables from OUT.json and stop")
     args = ap.parse_args()
+    if args.tables:
+        with open(args.out + ".json") as f:
+            print(tables(json.load(f)["grids"]))
+        return
     done, cache = {}, {}  # grids share computations (cloud-only, naive, the default link's runs)
     if os.path.exists(args.out + ".json"):
         with open(args.out + ".json") as f:
             done = json.load(f)["grids"]
-    for name, settings in grids(args.n, min(args.n_naive, args.n), min(args.n_rtt, args.n), args.tokens).items():
+    for name, settings in grids(args.n, min(args.n_naive, args.n), min(args.n_rtt, args.n), min(args.n_original, args.n), args.tokens).items():
         if name in done:
             continue
         t0 = time.perf_counter()

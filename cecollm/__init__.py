@@ -21,7 +21,7 @@ from .cloud import Cloud, CloudServer
 from .edge import EdgeRunner, generate_edge
 from .exits import ExitHead, ExitPolicy, load_exit_heads, save_exit_heads
 from .gguf_loader import ModelFormatError, default_model_path, load_gguf
-from .model import GenerationResult, Model, Sampler, load_model
+from .model import GenerationResult, GenerationStream, Model, Sampler, TokenEvent, load_model
 from .sweep import eval_text, sweep
 
 __all__ = [
@@ -32,12 +32,14 @@ __all__ = [
     "ExitHead",
     "ExitPolicy",
     "GenerationResult",
+    "GenerationStream",
     "LocalLink",
     "Model",
     "ModelFormatError",
     "NetworkModel",
     "Sampler",
     "TcpLink",
+    "TokenEvent",
     "default_model_path",
     "eval_text",
     "generate_collab",

@@ -36,6 +36,51 @@ def cmd_info(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> str:
+    """argparse type: comma-separated integers (kept as text; parsed by _ints)."""
+    try:
+        _ints(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 6,10, got {text!r}") from None
+    return text
+
+
+def float_list(text: str) -> str:
+    try:
+        values = _floats(text)
+    except ValueError:
+        values = (float("nan"),)
+    if not values or any(v != v or abs(v) == float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return text
+
+
+# what to install when an optional dependency is missing
+EXTRAS = {"torch": "train", "matplotlib": "experiments", "rouge_score": "experiments", "sacrebleu": "experiments",
+          "pandas": "experiments", "tqdm": "experiments", "ray": "cluster", "gguf": "train"}  # fmt: skip
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
@@ -91,14 +136,10 @@ def cmd_generate(args) -> int:
         print(json.dumps({**_result_json(args, result), "mode": "full"}))
         return 0
     stream = model.generate(args.prompt, stream=True, **kwargs)
-    while True:
-        try:
-            piece = next(stream)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        sys.stdout.write(piece)
+    for event in stream:
+        sys.stdout.write(event.text)
         sys.stdout.flush()
+    result = stream.result
     print(f"\n\n[{len(result.tokens)} tokens, {result.tokens_per_s:.1f} tokens/s, finish: {result.finish_reason}]")
     return 0
 
@@ -244,7 +285,11 @@ def cmd_serve(args) -> int:
     key = load_key(args.key_file)
     cloud = Cloud(model, split=split, kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_sessions=args.max_sessions,
                   ttl_s=args.ttl, max_sessions_per_peer=args.max_sessions_per_peer)  # fmt: skip
-    server = CloudServer(cloud, host=args.host, port=args.port, key=key, max_connections=args.max_connections)
+    try:
+        server = CloudServer(cloud, host=args.host, port=args.port, key=key, max_connections=args.max_connections,
+                             handshake_timeout_s=args.handshake_timeout, frame_timeout_s=args.frame_timeout)  # fmt: skip
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     host, port = server.address
     print(f"cecollm cloud: layers [{split}, {model.n_layers}) of {model.info()['name']} on {host}:{port}"
           f" ({'HMAC key required' if key else 'no key: loopback only'})", flush=True)  # fmt: skip
@@ -285,9 +330,9 @@ def cmd_sweep(args) -> int:
         result.to_csv(args.csv)
     if args.out_json:
         result.to_json(args.out_json)
+    print(result.to_json() if args.json else result.table(), flush=True)  # before plotting: nothing is lost
     if args.plot:
         result.plot(args.plot)
-    print(result.to_json() if args.json else result.table())
     return 0
 
 
@@ -366,13 +411,22 @@ def _colored(model, result) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="cecollm", description="Cloud-edge collaborative LLM inference.")
+    parser.add_argument("--version", action="version", version=f"cecollm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def subcommand(name, **kw):  # every subcommand's --help shows the defaults
+        return add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    sub.add_parser = subcommand
 
     def common(p):
         p.add_argument("--model", default=None,
                        help="a llama GGUF, or a preset: smollm2-135m (the default), smollm2-135m-ee (tuned for exits)")  # fmt: skip
-        p.add_argument("--threads", type=int, default=None, help="threads for the C core (default: all cores)")
+        p.add_argument("--threads", type=positive_int, default=None, help="threads for the C core (default: all cores)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--activations", choices=("f32", "q8"), default="f32",
                        help="f32: exact fp32 activations; q8: 8-bit activations, integer dots (faster decode)")  # fmt: skip
@@ -388,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     def ray_options(p):
         p.add_argument("--ray", action="store_true", help="run on a local Ray cluster (pip install cecollm[cluster])")
         p.add_argument("--ray-address", default=None, help="run on an existing Ray cluster (e.g. auto)")
-        p.add_argument("--workers", type=int, default=2, help="Ray actors, one CPU each, each loading the model once")
+        p.add_argument("--workers", type=positive_int, default=2, help="Ray actors, one CPU each, each loading the model once")
 
     p = sub.add_parser("info", help="architecture, layers, tensor types, size")
     common(p)
@@ -413,17 +467,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collab: 0 = the paper's mode (exited tokens are final); K (1..8) or auto = verify mode, "
                         "the cloud checks K drafted tokens per round trip and the output is the cloud model's")  # fmt: skip
     exit_options(p)
-    p.add_argument("--exits", default=None, help="exit points, e.g. 6,10 (default: 2/5 and 2/3 of the split)")
-    p.add_argument("--threshold", type=float, default=0.8, help="one threshold for every exit")
-    p.add_argument("--thresholds", default=None, help="one threshold per exit, e.g. 0.9,0.8")
+    p.add_argument("--exits", type=int_list, default=None, help="exit points, e.g. 6,10 (default: 2/5 and 2/3 of the split)")
+    p.add_argument("--threshold", type=finite_float, default=0.8, help="one threshold for every exit")
+    p.add_argument("--thresholds", type=float_list, default=None, help="one threshold per exit, e.g. 0.9,0.8")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("sweep", help="accuracy sweep over exit thresholds x exit layers x splits")
     common(p)
     exit_options(p)
-    p.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99")
+    p.add_argument("--thresholds", type=float_list, default="0.5,0.7,0.8,0.9,0.95,0.99")
     p.add_argument("--exit-sets", default="6,10;4,8,12", help="semicolon-separated exit sets")
-    p.add_argument("--splits", default="15")
+    p.add_argument("--splits", type=int_list, default="15")
     p.add_argument("--split-text", default="test", help="which split of the shipped text to score on")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens per prompt for generation scores (0: skip)")
     p.add_argument("--csv", default=None, help="write the table as CSV")
@@ -435,18 +489,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="the paper's evaluation: schemes x data sets x links (time, offload, bytes, quality)")
     p.add_argument("--schemes", default="cloud,edge,naive,collab", help="of cloud,edge,naive,collab,verify")
-    p.add_argument("--thresholds", default="0.8,0.9,1.0", help="collab: one row per threshold")
+    p.add_argument("--thresholds", type=float_list, default="0.8,0.9,1.0", help="collab: one row per threshold")
     p.add_argument("--dataset", default="instructions", help="instructions and/or summaries, comma-separated")
     p.add_argument("--model", default="smollm2-135m-ee", help="preset(s) or GGUF path(s), comma-separated")
     p.add_argument("--n", type=int, default=100, help="prompts per data set")
     p.add_argument("--tokens", type=int, default=100, help="new tokens per prompt")
-    p.add_argument("--rtt", default="0.02", help="round-trip times in seconds, comma-separated")
-    p.add_argument("--bandwidth-mbit", default="100", help="link bandwidths, comma-separated")
-    p.add_argument("--split", default="15", help="splits, comma-separated")
-    p.add_argument("--exits", default=None, help="exit layers (default: the model's own)")
+    p.add_argument("--rtt", type=float_list, default="0.02", help="round-trip times in seconds, comma-separated")
+    p.add_argument("--bandwidth-mbit", type=float_list, default="100", help="link bandwidths, comma-separated")
+    p.add_argument("--split", type=int_list, default="15", help="splits, comma-separated")
+    p.add_argument("--exits", type=int_list, default=None, help="exit layers (default: the model's own)")
     p.add_argument("--dtype", default="f16", help="wire dtypes of hidden states: f16, q8_0, f32")
     p.add_argument("--speculate", default="auto", help="verify: drafts per round trip, or auto")
-    p.add_argument("--threads", type=int, default=None, help="threads for the C core (per worker with Ray)")
+    p.add_argument("--threads", type=positive_int, default=None, help="threads for the C core (per worker with Ray)")
     ray_options(p)
     p.add_argument("--csv", default=None, help="write the table as CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object with rows")
@@ -460,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-exits", help="train exit heads and gates by distillation (needs torch)")
     common(p)
-    p.add_argument("--exits", default="4,8,12,16")
+    p.add_argument("--exits", type=int_list, default="4,8,12,16")
     p.add_argument("--out", required=True, help="output side file (.safetensors)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per exit (0: untrained heads)")
     p.add_argument("--rank", type=int, default=32, help="rank of each exit's adapter")
@@ -471,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="tune the model's own weights for early exits (LITE-style; needs torch)")
     common(p)
-    p.add_argument("--exits", default="4,8,12,15", help="exits trained through the shared final norm and head")
+    p.add_argument("--exits", type=int_list, default="4,8,12,15", help="exits trained through the shared final norm and head")
     p.add_argument("--out", required=True, help="the delta to write (.safetensors)")
     p.add_argument("--gguf-out", default=None, help="also write the tuned model as a GGUF")
     p.add_argument("--method", choices=("scales", "lora"), default="scales",
@@ -503,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=256)
     p.add_argument("--max-sessions-per-peer", type=int, default=16)
     p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--handshake-timeout", type=float, default=5.0, help="seconds for the hello and authentication")
+    p.add_argument("--frame-timeout", type=float, default=30.0, help="seconds for a frame's body once it started")
     p.add_argument("--ttl", type=float, default=600, help="seconds before an idle session expires")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="auth failures and limit hits are logged at WARNING")  # fmt: skip
@@ -527,6 +583,12 @@ def main(argv=None) -> int:
     except CloudUnavailable as exc:
         print(f"cecollm: the cloud failed: {exc}", file=sys.stderr)
         return 3
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"cecollm: error: this needs {top}: pip install 'cecollm[{EXTRAS[top]}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

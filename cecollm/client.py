@@ -25,7 +25,7 @@ from . import _core
 from .cloud import Cloud, CloudError, Handler
 from .edge import EdgeRunner, FullModelShadow, TokenTrace, decode_loop
 from .exits import ExitPolicy
-from .model import GenerationResult, Model
+from .model import GenerationResult, GenerationStream, Model, TextAssembler, TokenEvent
 from .protocol import (
     DTYPES,
     MAX_BODY,
@@ -547,17 +547,56 @@ class Edge:
         else:
             raise TypeError("cloud must be None, a Cloud or 'HOST:PORT'")
 
+    def __repr__(self) -> str:
+        where = "standalone" if self.connect is None else "with a cloud"
+        return f"Edge(layers [0, {self.policy.split}), exits={self.policy.exits}, {where}, wire {self.dtype})"
+
     def generate(self, prompt, max_new_tokens: int = 64, chat: bool = False, trace_full: bool = False,
-                 speculate: int | str = 0, **sampling) -> GenerationResult:  # fmt: skip
+                 speculate: int | str = 0, stream: bool = False, **sampling) -> GenerationResult | GenerationStream:  # fmt: skip
         """Standalone (sampling allowed) or collaborative (greedy) generation with per-token traces.
-        speculate: 0 (the paper's mode), K or "auto" (verify mode; see generate_collab)."""
+        speculate: 0 (the paper's mode), K or "auto" (verify mode; see generate_collab).
+        stream=True returns a GenerationStream of TokenEvents (source, exit layer, confidence per
+        token, as each is decided); its .result is the GenerationResult."""
         from .edge import generate_edge
 
         if self.connect is None:
-            return generate_edge(self.model, prompt, self.policy, max_new_tokens=max_new_tokens, chat=chat,
-                                 trace_full=trace_full, **sampling)  # fmt: skip
-        if sampling.get("temperature", 0.0):
-            raise ValueError("collaborative generation is greedy (temperature 0)")
-        return generate_collab(self.model, prompt, self.policy, self.connect, max_new_tokens=max_new_tokens,
-                               dtype=self.dtype, deadline_s=self.deadline_s, chat=chat, trace_full=trace_full,
-                               speculate=speculate, strict=self.strict)  # fmt: skip
+            run = lambda on_token: generate_edge(self.model, prompt, self.policy, max_new_tokens=max_new_tokens,  # noqa: E731
+                                                 chat=chat, trace_full=trace_full, on_token=on_token, **sampling)  # fmt: skip
+        else:
+            if sampling.get("temperature", 0.0):
+                raise ValueError("collaborative generation is greedy (temperature 0)")
+            run = lambda on_token: generate_collab(self.model, prompt, self.policy, self.connect,  # noqa: E731
+                                                   max_new_tokens=max_new_tokens, dtype=self.dtype,
+                                                   deadline_s=self.deadline_s, chat=chat, trace_full=trace_full,
+                                                   speculate=speculate, strict=self.strict, on_token=on_token)  # fmt: skip
+        return stream_events(self.model, run) if stream else run(None)
+
+
+def stream_events(model: Model, run) -> GenerationStream:
+    """A GenerationStream over run(on_token), which runs in a background thread: a TokenEvent is
+    handed out as each token is decided; an exception in the run is raised from the stream."""
+    events: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = run(lambda step, trace: events.put(trace))
+        except BaseException as exc:  # handed to the consumer
+            outcome["error"] = exc
+        finally:
+            events.put(None)
+
+    threading.Thread(target=target, daemon=True, name="cecollm-stream").start()
+
+    def generate():
+        text = TextAssembler(model.detokenize)
+        while (trace := events.get()) is not None:
+            yield TokenEvent(text.add(trace.token), trace.token, None, trace.source, trace.exit_layer, trace.confidence)
+        if "error" in outcome:
+            raise outcome["error"]
+        tail = text.finish()
+        if tail:
+            yield TokenEvent(tail, None)
+        return outcome["result"]
+
+    return GenerationStream(generate())

@@ -18,6 +18,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -46,6 +47,26 @@ class CloudError(Exception):
     def __init__(self, code: Code, message: str):
         super().__init__(message)
         self.code = code
+
+
+class FairTurn:
+    """A lock granted in arrival order: compute turns are taken first come, first served."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue: deque = deque()
+
+    def __enter__(self):
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._queue[0] is not me:
+                self._cond.wait()
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._queue.popleft()
+            self._cond.notify_all()
 
 
 @dataclass
@@ -99,8 +120,13 @@ class Cloud:
         self.batch_queue: queue.Queue = queue.Queue()
         self.batch_lock = threading.Lock()  # held by the worker while it computes a batch
         self.batch_stats = {"passes": 0, "rows": 0, "most_sessions": 0}
+        self.turn = FairTurn()  # compute turns in arrival order (see _forward)
         self.positions_computed = 0  # positions run through [split, n_layers), all sessions (cloud work)
         self._worker: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return (f"Cloud(layers [{self.split}, {self.model.n_layers}), sessions={len(self.sessions)}, "
+                f"memory in use={(self.kv_in_use + self.hidden_in_use) / 2**20:.1f} of {self.kv_budget / 2**20:.0f} MiB)")  # fmt: skip
 
     # ---- sessions ----
     def open(self, capacity: int, owner: str | None = None) -> bytes:
@@ -208,14 +234,24 @@ class Cloud:
         with self.lock:
             self.positions_computed += end - session.groups[session.computed_groups][0]
         for a, b in earlier:
-            session.cache.forward(session.hidden[a:b], a)
+            self._forward(session, a, b)
             session.computed_groups += 1
         if self.batching and end - start <= _core.SMALL_BATCH:
             out = self._batched(session.cache, session.hidden[start:end], start)
         else:
-            out = session.cache.forward(session.hidden[start:end], start)
+            out = self._forward(session, start, end)
         session.computed_groups += 1
         return out
+
+    def _forward(self, session: Session, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) through the cloud's layers, one compute turn per CE_BATCH_CHUNK rows: the C core
+        runs a long batch in exactly these chunks (so the result is the same bit for bit), and other
+        sessions' work gets its turn between them (a long request cannot hold the CPU)."""
+        outs = []
+        for c in range(a, b, _core.BATCH_CHUNK):
+            with self.turn:
+                outs.append(session.cache.forward(session.hidden[c : min(c + _core.BATCH_CHUNK, b)], c))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _batched(self, cache, x: np.ndarray, pos0: int) -> np.ndarray:
         future: Future = Future()
@@ -246,7 +282,8 @@ class Cloud:
                     batch.append(nxt)
                     rows += len(nxt[1])
                 try:
-                    outs = _core.forward_multi([(c, x, p) for c, x, p, _ in batch], self.split, self.model.n_layers)
+                    with self.turn:
+                        outs = _core.forward_multi([(c, x, p) for c, x, p, _ in batch], self.split, self.model.n_layers)
                 except Exception as exc:  # reported to every waiting request
                     for *_, future in batch:
                         future.set_exception(exc)
@@ -405,8 +442,12 @@ class CloudServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(64)
+        try:
+            self.sock.bind((host, port))
+            self.sock.listen(64)
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.settimeout(0.2)  # the accept loop sees a shutdown within this
         self.address = self.sock.getsockname()[:2]
         self.stopping = threading.Event()
@@ -414,6 +455,18 @@ class CloudServer:
         self.connections: dict[socket.socket, threading.Thread] = {}
         self.accept_thread: threading.Thread | None = None
         self.stats = {"bytes_out": 0, "auth_failures": 0, "refused_connections": 0, "accept_errors": 0}
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.stopping.is_set() else "serving" if self.accept_thread else "not started"
+        return (f"CloudServer({self.address[0]}:{self.address[1]}, {state}, connections={len(self.threads)}, "
+                f"key={'yes' if self.key else 'no'})")  # fmt: skip
+
+    def __enter__(self) -> CloudServer:
+        """`with CloudServer(cloud, port=0) as server:` serves inside the block and shuts down after it."""
+        return self.start() if self.accept_thread is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def threads(self) -> list[threading.Thread]:

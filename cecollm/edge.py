@@ -266,8 +266,10 @@ def generate_edge(
     seed: int | None = None,
     chat: bool = False,
     trace_full: bool = False,
+    on_token=None,
 ) -> GenerationResult:
     """Edge standalone generation: tokens finish at an early exit or at the exit at the split.
+    on_token: called as on_token(step, trace) after each token is decided.
 
     With trace_full, each token's trace also records the full model's greedy choice for the same
     prefix (run alongside in a second cache; costs a full forward pass per token).
@@ -290,7 +292,7 @@ def generate_edge(
     shadow = FullModelShadow(model, ids, capacity) if trace_full else None
     t1 = time.perf_counter()
     first = (sample(logits), TokenTrace(-1, policy.split, 0.0, 0, 1))  # prompt work is not a decode step's
-    tokens, traces, finish = decode_loop(model, first, step, max_new_tokens, shadow)
+    tokens, traces, finish = decode_loop(model, first, step, max_new_tokens, shadow, on_token)
     return GenerationResult.of_run(model, tokens, ids, finish, t0, t1, time.perf_counter(),
                                    {"traces": traces, "policy": policy,
                                     "edge_layer_positions": runner.layer_positions})  # fmt: skip

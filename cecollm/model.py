@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -25,6 +27,7 @@ class GenerationResult:
     decode_s: float
     decode_steps: int  # forward passes after the prompt's
     extra: dict = field(default_factory=dict)
+    logprobs: list | None = None  # with logprobs=N: per token {"token", "logprob", "top": {token: logprob}}
 
     @classmethod
     def of_run(cls, model, tokens: list, prompt_ids: list, finish: str, t_start: float, t_first: float, t_end: float,
@@ -40,8 +43,108 @@ class GenerationResult:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
+@dataclass
+class TokenEvent:
+    """One generated token, as a stream hands it out."""
+
+    text: str  # the text it adds ("" while a UTF-8 character or a possible stop string is incomplete)
+    token: int | None  # None: the held-back end of the text, handed out after the last token
+    logprob: float | None = None  # log p(token) under the distribution it was chosen from (full mode)
+    source: str = "full"  # "full"; edge/collab: "edge", "cloud" or "fallback"
+    exit_layer: int | None = None  # layers run before the token was decided (edge/collab)
+    confidence: float | None = None  # the exit's confidence (edge/collab)
+    top_logprobs: dict | None = None  # with logprobs=N: the N most likely tokens and their log-probabilities
+
+
+class GenerationStream:
+    """An iterator of TokenEvents; once it is exhausted (or after .collect()), .result is the
+    GenerationResult.
+
+    >>> stream = model.generate("Hi", stream=True)   # doctest: +SKIP
+    >>> "".join(e.text for e in stream); stream.result.finish_reason   # doctest: +SKIP
+    """
+
+    def __init__(self, events):
+        self._events = events
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenEvent:
+        try:
+            return next(self._events)
+        except StopIteration as stop:
+            if stop.value is not None:
+                self.result = stop.value
+            raise
+
+    def collect(self) -> GenerationResult:
+        """Runs the stream to its end; returns the result."""
+        for _ in self:
+            pass
+        return self.result
+
+
+class TextAssembler:
+    """Text pieces from tokens: a piece is held back while it ends inside a UTF-8 character or with a
+    possible beginning of a stop string; finds the first stop string."""
+
+    def __init__(self, detokenize, stop=()):
+        self.detokenize, self.stop = detokenize, [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.stopped_at: int | None = None  # text offset where a stop string begins
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.detokenize(self.tokens)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped_at = min(hits)
+            return self._emit(text[: self.stopped_at])
+        if text.endswith("\ufffd"):
+            return ""
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(text[: len(text) - hold])
+
+    def finish(self) -> str:
+        text = self.detokenize(self.tokens)
+        return self._emit(text if self.stopped_at is None else text[: self.stopped_at])
+
+    def text(self) -> str:
+        text = self.detokenize(self.tokens)
+        return text if self.stopped_at is None else text[: self.stopped_at]
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[self.sent :]
+        self.sent = max(self.sent, len(upto))
+        return piece
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
+    """transformers' and llama.cpp's rule: each token already in the sequence has its logit divided by
+    the penalty when positive, multiplied when negative (penalty > 1 discourages repeats)."""
+    if penalty == 1.0 or not seen:
+        return logits
+    out = logits.copy()
+    ids = np.fromiter(set(seen), np.int64)
+    vals = out[ids]
+    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
+
+
 class Sampler:
     """Greedy (temperature 0) or temperature / top-k / top-p sampling with its own seeded generator."""
+
+    def __repr__(self) -> str:
+        return f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
 
     def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -128,7 +231,7 @@ class Model:
 
     def generate(
         self,
-        prompt: str | list[int],
+        prompt: str | list[int] | list[str] | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -136,16 +239,39 @@ class Model:
         seed: int | None = None,
         stream: bool = False,
         chat: bool = False,
-    ) -> GenerationResult | Iterator[str]:
-        """Generates up to max_new_tokens after prompt (text, or token ids), stopping at an end token.
+        stop: list[str] | str | None = None,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
+        messages: list[dict] | None = None,
+    ) -> GenerationResult | GenerationStream | list[GenerationResult]:
+        """Generates up to max_new_tokens after prompt (text, or token ids), stopping at an end token
+        or at the first of the `stop` strings (the text ends before it; finish_reason "stop").
 
-        temperature=0 is greedy. With stream=True, returns an iterator of text pieces instead; the
-        iterator's return value (StopIteration.value) is the GenerationResult.
+        temperature=0 is greedy. messages=[{"role": ..., "content": ...}, ...] renders a conversation
+        through the model's chat template (instead of prompt; chat=True is the same for one user
+        message). repetition_penalty > 1 discourages tokens already in the sequence (transformers'
+        and llama.cpp's rule). logprobs=N records each token's log-probability and the N most likely
+        alternatives (result.logprobs). A list of prompts gives a list of results (one after another).
+        stream=True returns a GenerationStream of TokenEvents; its .result is the GenerationResult.
         """
-        steps = self._generate(prompt, max_new_tokens, Sampler(temperature, top_k, top_p, seed), chat)
-        if stream:
-            return self._stream_text(steps)
-        return _drain(steps)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            if stream:
+                raise ValueError("stream=True takes one prompt")
+            return [self.generate(p, max_new_tokens, temperature, top_k, top_p, seed, False, chat, stop,
+                                  repetition_penalty, logprobs) for p in prompt]  # fmt: skip
+        if messages is not None:
+            if prompt is not None:
+                raise ValueError("give a prompt or messages, not both")
+            prompt, chat = self.tokenize(self.tokenizer.apply_chat_template(list(messages))), False
+        if prompt is None:
+            raise ValueError("the prompt is empty")
+        if not repetition_penalty > 0 or (logprobs is not None and logprobs < 0):
+            raise ValueError("repetition_penalty must be > 0 and logprobs >= 0")
+        stop = [stop] if isinstance(stop, str) else list(stop or ())
+        events = self._generate(prompt, max_new_tokens, Sampler(temperature, top_k, top_p, seed), chat, stop,
+                                repetition_penalty, logprobs)  # fmt: skip
+        stream_ = GenerationStream(events)
+        return stream_ if stream else stream_.collect()
 
     def _prompt_ids(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -156,8 +282,9 @@ class Model:
             raise ValueError("the prompt is empty")
         return ids
 
-    def _generate(self, prompt, max_new_tokens: int, sample: Sampler, chat: bool):
-        """Yields each generated token id; returns the GenerationResult."""
+    def _generate(self, prompt, max_new_tokens: int, sample: Sampler, chat: bool, stop=(), repetition_penalty=1.0,
+                  logprobs: int | None = None):  # fmt: skip
+        """Yields a TokenEvent per generated token; returns the GenerationResult."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         prompt_ids = self._prompt_ids(prompt, chat)
@@ -166,39 +293,47 @@ class Model:
         hidden = cache.forward(self.core.embed(np.asarray(prompt_ids, dtype=np.int32)), 0)
         logits = self.core.head(hidden[-1:])[0]
         t1 = time.perf_counter()
+        text = TextAssembler(self.detokenize, stop)
         tokens: list[int] = []
+        records: list[dict] = []
         finish = "length"
         for step in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, prompt_ids + tokens, repetition_penalty)
             token = sample(logits)
             if token in self.tokenizer.end_ids:
                 finish = "stop"
                 break
             tokens.append(token)
-            yield token
+            logp = top = None
+            if logprobs is not None:
+                lp = _log_softmax(logits)
+                logp = float(lp[token])
+                best = np.argsort(-lp, kind="stable")[:logprobs]
+                top = {int(i): float(lp[i]) for i in best}
+                records.append({"token": token, "logprob": logp, "top": top})
+            piece = text.add(token)
+            yield TokenEvent(piece, token, logp, top_logprobs=top)
+            if text.stopped_at is not None:
+                finish = "stop"
+                break
             if step + 1 == max_new_tokens:
                 break
             hidden = cache.forward(self.core.embed(np.asarray([token], dtype=np.int32)), len(prompt_ids) + step)
             logits = self.core.head(hidden)[0]
-        return GenerationResult.of_run(self, tokens, prompt_ids, finish, t0, t1, time.perf_counter())
-
-    def _stream_text(self, steps) -> Iterator[str]:
-        """Text pieces as tokens arrive; a piece is held back while it ends inside a UTF-8 character."""
-        tokens: list[int] = []
-        sent = 0
-        while True:
-            try:
-                tokens.append(next(steps))
-            except StopIteration as stop:
-                result = stop.value
-                break
-            text = self.detokenize(tokens)
-            if not text.endswith("\ufffd"):
-                yield text[sent:]
-                sent = len(text)
-        text = self.detokenize(tokens)
-        if len(text) > sent:
-            yield text[sent:]
+        tail = text.finish()
+        if tail:
+            yield TokenEvent(tail, None)
+        result = GenerationResult.of_run(self, tokens, prompt_ids, finish, t0, t1, time.perf_counter())
+        result.decode_steps = len(tokens) - (text.stopped_at is not None or finish == "length")  # tokens fed
+        result.text = text.text()
+        result.logprobs = records if logprobs is not None else None
         return result
+
+    def __repr__(self) -> str:
+        name = self.weights.metadata.get("name", "") or os.path.basename(self.path)
+        delta = f", delta={self.weights.metadata['delta']!r}" if self.weights.metadata.get("delta") else ""
+        return (f"Model({name!r}, layers={self.n_layers}, dim={self.config['dim']}, vocab={self.config['vocab']}, "
+                f"activations={self.activations!r}, kv_dtype={self.kv_dtype!r}{delta})")  # fmt: skip
 
     def info(self) -> dict:
         """Architecture, tensor types and sizes, as `cecollm info` prints them."""
@@ -221,15 +356,6 @@ class Model:
             "activations": self.activations,
             "kv_dtype": self.kv_dtype,
         }
-
-
-def _drain(steps):
-    """Runs a generator to its end and returns its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _core_type_name(type_id: int) -> str:

@@ -211,14 +211,15 @@ class SweepResult:
                 f.write(text)
         return text
 
-    def plot(self, path, title: str = "Early exits: agreement vs tokens exited early"):
-        """Agreement with the full model against the fraction of tokens exited before the split."""
-        import matplotlib
+    def plot(self, path=None, title: str = "Early exits: agreement vs tokens exited early"):
+        """Left: agreement with the full model against the fraction of tokens exited before the split,
+        each point labelled with its threshold; right: the cost, mean layers run per token (teacher-forced
+        exit layer), against the same agreement. Returns the matplotlib Figure (the backend is left
+        alone, so it shows inline in a notebook); writes it to `path` when given."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig = Figure(figsize=(11, 4.2))
+        ax, ax_cost = fig.subplots(1, 2)
         groups: dict[str, list[dict]] = {}
         for r in self.rows:
             label = f"exits {r['exits']} split {r['split']}"
@@ -227,15 +228,25 @@ class SweepResult:
             groups.setdefault(label, []).append(r)
         for label, rows in groups.items():
             rows = sorted(rows, key=lambda r: r["early_exit_fraction"])
-            ax.plot([r["early_exit_fraction"] for r in rows], [r["agreement_tf"] for r in rows], "o-", label=label)
+            line = ax.plot([r["early_exit_fraction"] for r in rows], [r["agreement_tf"] for r in rows], "o-", label=label)
+            ax_cost.plot([r["mean_exit_layer"] for r in rows], [r["agreement_tf"] for r in rows], "o-",
+                         color=line[0].get_color())  # fmt: skip
+            for r in rows:
+                for a, x in ((ax, r["early_exit_fraction"]), (ax_cost, r["mean_exit_layer"])):
+                    a.annotate(f"{r['thresholds']:g}", (x, r["agreement_tf"]), fontsize=7, xytext=(3, 3),
+                               textcoords="offset points")  # fmt: skip
         ax.set_xlabel("fraction of tokens exited before the split")
         ax.set_ylabel("top-1 agreement with the full model (teacher-forced)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        ax.set_title(title, fontsize=10)
+        ax_cost.set_xlabel("cost: mean layers run per token (labels: threshold)")
+        ax_cost.set_ylabel("top-1 agreement with the full model")
+        for a in (ax, ax_cost):
+            a.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
 
     def table(self, keys=("exits", "split", "thresholds", "agreement_tf", "agreement_gen", "early_exit_fraction",
                           "perplexity", "decode_tokens_per_s")) -> str:  # fmt: skip

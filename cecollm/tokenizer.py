@@ -54,6 +54,9 @@ class TextTokenizer:
     'Hi 42'
     """
 
+    def __repr__(self) -> str:
+        return self._repr
+
     def __init__(self, spec: TokenizerSpec):
         if spec.model != "gpt2":
             raise ValueError(f"tokenizer model {spec.model!r} is not supported (only byte-level BPE 'gpt2')")
@@ -73,6 +76,7 @@ class TextTokenizer:
         # what encoding and chat templates need besides the vocabulary (which now lives in `tok`)
         self.add_bos, self.chat_template = spec.add_bos, spec.chat_template
         self.bos_text = spec.tokens[spec.bos_id] if spec.bos_id is not None else ""
+        self._repr = f"TextTokenizer(byte-level BPE, {len(spec.tokens)} tokens, pre={spec.pre!r}, chat template: {'yes' if spec.chat_template else 'no'})"
         self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
         self.bos_id = spec.bos_id
         self.eos_id = spec.eos_id

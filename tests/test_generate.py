@@ -36,16 +36,58 @@ def test_stops_at_end_of_generation(model):
     assert not set(result.tokens) & model.tokenizer.end_ids
 
 
-def test_stream_pieces_join_to_text(model):
-    stream = model.generate("Write the word hello in French:", max_new_tokens=12, stream=True, chat=True)
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as stop:
-            result = stop.value
-            break
-    assert "".join(pieces) == result.text and len(pieces) >= 1
+def test_stream_events_join_to_the_result(model):
+    stream = model.generate("Write the word hello in French:", max_new_tokens=12, stream=True, chat=True, logprobs=2)
+    events = list(stream)
+    result = stream.result
+    assert "".join(e.text for e in events) == result.text and result.text
+    assert [e.token for e in events if e.token is not None] == result.tokens
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in events if e.token is not None)
+    assert result.tokens == model.generate("Write the word hello in French:", max_new_tokens=12, chat=True).tokens
+
+
+def test_stop_strings_end_the_text_before_them(model):
+    full = model.generate("Count from one to ten in words:", max_new_tokens=40, chat=True)
+    cut = full.text.find("5. 5")
+    assert cut > 0, full.text
+    r = model.generate("Count from one to ten in words:", max_new_tokens=40, chat=True, stop=["5. 5"])
+    assert r.text == full.text[:cut] and r.finish_reason == "stop"
+    assert r.tokens == full.tokens[: len(r.tokens)] and len(r.tokens) < len(full.tokens)
+    events = list(model.generate("Count from one to ten in words:", max_new_tokens=40, chat=True, stop="5. 5",
+                                 stream=True))  # fmt: skip
+    assert "".join(e.text for e in events) == full.text[:cut]
+
+
+def test_logprobs_match_the_full_models_logits(model):
+    r = model.generate("The capital of France is", max_new_tokens=4, logprobs=3)
+    ids = r.prompt_tokens + r.tokens
+    z = model.logits(ids).astype(np.float64)
+    for k, rec in enumerate(r.logprobs):
+        row = z[len(r.prompt_tokens) - 1 + k]
+        lp = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert rec["token"] == r.tokens[k] and abs(rec["logprob"] - lp[rec["token"]]) < 1e-3
+        assert max(rec["top"].values()) == pytest.approx(lp.max(), abs=1e-3)
+
+
+def test_repetition_penalty_follows_the_common_rule(model):
+    from cecollm.model import apply_repetition_penalty
+
+    logits = np.array([2.0, -2.0, 1.0, 0.5], np.float32)
+    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    plain = model.generate("Repeat after me: la la la la", max_new_tokens=24, chat=True)
+    penalized = model.generate("Repeat after me: la la la la", max_new_tokens=24, chat=True, repetition_penalty=1.5)
+    assert len(set(penalized.tokens)) / len(penalized.tokens) > len(set(plain.tokens)) / len(plain.tokens)
+
+
+def test_messages_and_lists_of_prompts(model):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert model.generate(messages=msgs, max_new_tokens=8).tokens == model.generate(
+        "What is the capital of France?", max_new_tokens=8, chat=True).tokens
+    several = model.generate(["Hello", "The sky is"], max_new_tokens=4)
+    assert [r.tokens for r in several] == [model.generate(p, max_new_tokens=4).tokens for p in ("Hello", "The sky is")]
+    with pytest.raises(ValueError, match="not both"):
+        model.generate("x", messages=msgs)
 
 
 def test_bad_arguments(model):
@@ -99,3 +141,18 @@ def test_cli_bench_json(model):
     data = json.loads(run_cli("bench", "--threads", "1", "--repeats", "1", "--activations", "q8", "--json"))
     assert data["threads"] == 1 and data["pp512"] > 0 and data["tg128"] > 0 and data["activations"] == "q8"
     assert data["kernels"] in ("avx2", "generic")
+
+
+def test_edge_and_collab_modes_stream(model):
+    from cecollm import Cloud, Edge, ExitPolicy
+
+    policy = ExitPolicy(exits=(6, 10), split=15, thresholds=(0.7,))
+    for cloud in (None, Cloud(model, split=15)):
+        edge = Edge(model, policy, cloud=cloud)
+        stream = edge.generate("The history of the bicycle begins", max_new_tokens=12, stream=True)
+        events = list(stream)
+        plain = edge.generate("The history of the bicycle begins", max_new_tokens=12)
+        assert [e.token for e in events if e.token is not None] == plain.tokens == stream.result.tokens
+        assert "".join(e.text for e in events) == plain.text
+        assert [e.source for e in events if e.token is not None] == [t.source for t in plain.extra["traces"]]
+        assert all(e.exit_layer is not None for e in events if e.token is not None)

@@ -291,3 +291,54 @@ def test_in_process_link_runs_the_servers_handler(model, cloud):
 
 def test_error_codes_come_from_c():
     assert [c.value for c in Code] == [getattr(_core, f"CODE_{c.name}") for c in Code]
+
+
+def test_cache_reads_take_the_lock_while_a_forward_pass_runs(model):
+    """lengths() and kv() wait for a running forward pass: every layer reports the same length, and
+    the keys read have exactly that many positions (a read between layers would see them differ)."""
+    import threading
+
+    cache = model.new_cache(256, 0, SPLIT)
+    x = model.core.embed(np.arange(100, 164, dtype=np.int32))
+    seen, done = [], threading.Event()
+
+    def writer():
+        for i in range(0, 64, 4):
+            cache.forward(x[i : i + 4], i)
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while not done.is_set():
+        lengths = cache.lengths()
+        keys, _ = cache.kv(SPLIT - 1)
+        seen.append((len(set(lengths)), keys.shape[1] >= lengths[-1]))
+    t.join()
+    assert seen and all(n == 1 and ok for n, ok in seen)
+    assert cache.lengths() == [64] * SPLIT
+
+
+def test_long_requests_take_turns_with_other_sessions(model):
+    """A 1024-position request runs in turns of CE_BATCH_CHUNK rows (bit-identical to one batch); a
+    small request of another session is answered between two of them, not after the whole."""
+    import threading
+
+    cloud = Cloud(model, split=SPLIT, batching=False)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((1024, cloud.dim)) * 0.1).astype(np.float32)
+    alone = model.new_cache(1024, SPLIT, model.n_layers).forward(x, 0)
+    big = cloud.get(cloud.open(1024))
+    cloud.upload(big, 0, x)
+    cloud._ensure_cache(big)
+    assert np.array_equal(cloud._forward(big, 0, 1024), alone)
+    cloud.close(big.sid)
+    big, small = cloud.get(cloud.open(1024)), cloud.get(cloud.open(16))
+    cloud.infer(small, 0, x[:4])
+    finished = {}
+    worker = threading.Thread(target=lambda: (cloud.infer(big, 0, x), finished.setdefault("big", time.monotonic())))
+    worker.start()
+    time.sleep(0.05)  # the long request holds its first turn
+    cloud.infer(small, 4, x[4:5])
+    finished["small"] = time.monotonic()
+    worker.join()
+    assert finished["small"] < finished["big"]

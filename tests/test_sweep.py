@@ -99,3 +99,19 @@ def test_cli_generate_edge_json(model):
     data = json.loads(out.stdout)
     assert data["tokens"] == model.generate("The capital of France is", max_new_tokens=6).tokens
     assert data["exit_layers"] == [30] * 6 and len(data["edge_layers_run"]) == 6
+
+
+def test_plot_returns_a_figure_and_leaves_the_backend_alone(tmp_path):
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from cecollm.sweep import SweepResult
+
+    rows = [{"exits": "6,10", "split": 15, "thresholds": t, "agreement_tf": a, "early_exit_fraction": f,
+             "mean_exit_layer": m} for t, a, f, m in ((0.8, 0.7, 0.4, 11.0), (0.95, 0.9, 0.1, 14.0))]  # fmt: skip
+    before = matplotlib.get_backend()
+    fig = SweepResult(rows).plot(tmp_path / "sweep.png")
+    assert isinstance(fig, Figure) and matplotlib.get_backend() == before
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    labels = {t.get_text() for ax in fig.axes for t in ax.texts}
+    assert {"0.8", "0.95"} <= labels, "thresholds are labelled"

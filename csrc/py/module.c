@@ -446,13 +446,25 @@ static PyObject *Cache_fill_kv(CacheObject *self, PyObject *args, PyObject *kwds
     Py_RETURN_NONE;
 }
 
-/* lengths() -> list of filled lengths, one per layer of the cache */
+/* lengths() -> list of filled lengths, one per layer of the cache (read under the cache's lock) */
 static PyObject *Cache_lengths(CacheObject *self, PyObject *noargs) {
     (void)noargs;
     if (!cache_ready(self)) return NULL;
     int nl = self->kv.layer_end - self->kv.layer_begin;
+    int *len = PyMem_Malloc(sizeof(int) * (size_t)(nl > 0 ? nl : 1));
+    if (len == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    memcpy(len, self->kv.len, sizeof(int) * (size_t)nl);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
     PyObject *list = PyList_New(nl);
-    for (int i = 0; list && i < nl; i++) PyList_SET_ITEM(list, i, PyLong_FromLong(self->kv.len[i]));
+    for (int i = 0; list && i < nl; i++) {
+        PyObject *v = PyLong_FromLong(len[i]);
+        if (v == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, v);
+    }
+    PyMem_Free(len);
     return list;
 }
 
@@ -470,7 +482,8 @@ static PyObject *Cache_truncate(CacheObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-/* kv(layer) -> (keys, values), each float32 (n_kv_heads, len, head_dim): a copy */
+/* kv(layer) -> (keys, values), each float32 (n_kv_heads, len, head_dim): a copy, taken under the
+ * cache's lock (acquired without the GIL; while it is held here, a thread waiting for it holds no GIL) */
 static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
     if (!cache_ready(self)) return NULL;
     long layer = PyLong_AsLong(arg);
@@ -480,11 +493,15 @@ static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
                      self->kv.layer_end);
         return NULL;
     }
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    Py_END_ALLOW_THREADS
     int len = self->kv.len[layer - self->kv.layer_begin], hd = self->kv.head_dim;
     npy_intp dims[3] = {self->kv.n_kv_heads, len, hd};
     PyArrayObject *k = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
     PyArrayObject *v = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT32);
     if (k == NULL || v == NULL) {
+        PyThread_release_lock(self->lock);
         Py_XDECREF(k);
         Py_XDECREF(v);
         return NULL;
@@ -497,6 +514,7 @@ static PyObject *Cache_kv(CacheObject *self, PyObject *arg) {
         ce_dequantize_row(&kt, 0, kd);
         ce_dequantize_row(&vt, 0, vd);
     }
+    PyThread_release_lock(self->lock);
     return Py_BuildValue("(NN)", k, v);
 }
 
@@ -1294,6 +1312,10 @@ static void core_free(void *mod) { core_clear((PyObject *)mod); }
 
 static PyModuleDef_Slot core_slots[] = {
     {Py_mod_exec, core_exec},
+#ifdef Py_mod_multiple_interpreters
+    /* the C core keeps process-wide state (the thread pool, the kernel choice): one interpreter only */
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
     {0, NULL},
 };
 
