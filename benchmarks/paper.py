@@ -27,6 +27,8 @@ def grids(n: int, n_naive: int, n_rtt: int, n_original: int, tokens: int) -> dic
                     n=n_rtt, tokens=tokens),  # fmt: skip
         "original": grid(["cloud", "collab"], models=("smollm2-135m",), n=n_original, tokens=tokens),
         # issue 13: latency-aware exits (threshold 0.8 met at a cloud cost equal to the budget) vs fixed thresholds
+        # the exits' cheap candidate pre-check (off by default): what exit checks cost
+        "precheck": grid(["cloud", "collab"], thresholds=(0.8, 1.0), n=n, tokens=tokens, precheck_rows=4096),
         # the paper's schemes on the naive split's prompts, for a like-for-like communication table
         "naive_compare": grid(["collab", "verify"], datasets=both, n=n_naive, tokens=tokens),
         "latency": grid(["cloud", "collab"], thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95), rtts=(0.02, 0.1), n=n_rtt,
@@ -75,7 +77,8 @@ def tables(done: dict) -> str:
             ("identical to cloud-only", lambda r: f"{r['identical_to_cloud']:.0%}"),
         ]))
         text.append("")
-    for name, title in (("rtt", "Time per token against RTT (instructions)"), ("original", "The original model's exits"),
+    for name, title in (("precheck", "Exit checks with the candidate pre-check (instructions)"),
+                        ("rtt", "Time per token against RTT (instructions)"), ("original", "The original model's exits"),
                         ("latency", "Latency-aware exits vs fixed thresholds (instructions)")):  # fmt: skip
         if name not in done:
             continue

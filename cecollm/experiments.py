@@ -53,6 +53,7 @@ class Setting:
     model: str = DEFAULT_MODEL
     threshold: float | None = None  # "collab" only
     latency_budget: float | None = None  # "collab": latency-aware exits, seconds per token (ExitPolicy)
+    precheck_rows: int | None = None  # "collab": the exits' cheap candidate pre-check (ExitPolicy)
     rtt: float = 0.02  # seconds
     bandwidth: float = 12.5e6  # bytes/s each way (100 Mbit/s)
     split: int = 15
@@ -72,6 +73,8 @@ class Setting:
             raise ValueError("a threshold goes with the collab scheme, and only with it")
         if self.latency_budget is not None and (self.scheme != "collab" or not self.latency_budget > 0):
             raise ValueError("a latency budget (> 0 s) goes with the collab scheme only")
+        if self.precheck_rows is not None and self.scheme != "collab":
+            raise ValueError("precheck_rows goes with the collab scheme only")
         if self.rtt < 0 or self.bandwidth <= 0 or self.n < 1 or self.tokens < 1:
             raise ValueError("rtt >= 0, bandwidth > 0, n >= 1 and tokens >= 1")
 
@@ -80,7 +83,8 @@ class Setting:
         if self.scheme != "collab":
             return self.scheme
         budget = f" budget {self.latency_budget * 1e3:g}ms" if self.latency_budget else ""
-        return f"collab@{self.threshold:g}{budget}"
+        precheck = " precheck" if self.precheck_rows else ""
+        return f"collab@{self.threshold:g}{budget}{precheck}"
 
     def compute_key(self) -> Setting:
         """The setting with the fields its computation does not depend on reset: cloud, edge and
@@ -99,16 +103,16 @@ class Setting:
 def grid(schemes=("cloud", "edge", "naive", "collab"), thresholds=(0.8, 0.9, 1.0), datasets=("instructions",),
          models=(DEFAULT_MODEL,), rtts=(0.02,), bandwidths=(12.5e6,), splits=(15,), exits=None, dtypes=("f16",),
          n: int = 100, tokens: int = 100, speculate: int | str = "auto",
-         latency_budgets=(None,)) -> list[Setting]:  # fmt: skip
+         latency_budgets=(None,), precheck_rows: int | None = None) -> list[Setting]:  # fmt: skip
     """Every combination, in a stable order; "collab" gives one setting per threshold and latency budget."""
     settings = []
     for dataset, model, rtt, bw, split, dtype, scheme in itertools.product(datasets, models, rtts, bandwidths, splits,
                                                                            dtypes, schemes):  # fmt: skip
         collab = scheme == "collab"
         for t, budget in itertools.product(thresholds if collab else (None,), latency_budgets if collab else (None,)):
-            settings.append(Setting(scheme, dataset, model, t, budget, rtt, bw, split,
-                                    tuple(exits) if exits else None, dtype, speculate if scheme == "verify" else 0,
-                                    n, tokens))  # fmt: skip
+            settings.append(Setting(scheme, dataset, model, t, budget, precheck_rows if collab else None, rtt, bw,
+                                    split, tuple(exits) if exits else None, dtype,
+                                    speculate if scheme == "verify" else 0, n, tokens))  # fmt: skip
     return list(dict.fromkeys(settings))
 
 
@@ -136,7 +140,8 @@ class Worker:
         exits = s.exits if s.exits is not None else ExitPolicy.for_model(model, s.split).exits
         threshold = s.threshold if s.threshold is not None else 2.0  # > 1: no exit below the split fires
         return ExitPolicy(exits=tuple(e for e in exits if e < s.split) + (s.split,), split=s.split,
-                          thresholds=(threshold,), latency_budget_s=s.latency_budget)  # fmt: skip
+                          thresholds=(threshold,), latency_budget_s=s.latency_budget,
+                          precheck_rows=s.precheck_rows)  # fmt: skip
 
     def run(self, key: Setting, prompt: str) -> dict:
         """One prompt under one computation setting: tokens, work, bytes and times (see module doc)."""
