@@ -342,7 +342,8 @@ def cmd_experiment(args) -> int:
     settings = grid(schemes=args.schemes.split(","), thresholds=_floats(args.thresholds),
                     datasets=args.dataset.split(","), models=args.model.split(","), rtts=_floats(args.rtt),
                     bandwidths=[b * 1e6 / 8 for b in _floats(args.bandwidth_mbit)], splits=_ints(args.split),
-                    exits=_ints(args.exits) if args.exits else None, dtypes=args.dtype.split(","), n=args.n,
+                    exits=_ints(args.exits) if args.exits else None, exit_heads=args.exit_heads.split(",") if args.exit_heads else (None,),
+                    dtypes=args.dtype.split(","), n=args.n,
                     tokens=args.tokens, speculate=args.speculate if args.speculate == "auto" else int(args.speculate))  # fmt: skip
     ray = args.ray_address or (True if args.ray else None)
     result = run_grid(settings, progress=not args.no_progress and not args.json, ray=ray, workers=args.workers,
@@ -498,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mbit", type=float_list, default="100", help="link bandwidths, comma-separated")
     p.add_argument("--split", type=int_list, default="15", help="splits, comma-separated")
     p.add_argument("--exits", type=int_list, default=None, help="exit layers (default: the model's own)")
+    p.add_argument("--exit-heads", default=None, help="trained exit-head files (train-exits), comma-separated")
     p.add_argument("--dtype", default="f16", help="wire dtypes of hidden states: f16, q8_0, f32")
     p.add_argument("--speculate", default="auto", help="verify: drafts per round trip, or auto")
     p.add_argument("--threads", type=positive_int, default=None, help="threads for the C core (per worker with Ray)")

@@ -58,6 +58,7 @@ class Setting:
     bandwidth: float = 12.5e6  # bytes/s each way (100 Mbit/s)
     split: int = 15
     exits: tuple[int, ...] | None = None
+    exit_heads: str | None = None  # a trained exit-head file (`cecollm train-exits`) read at the exits it has
     dtype: str = "f16"  # wire dtype of hidden states ("collab", "verify")
     speculate: int | str = "auto"  # "verify": block size; "auto" picks it from measured times (so its
     # round trips and bytes vary from run to run; its output does not)
@@ -92,27 +93,27 @@ class Setting:
         if self.scheme != "verify":
             self = replace(self, speculate=0)
         if self.scheme == "cloud":
-            return replace(self, rtt=0.0, bandwidth=1.0, split=0, exits=(), dtype="")
+            return replace(self, rtt=0.0, bandwidth=1.0, split=0, exits=(), exit_heads=None, dtype="")
         if self.scheme == "edge":
             return replace(self, rtt=0.0, bandwidth=1.0, dtype="")
         if self.scheme == "naive":
-            return replace(self, rtt=0.0, bandwidth=1.0, exits=(), dtype="f32")
+            return replace(self, rtt=0.0, bandwidth=1.0, exits=(), exit_heads=None, dtype="f32")
         return self
 
 
 def grid(schemes=("cloud", "edge", "naive", "collab"), thresholds=(0.8, 0.9, 1.0), datasets=("instructions",),
          models=(DEFAULT_MODEL,), rtts=(0.02,), bandwidths=(12.5e6,), splits=(15,), exits=None, dtypes=("f16",),
          n: int = 100, tokens: int = 100, speculate: int | str = "auto",
-         latency_budgets=(None,), precheck_rows: int | None = None) -> list[Setting]:  # fmt: skip
+         latency_budgets=(None,), precheck_rows: int | None = None, exit_heads=(None,)) -> list[Setting]:  # fmt: skip
     """Every combination, in a stable order; "collab" gives one setting per threshold and latency budget."""
     settings = []
-    for dataset, model, rtt, bw, split, dtype, scheme in itertools.product(datasets, models, rtts, bandwidths, splits,
-                                                                           dtypes, schemes):  # fmt: skip
+    for dataset, model, heads, rtt, bw, split, dtype, scheme in itertools.product(datasets, models, exit_heads, rtts,
+                                                                                  bandwidths, splits, dtypes, schemes):  # fmt: skip
         collab = scheme == "collab"
         for t, budget in itertools.product(thresholds if collab else (None,), latency_budgets if collab else (None,)):
             settings.append(Setting(scheme, dataset, model, t, budget, precheck_rows if collab else None, rtt, bw,
-                                    split, tuple(exits) if exits else None, dtype,
-                                    speculate if scheme == "verify" else 0, n, tokens))  # fmt: skip
+                                    split, tuple(exits) if exits else None, heads if scheme != "cloud" else None,
+                                    dtype, speculate if scheme == "verify" else 0, n, tokens))  # fmt: skip
     return list(dict.fromkeys(settings))
 
 
@@ -135,13 +136,14 @@ class Worker:
         return self.models[name]
 
     def policy(self, s: Setting, model):
-        from .exits import ExitPolicy
+        from .exits import ExitPolicy, load_exit_heads
 
-        exits = s.exits if s.exits is not None else ExitPolicy.for_model(model, s.split).exits
+        heads = {e: h for e, h in load_exit_heads(s.exit_heads, model).items() if e < s.split} if s.exit_heads else {}
+        exits = s.exits if s.exits is not None else tuple(heads) or ExitPolicy.for_model(model, s.split).exits
         threshold = s.threshold if s.threshold is not None else 2.0  # > 1: no exit below the split fires
         return ExitPolicy(exits=tuple(e for e in exits if e < s.split) + (s.split,), split=s.split,
                           thresholds=(threshold,), latency_budget_s=s.latency_budget,
-                          precheck_rows=s.precheck_rows)  # fmt: skip
+                          precheck_rows=s.precheck_rows, exit_heads=heads)  # fmt: skip
 
     def run(self, key: Setting, prompt: str) -> dict:
         """One prompt under one computation setting: tokens, work, bytes and times (see module doc)."""
@@ -290,7 +292,7 @@ def _row(s: Setting, records: list[dict], refs, cloud_records: list[dict]) -> di
     edge_work = sum(r["edge_work"] for r in records)
     cloud_work = sum(r["cloud_work"] for r in records)
     cloud_only_work = sum(r["cloud_work"] for r in cloud_records)
-    row = {"scheme": s.label, "dataset": s.dataset, "model": s.model, "threshold": s.threshold,
+    row = {"scheme": s.label, "dataset": s.dataset, "model": s.model, "exit_heads": s.exit_heads, "threshold": s.threshold,
            "latency_budget_s": s.latency_budget, "rtt_s": s.rtt,
            "bandwidth_Bps": s.bandwidth, "split": s.split if s.scheme != "cloud" else None,
            "dtype": s.dtype or None, "prompts": len(records), "tokens": n_tokens,

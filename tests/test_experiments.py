@@ -118,3 +118,13 @@ def test_cli_json_rows(capsys):
 def test_worker_loads_each_model_once():
     w = Worker()
     assert w.model(MODEL) is w.model(MODEL)
+
+
+def test_trained_exit_heads_are_an_axis():
+    heads = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "docs" / "exits4.safetensors")
+    g = grid(["cloud", "collab"], thresholds=(0.8,), models=(MODEL,), exit_heads=(None, heads), n=1, tokens=6)
+    assert [(s.label, s.exit_heads) for s in g] == [("cloud", None), ("collab@0.8", None), ("collab@0.8", heads)]
+    rows = run_grid(g, progress=False).rows
+    plain, adapted = [r for r in rows if r["scheme"] == "collab@0.8"]
+    assert plain["exit_heads"] is None and adapted["exit_heads"] == heads
+    assert Worker().policy(g[-1], Worker().model(MODEL)).exit_heads, "the heads are used"
