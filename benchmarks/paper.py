@@ -38,13 +38,36 @@ def grids(n: int, n_naive: int, n_rtt: int, n_original: int, tokens: int) -> dic
     }
 
 
+# table columns: header -> how a row's cell reads
+COLUMNS = {
+    "data set": lambda r: r["dataset"],
+    "scheme": lambda r: r["scheme"],
+    "model": lambda r: r["model"],
+    "RTT ms": lambda r: f"{r['rtt_s'] * 1e3:g}",
+    "ms/token": lambda r: f"{r['time_per_token_s'] * 1e3:.1f}",
+    "tokens at the edge": lambda r: f"{r['edge_token_share']:.1%}",
+    "cloud work offloaded": lambda r: f"{r['cloud_work_offloaded']:.1%}",
+    "MB up / down": lambda r: f"{r['bytes_up'] / 1e6:.2f} / {r['bytes_down'] / 1e6:.3f}",
+    "MB up": lambda r: f"{r['bytes_up'] / 1e6:.3f}",
+    "round trips": lambda r: str(r["round_trips"]),
+    "ROUGE-1/2/L": lambda r: f"{r['rouge1']:.3f} / {r['rouge2']:.3f} / {r['rougeL']:.3f}",
+    "ROUGE-L vs refs": lambda r: f"{r['rougeL']:.3f}",
+    "chrF": lambda r: f"{r['chrf']:.1f}",
+    "ROUGE-L vs cloud-only": lambda r: f"{r['rougeL_vs_cloud']:.3f}",
+    "identical to cloud-only": lambda r: f"{r['identical_to_cloud']:.0%}",
+}
+
+
+def fmt(rows: list[dict], headers: list[str], extra: dict | None = None) -> str:
+    """A markdown table of rows with the named COLUMNS (and extra ones: header -> formatter)."""
+    cols = {**COLUMNS, **(extra or {})}
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(cols[h](r) for h in headers) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def tables(done: dict) -> str:
     """docs/paper.md's tables, in markdown, from OUT.json."""
-    def fmt(rows, cols):
-        out = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(f(r) for _, f in cols) + " |" for r in rows]
-        return "\n".join(out)
-
     text = []
     main_rows = done["main"]["rows"]
     for ds in ("instructions", "summaries"):
@@ -52,30 +75,16 @@ def tables(done: dict) -> str:
         cloud = next(r for r in rows if r["scheme"] == "cloud")
         text.append(f"### {ds} ({rows[0]['prompts']} prompts, {rows[0]['tokens'] / rows[0]['prompts']:.0f} tokens each on average, "
                     f"RTT {rows[0]['rtt_s'] * 1e3:g} ms, 100 Mbit/s)\n")  # fmt: skip
-        text.append(fmt(rows, [
-            ("scheme", lambda r: r["scheme"]),
-            ("ms/token", lambda r: f"{r['time_per_token_s'] * 1e3:.1f}"),
-            ("vs cloud-only", lambda r: f"{r['time_per_token_s'] / cloud['time_per_token_s'] - 1:+.1%}"),
-            ("tokens at the edge", lambda r: f"{r['edge_token_share']:.1%}"),
-            ("cloud work offloaded", lambda r: f"{r['cloud_work_offloaded']:.1%}"),
-            ("MB up / down", lambda r: f"{r['bytes_up'] / 1e6:.2f} / {r['bytes_down'] / 1e6:.3f}"),
-            ("ROUGE-1/2/L", lambda r: f"{r['rouge1']:.3f} / {r['rouge2']:.3f} / {r['rougeL']:.3f}"),
-            ("chrF", lambda r: f"{r['chrf']:.1f}"),
-            ("ROUGE-L vs cloud-only", lambda r: f"{r['rougeL_vs_cloud']:.3f}"),
-            ("identical to cloud-only", lambda r: f"{r['identical_to_cloud']:.0%}"),
-        ]))
+        vs_cloud = {"vs cloud-only": lambda r: f"{r['time_per_token_s'] / cloud['time_per_token_s'] - 1:+.1%}"}
+        text.append(fmt(rows, ["scheme", "ms/token", "vs cloud-only", "tokens at the edge", "cloud work offloaded",
+                               "MB up / down", "ROUGE-1/2/L", "chrF", "ROUGE-L vs cloud-only",
+                               "identical to cloud-only"], vs_cloud))  # fmt: skip
         text.append("")
     compare = done.get("naive", {"rows": []})["rows"] + done.get("naive_compare", {"rows": []})["rows"]
     if compare:
         text.append(f"### Communication and time, the naive split's {compare[0]['prompts']} prompts per data set\n")
-        text.append(fmt(compare, [
-            ("data set", lambda r: r["dataset"]), ("scheme", lambda r: r["scheme"]),
-            ("ms/token", lambda r: f"{r['time_per_token_s'] * 1e3:.1f}"),
-            ("MB up", lambda r: f"{r['bytes_up'] / 1e6:.3f}"),
-            ("round trips", lambda r: str(r["round_trips"])),
-            ("cloud work offloaded", lambda r: f"{r['cloud_work_offloaded']:.1%}"),
-            ("identical to cloud-only", lambda r: f"{r['identical_to_cloud']:.0%}"),
-        ]))
+        text.append(fmt(compare, ["data set", "scheme", "ms/token", "MB up", "round trips", "cloud work offloaded",
+                                  "identical to cloud-only"]))  # fmt: skip
         text.append("")
     for name, title in (("precheck", "Exit checks with the candidate pre-check (instructions)"),
                         ("rtt", "Time per token against RTT (instructions)"), ("original", "The original model's exits"),
@@ -83,15 +92,9 @@ def tables(done: dict) -> str:
         if name not in done:
             continue
         text.append(f"### {title}, {done[name]['rows'][0]['prompts']} prompts\n")
-        text.append(fmt(done[name]["rows"], [
-            ("scheme", lambda r: r["scheme"]), ("model", lambda r: r["model"]),
-            ("RTT ms", lambda r: f"{r['rtt_s'] * 1e3:g}"),
-            ("ms/token", lambda r: f"{r['time_per_token_s'] * 1e3:.1f}"),
-            ("tokens at the edge", lambda r: f"{r['edge_token_share']:.1%}"),
-            ("ROUGE-L vs refs", lambda r: f"{r['rougeL']:.3f}"),
-            ("ROUGE-L vs cloud-only", lambda r: f"{r['rougeL_vs_cloud']:.3f}"),
-            ("identical", lambda r: f"{r['identical_to_cloud']:.0%}"),
-        ]))
+        identical = {"identical": COLUMNS["identical to cloud-only"]}
+        text.append(fmt(done[name]["rows"], ["scheme", "model", "RTT ms", "ms/token", "tokens at the edge",
+                                             "ROUGE-L vs refs", "ROUGE-L vs cloud-only", "identical"], identical))  # fmt: skip
         text.append("")
     return "\n".join(text)
 
