@@ -9,6 +9,8 @@
 #include "quant.h"
 
 #define TARGET __attribute__((target("avx2,fma,f16c")))
+/* Small fixed loops over rows and registers: unrolled so their accumulators stay in registers at -O2. */
+#define UNROLL _Pragma("GCC unroll 4")
 
 TARGET static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -378,6 +380,97 @@ MATVEC_X16(q4_0, Q4_0)
 MATVEC_X16(q4_1, Q4_1)
 MATVEC_X16(q8_0, Q8_0)
 
+/* ---- fp32 activations on dequantized weights ---- */
+
+/* The 32 weights of block i of a row as four vectors, elements 8g..8g+7 in v[g], with
+ * ce_dequantize_row's values bit for bit: exact conversions, then the same one multiply (and, for
+ * Q4_1, one add) per element. */
+TARGET static inline __attribute__((always_inline)) void block_f32(const uint8_t *row, int type, int64_t i, __m256 v[4]) {
+    if (type == CE_TYPE_F32 || type == CE_TYPE_F16) {
+        UNROLL for (int g = 0; g < 4; g++)
+            v[g] = type == CE_TYPE_F32 ? _mm256_loadu_ps((const float *)row + 32 * i + 8 * g)
+                                       : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + 32 * i + 8 * g)));
+        return;
+    }
+    const int kind = type == CE_TYPE_Q4_0 ? Q4_0 : type == CE_TYPE_Q4_1 ? Q4_1 : Q8_0;
+    const uint8_t *b = row + i * BLOCK_BYTES(kind), *qs = b + QS_OFFSET(kind);
+    uint16_t dm[2];
+    memcpy(dm, b, kind == Q4_1 ? 4 : 2);
+    const __m256 d = _mm256_set1_ps(half(dm[0]));
+    UNROLL for (int g = 0; g < 4; g++) {
+        __m256i q;
+        if (kind == Q8_0) {
+            q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * g)));
+        } else { /* bytes 0-7 hold elements 0-7 (low nibbles) and 16-23 (high), bytes 8-15 the rest */
+            q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * (g & 1))));
+            q = g < 2 ? _mm256_and_si256(q, _mm256_set1_epi32(0x0f)) : _mm256_srli_epi32(q, 4);
+            if (kind == Q4_0) q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
+        }
+        v[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(q));
+        if (kind == Q4_1) v[g] = _mm256_add_ps(v[g], _mm256_set1_ps(half(dm[1])));
+    }
+}
+
+/* Every output is eight lanes of partial sums, lane l taking the columns j ≡ l (mod 8) in column
+ * order through fused multiply-adds, then hsum: the order belongs to the output alone. */
+
+/* R panel rows × K activation rows: y[k * ldy + r] */
+TARGET static inline __attribute__((always_inline)) void tile_f32(const float *p, const int R, int64_t cols,
+                                                                   const float *x, const int K, float *y, int64_t ldy) {
+    __m256 acc[4][2];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int k = 0; k < K; k++) acc[r][k] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 8) {
+        __m256 wv[4];
+        UNROLL for (int r = 0; r < R; r++) wv[r] = _mm256_loadu_ps(p + r * cols + j);
+        UNROLL for (int k = 0; k < K; k++) {
+            const __m256 xv = _mm256_loadu_ps(x + k * cols + j);
+            UNROLL for (int r = 0; r < R; r++) acc[r][k] = _mm256_fmadd_ps(wv[r], xv, acc[r][k]);
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int k = 0; k < K; k++) y[k * ldy + r] = hsum(acc[r][k]);
+}
+
+TARGET static void matmul_f32_avx2(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols, const float *x,
+                                   int n, float *y, int64_t ldy, float *panel) {
+    if (cols % CE_QK) { /* float weights of a width that is not whole blocks: the generic order */
+        ce_kernels_generic()->matmul_f32[type](w, row_bytes, rows, cols, x, n, y, ldy, panel);
+        return;
+    }
+    const uint8_t *wr = w;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < cols / CE_QK; i++) {
+            __m256 v[4];
+            block_f32(wr + r * row_bytes, type, i, v);
+            UNROLL for (int g = 0; g < 4; g++) _mm256_storeu_ps(panel + r * cols + 32 * i + 8 * g, v[g]);
+        }
+    for (int k = 0; k < n; k += 2) {
+        const float *xk = x + (size_t)k * cols;
+        float *yk = y + (size_t)k * ldy;
+        int64_t r = 0;
+        if (n - k >= 2) {
+            for (; r + 4 <= rows; r += 4) tile_f32(panel + r * cols, 4, cols, xk, 2, yk + r, ldy);
+            for (; r < rows; r++) tile_f32(panel + r * cols, 1, cols, xk, 2, yk + r, ldy);
+        } else {
+            for (; r + 4 <= rows; r += 4) tile_f32(panel + r * cols, 4, cols, xk, 1, yk + r, ldy);
+            for (; r < rows; r++) tile_f32(panel + r * cols, 1, cols, xk, 1, yk + r, ldy);
+        }
+    }
+}
+
+#define MATMUL_F32(name, type)                                                                               \
+    TARGET static void matmul_f32_##name##_avx2(const void *w, size_t row_bytes, int64_t rows, int64_t cols, \
+                                                const float *x, int n, float *y, int64_t ldy, float *panel) { \
+        matmul_f32_avx2(type, w, row_bytes, rows, cols, x, n, y, ldy, panel);                                \
+    }
+MATMUL_F32(f32, CE_TYPE_F32)
+MATMUL_F32(f16, CE_TYPE_F16)
+MATMUL_F32(q4_0, CE_TYPE_Q4_0)
+MATMUL_F32(q4_1, CE_TYPE_Q4_1)
+MATMUL_F32(q8_0, CE_TYPE_Q8_0)
+#undef MATMUL_F32
+
 /* Eight floats of row t, column j of a float-typed block (F32 or F16 converted). */
 #define LOAD_ROW8(X, is_f16, t, n, j)                                                                     \
     ((is_f16) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(X) + (t) * (n) + (j)))) \
@@ -513,17 +606,13 @@ TARGET static void silu_mul_avx2(float *gate, const float *up, int64_t n) {
 
 static const ce_kernels kernels_avx2 = {
     .name = "avx2",
-    .vec_dot =
+    .matmul_f32 =
         {
-            [CE_TYPE_F32] = vec_dot_f32_avx2,
-            [CE_TYPE_F16] = vec_dot_f16_avx2, /* quantized weights: matvec_x16 */
-        },
-    .quantize_q8a = quantize_q8a_avx2,
-    .matvec_q8a =
-        {
-            [CE_TYPE_Q4_0] = matvec_q4_0_q8a_avx2,
-            [CE_TYPE_Q4_1] = matvec_q4_1_q8a_avx2,
-            [CE_TYPE_Q8_0] = matvec_q8_0_q8a_avx2,
+            [CE_TYPE_F32] = matmul_f32_f32_avx2,
+            [CE_TYPE_F16] = matmul_f32_f16_avx2,
+            [CE_TYPE_Q4_0] = matmul_f32_q4_0_avx2,
+            [CE_TYPE_Q4_1] = matmul_f32_q4_1_avx2,
+            [CE_TYPE_Q8_0] = matmul_f32_q8_0_avx2,
         },
     .quantize_x16 = quantize_x16_avx2,
     .matvec_x16 =
@@ -531,6 +620,13 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q4_0] = matvec_q4_0_x16_avx2,
             [CE_TYPE_Q4_1] = matvec_q4_1_x16_avx2,
             [CE_TYPE_Q8_0] = matvec_q8_0_x16_avx2,
+        },
+    .quantize_q8a = quantize_q8a_avx2,
+    .matvec_q8a =
+        {
+            [CE_TYPE_Q4_0] = matvec_q4_0_q8a_avx2,
+            [CE_TYPE_Q4_1] = matvec_q4_1_q8a_avx2,
+            [CE_TYPE_Q8_0] = matvec_q8_0_q8a_avx2,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_avx2, [CE_TYPE_F16] = dot_rows_f16_avx2},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_avx2, [CE_TYPE_F16] = sum_rows_f16_avx2},

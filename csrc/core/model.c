@@ -1,5 +1,4 @@
 /* The decoder: validation, KV cache, matrix products and the layer-range forward pass. */
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,9 +6,6 @@
 #include "cecollm/cecollm.h"
 #include "pool.h"
 #include "util.h"
-
-/* Rows of a weight matrix dequantized at once for sgemm: 256 rows × ≤ 8k cols stays in cache. */
-#define PANEL_ROWS 256
 
 /* ---- validation ---- */
 
@@ -160,17 +156,17 @@ void ce_workspace_free(ce_workspace *ws) {
 
 /* ---- matrix products ---- */
 
-/* Small batches: the weights are read once for all n activation rows, a tile of MATVEC_TILE rows
- * (a few KB, in L1) at a time. y[i, r] depends only on x[i] and weight row r: the result is the same
- * for every n and every split of the rows. Products that share x (q, k and v; gate and up) run as one
- * job over their rows laid end to end: one hand-off to the pool, x converted once. */
-#define MATVEC_TILE 16
+/* The weights are read once for all n activation rows, a tile of CE_TILE_ROWS rows (a few KB) at a
+ * time. y[i, r] depends only on x[i] and weight row r: the result is the same for every n up to
+ * CE_SMALL_BATCH (decode-sized batches, through the integer kernels where the set has them) and
+ * every split of the rows; larger batches (prompts) take matmul_f32 on dequantized tiles. Products that share x (q, k and v; gate and up) run as one job over their rows laid
+ * end to end: one hand-off to the pool, x converted once. */
 #define MAX_PRODUCTS 3
 
 typedef struct {
     const ce_tensor *w;
     float *y;                    /* (n, w->rows) */
-    ce_vec_dot_fn dot;           /* fp32 activations x ... */
+    ce_matmul_f32_fn matmul_f32; /* fp32 activations x ... */
     ce_matvec_q8a_fn matvec_q8a; /* ... or, when set, quantized activations x_q8 */
     ce_matvec_x16_fn matvec_x16; /* ... or, when set, fixed-point activations x_x16 */
 } product;
@@ -180,14 +176,14 @@ typedef struct {
     product parts[MAX_PRODUCTS];
     int64_t first_row[MAX_PRODUCTS + 1]; /* part p owns job rows [first_row[p], first_row[p + 1]) */
     int n;
-    const float *x;            /* (n, cols) */
-    const ce_block_q8a *x_q8;  /* (n, cols / CE_QK) */
+    const float *x;           /* (n, cols) */
+    const ce_block_q8a *x_q8; /* (n, cols / CE_QK) */
     const ce_block_x16 *x_x16; /* (n, cols / CE_QK) */
-} matvec_job;
+    float *panels;            /* (threads, CE_TILE_ROWS, cols): each thread's dequantized tile */
+} matmul_job;
 
-static void matvec_rows(void *ctx, int64_t begin, int64_t end, int thread) {
-    (void)thread;
-    const matvec_job *job = ctx;
+static void matmul_rows(void *ctx, int64_t begin, int64_t end, int thread) {
+    const matmul_job *job = ctx;
     for (int p = 0; p < job->count; p++) {
         const product *part = &job->parts[p];
         const ce_tensor *w = part->w;
@@ -195,70 +191,46 @@ static void matvec_rows(void *ctx, int64_t begin, int64_t end, int thread) {
         const int64_t r1 = (end < job->first_row[p + 1] ? end : job->first_row[p + 1]) - job->first_row[p];
         const size_t row_bytes = ce_row_bytes(w->type, w->cols);
         const int64_t blocks = w->cols / CE_QK;
-        for (int64_t t0 = r0; t0 < r1; t0 += MATVEC_TILE) {
-            const int64_t t1 = r1 - t0 < MATVEC_TILE ? r1 : t0 + MATVEC_TILE;
+        float *panel = job->panels + (size_t)thread * CE_TILE_ROWS * w->cols;
+        for (int64_t t0 = r0; t0 < r1; t0 += CE_TILE_ROWS) {
+            const int64_t t1 = r1 - t0 < CE_TILE_ROWS ? r1 : t0 + CE_TILE_ROWS;
             const uint8_t *tile = (const uint8_t *)w->data + (size_t)t0 * row_bytes;
-            for (int i = 0; i < job->n; i++) {
-                float *y = part->y + (size_t)i * w->rows + t0;
-                if (part->matvec_q8a)
-                    part->matvec_q8a(tile, row_bytes, t1 - t0, job->x_q8 + i * blocks, w->cols, y);
-                else if (part->matvec_x16)
-                    part->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
-                else
-                    for (int64_t r = 0; r < t1 - t0; r++)
-                        y[r] = part->dot(tile + r * row_bytes, job->x + (size_t)i * w->cols, w->cols);
-            }
+            if (part->matvec_q8a || part->matvec_x16)
+                for (int i = 0; i < job->n; i++) {
+                    float *y = part->y + (size_t)i * w->rows + t0;
+                    if (part->matvec_q8a)
+                        part->matvec_q8a(tile, row_bytes, t1 - t0, job->x_q8 + i * blocks, w->cols, y);
+                    else
+                        part->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
+                }
+            else
+                part->matmul_f32(tile, row_bytes, t1 - t0, w->cols, job->x, job->n, part->y + t0, w->rows, panel);
         }
     }
-}
-
-/* Larger batches (n > CE_SMALL_BATCH): sgemm, on dequantized panels of PANEL_ROWS rows for the
- * quantized types. */
-static ce_status matmul_sgemm(const ce_tensor *w, ce_workspace *ws, int n, const float *x, float *y, char *err,
-                              size_t errlen) {
-    ce_status st;
-    const int64_t cols = w->cols, rows = w->rows;
-    if (w->type == CE_TYPE_F32) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)rows, (int)cols, 1.0f, x, (int)cols,
-                    w->data, (int)cols, 0.0f, y, (int)rows);
-        return CE_OK;
-    }
-    if ((st = grow((void **)&ws->panel, &ws->n_panel, (size_t)PANEL_ROWS * cols, sizeof(float), err, errlen)))
-        return st;
-    float *panel = ws->panel;
-    for (int64_t r0 = 0; r0 < rows; r0 += PANEL_ROWS) {
-        int64_t pr = rows - r0 < PANEL_ROWS ? rows - r0 : PANEL_ROWS;
-        for (int64_t r = 0; r < pr; r++) ce_dequantize_row(w, r0 + r, panel + (size_t)r * cols);
-        /* y[:, r0:r0+pr] = x (n × cols) · panelᵀ (cols × pr) */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, (int)pr, (int)cols, 1.0f, x, (int)cols, panel,
-                    (int)cols, 0.0f, y + r0, (int)rows);
-    }
-    return CE_OK;
 }
 
 /* y_p (n, w_p->rows) = x (n, cols) · w_pᵀ for count products whose weights all have cols columns. */
 static ce_status matmul_shared(int count, const ce_tensor *const *w, float *const *y, ce_workspace *ws,
                                int activations, int n, const float *x, char *err, size_t errlen) {
     ce_status st;
-    if (n > CE_SMALL_BATCH) {
-        for (int p = 0; p < count; p++)
-            if ((st = matmul_sgemm(w[p], ws, n, x, y[p], err, errlen))) return st;
-        return CE_OK;
-    }
     const ce_kernels *k = ce_kernels_active();
     const int64_t cols = w[0]->cols, blocks = cols / CE_QK;
-    matvec_job job = {.count = count, .n = n, .x = x};
+    matmul_job job = {.count = count, .n = n, .x = x};
     int need_q8 = 0, need_x16 = 0;
     for (int p = 0; p < count; p++) {
         const int type = w[p]->type;
         product *part = &job.parts[p];
-        *part = (product){.w = w[p], .y = y[p], .dot = k->vec_dot[type]};
-        if (activations == CE_ACT_Q8 && k->matvec_q8a[type])
+        *part = (product){.w = w[p], .y = y[p], .matmul_f32 = k->matmul_f32[type]};
+        if (activations == CE_ACT_Q8 && n <= CE_SMALL_BATCH && k->matvec_q8a[type])
             part->matvec_q8a = k->matvec_q8a[type], need_q8 = 1;
-        else if (activations == CE_ACT_F32 && k->matvec_x16[type])
+        else if (activations == CE_ACT_F32 && n <= CE_SMALL_BATCH && k->matvec_x16[type])
             part->matvec_x16 = k->matvec_x16[type], need_x16 = 1;
         job.first_row[p + 1] = job.first_row[p] + w[p]->rows;
     }
+    if ((st = grow((void **)&ws->panel, &ws->n_panel, (size_t)ce_threads_get() * CE_TILE_ROWS * cols, sizeof(float), err,
+                   errlen)))
+        return st;
+    job.panels = ws->panel;
     /* activations are converted once per row, then every weight row reuses them */
     if (need_q8) {
         if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
@@ -270,7 +242,7 @@ static ce_status matmul_shared(int count, const ce_tensor *const *w, float *cons
         for (int i = 0; i < n; i++) k->quantize_x16(x + (size_t)i * cols, ws->x16 + i * blocks, cols);
         job.x_x16 = ws->x16;
     }
-    ce_parallel_for(job.first_row[count], matvec_rows, &job);
+    ce_parallel_for(job.first_row[count], matmul_rows, &job);
     return CE_OK;
 }
 

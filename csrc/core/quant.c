@@ -209,61 +209,32 @@ void ce_add_lowrank(float *w, int64_t rows, int64_t cols, const float *up, const
         }
 }
 
-/* ---- scalar dot products (the specification) ---- */
+/* ---- fp32 activations (the specification) ---- */
 
-static float vec_dot_f32_generic(const void *wrow, const float *x, int64_t n) {
-    const float *w = wrow;
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) sum += w[j] * x[j];
-    return sum;
-}
-
-static float vec_dot_f16_generic(const void *wrow, const float *x, int64_t n) {
-    const uint16_t *w = wrow;
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) sum += ce_fp16_to_fp32(w[j]) * x[j];
-    return sum;
-}
-
-/* Σ_blocks d Σ_j (q_j - 8) x_j */
-static float vec_dot_q4_0_generic(const void *wrow, const float *x, int64_t n) {
-    const ce_block_q4_0 *w = wrow;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
-        float acc = 0.0f;
-        for (int j = 0; j < CE_QK / 2; j++)
-            acc += (float)((w[i].qs[j] & 0x0f) - 8) * x[j] + (float)((w[i].qs[j] >> 4) - 8) * x[j + CE_QK / 2];
-        sum += ce_fp16_to_fp32(w[i].d) * acc;
-    }
-    return sum;
-}
-
-/* Σ_blocks d Σ_j q_j x_j + m Σ_j x_j */
-static float vec_dot_q4_1_generic(const void *wrow, const float *x, int64_t n) {
-    const ce_block_q4_1 *w = wrow;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
-        float acc = 0.0f, xsum = 0.0f;
-        for (int j = 0; j < CE_QK / 2; j++) {
-            acc += (float)(w[i].qs[j] & 0x0f) * x[j] + (float)(w[i].qs[j] >> 4) * x[j + CE_QK / 2];
-            xsum += x[j] + x[j + CE_QK / 2];
+/* Each weight row dequantized into the panel, then every output summed in column order. */
+static void matmul_f32_generic(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols, const float *x,
+                               int n, float *y, int64_t ldy, float *panel) {
+    const ce_tensor tile = {w, type, cols, rows};
+    for (int64_t r = 0; r < rows; r++) ce_dequantize_row(&tile, r, panel + r * cols);
+    for (int i = 0; i < n; i++)
+        for (int64_t r = 0; r < rows; r++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < cols; j++) sum += panel[r * cols + j] * x[(size_t)i * cols + j];
+            y[(size_t)i * ldy + r] = sum;
         }
-        sum += ce_fp16_to_fp32(w[i].d) * acc + ce_fp16_to_fp32(w[i].m) * xsum;
-    }
-    return sum;
 }
 
-/* Σ_blocks d Σ_j q_j x_j */
-static float vec_dot_q8_0_generic(const void *wrow, const float *x, int64_t n) {
-    const ce_block_q8_0 *w = wrow;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n / CE_QK; i++, x += CE_QK) {
-        float acc = 0.0f;
-        for (int j = 0; j < CE_QK; j++) acc += (float)w[i].qs[j] * x[j];
-        sum += ce_fp16_to_fp32(w[i].d) * acc;
+#define MATMUL_F32_GENERIC(name, type)                                                                       \
+    static void matmul_f32_##name##_generic(const void *w, size_t row_bytes, int64_t rows, int64_t cols,    \
+                                            const float *x, int n, float *y, int64_t ldy, float *panel) {   \
+        matmul_f32_generic(type, w, row_bytes, rows, cols, x, n, y, ldy, panel);                             \
     }
-    return sum;
-}
+MATMUL_F32_GENERIC(f32, CE_TYPE_F32)
+MATMUL_F32_GENERIC(f16, CE_TYPE_F16)
+MATMUL_F32_GENERIC(q4_0, CE_TYPE_Q4_0)
+MATMUL_F32_GENERIC(q4_1, CE_TYPE_Q4_1)
+MATMUL_F32_GENERIC(q8_0, CE_TYPE_Q8_0)
+#undef MATMUL_F32_GENERIC
 
 /* ---- 8-bit activations and integer dot products (the specification) ---- */
 
@@ -335,6 +306,18 @@ MATVEC_Q8A_GENERIC(q4_1)
 MATVEC_Q8A_GENERIC(q8_0)
 #undef MATVEC_Q8A_GENERIC
 
+static float vec_dot_f32_generic(const float *w, const float *x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) sum += w[j] * x[j];
+    return sum;
+}
+
+static float vec_dot_f16_generic(const uint16_t *w, const float *x, int64_t n) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) sum += ce_fp16_to_fp32(w[j]) * x[j];
+    return sum;
+}
+
 static void dot_rows_f32_generic(const void *X, const float *q, int64_t rows, int64_t n, float *out) {
     for (int64_t t = 0; t < rows; t++) out[t] = vec_dot_f32_generic((const float *)X + t * n, q, n);
 }
@@ -367,13 +350,13 @@ static void silu_mul_generic(float *gate, const float *up, int64_t n) {
 
 static const ce_kernels kernels_generic = {
     .name = "generic",
-    .vec_dot =
+    .matmul_f32 =
         {
-            [CE_TYPE_F32] = vec_dot_f32_generic,
-            [CE_TYPE_F16] = vec_dot_f16_generic,
-            [CE_TYPE_Q4_0] = vec_dot_q4_0_generic,
-            [CE_TYPE_Q4_1] = vec_dot_q4_1_generic,
-            [CE_TYPE_Q8_0] = vec_dot_q8_0_generic,
+            [CE_TYPE_F32] = matmul_f32_f32_generic,
+            [CE_TYPE_F16] = matmul_f32_f16_generic,
+            [CE_TYPE_Q4_0] = matmul_f32_q4_0_generic,
+            [CE_TYPE_Q4_1] = matmul_f32_q4_1_generic,
+            [CE_TYPE_Q8_0] = matmul_f32_q8_0_generic,
         },
     .quantize_q8a = quantize_q8a_generic,
     .matvec_q8a =
@@ -400,6 +383,7 @@ typedef struct {
 static int always(void) { return 1; }
 
 static const kernel_choice kernel_choices[] = {
+    {ce_kernels_avx512, ce_cpu_has_avx512},
     {ce_kernels_avx2, ce_cpu_has_avx2},
     {ce_kernels_generic, always},
 };

@@ -29,5 +29,7 @@ static_assert(sizeof(ce_block_q8_0) == 34, "q8_0 block is 34 bytes");
 /* SIMD kernel sets (csrc/arch); each falls back to generic where the build cannot have it. */
 const ce_kernels *ce_kernels_avx2(void);
 int ce_cpu_has_avx2(void);
+const ce_kernels *ce_kernels_avx512(void);
+int ce_cpu_has_avx512(void);
 
 #endif

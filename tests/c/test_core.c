@@ -93,36 +93,53 @@ static void test_row_bytes(void) {
     CHECK(ce_row_bytes(CE_TYPE_F32, 0) == 0, "empty row rejected");
 }
 
-/* every kernel set against a double-precision dot over the dequantized row */
-static void test_vec_dot(const ce_kernels *k) {
+/* fp32 activations, every kernel set: each output within float rounding of a double-precision dot
+ * over the dequantized row, and bit for bit the same whatever the batch around it: n = 1 (decode),
+ * n = 6 and n = 11 activation rows, a tile of 13 weight rows or each row alone. Widths: whole
+ * blocks, and for the float types one that is not (40). */
+static void test_matmul_f32(const ce_kernels *k) {
     static const int types[] = {CE_TYPE_F32, CE_TYPE_F16, CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
-    static const int64_t sizes[] = {32, 64, 576, 1536};
+    static const int64_t sizes[] = {32, 40, 64, 576, 1536};
+    enum { ROWS = 13, N = 11 };
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
         for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
-            const int64_t cols = sizes[s], rows = 4;
-            if (k->vec_dot[types[t]] == NULL) { /* the set serves this type through matvec_x16 (test_x16) */
-                CHECK(k->matvec_x16[types[t]] != NULL, "%s has a dot for %s", k->name, ce_type_name(types[t]));
-                continue;
+            const int64_t cols = sizes[s];
+            const size_t row_bytes = ce_row_bytes(types[t], cols);
+            if (row_bytes == 0) continue; /* 40 columns: float types only */
+            void *w = random_tensor(types[t], ROWS, cols);
+            ce_tensor tensor = {w, types[t], cols, ROWS};
+            float *x = malloc(sizeof(float) * N * cols), *row = malloc(sizeof(float) * cols);
+            float *panel = malloc(sizeof(float) * CE_TILE_ROWS * cols), together[N][ROWS], six[N][ROWS], alone[N][ROWS];
+            for (int64_t j = 0; j < N * cols; j++) x[j] = rng_uniform() * (j % 5 ? 1.0f : 20.0f);
+            k->matmul_f32[types[t]](w, row_bytes, ROWS, cols, x, N, &together[0][0], ROWS, panel);
+            k->matmul_f32[types[t]](w, row_bytes, ROWS, cols, x + 5 * cols, 6, &six[5][0], ROWS, panel);
+            for (int i = 0; i < N; i++)
+                for (int64_t r = 0; r < ROWS; r++)
+                    k->matmul_f32[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, cols, x + i * cols, 1,
+                                            &alone[i][r], 1, panel);
+            for (int i = 0; i < N; i++) {
+                CHECK(memcmp(together[i], alone[i], sizeof alone[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of 11 differs alone",
+                      k->name, ce_type_name(types[t]), (long long)cols, i);
+                if (i >= 5)
+                    CHECK(memcmp(six[i], alone[i], sizeof alone[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of 6 differs alone",
+                          k->name, ce_type_name(types[t]), (long long)cols, i);
             }
-            void *w = random_tensor(types[t], rows, cols);
-            ce_tensor tensor = {w, types[t], cols, rows};
-            float *x = malloc(sizeof(float) * cols), *row = malloc(sizeof(float) * cols);
-            for (int64_t j = 0; j < cols; j++) x[j] = rng_uniform();
-            for (int64_t r = 0; r < rows; r++) {
-                ce_dequantize_row(&tensor, r, row);
-                double ref = 0.0, mag = 0.0;
-                for (int64_t j = 0; j < cols; j++) {
-                    ref += (double)row[j] * x[j];
-                    mag += fabs((double)row[j] * x[j]);
+            for (int i = 0; i < N; i++)
+                for (int64_t r = 0; r < ROWS; r++) {
+                    ce_dequantize_row(&tensor, r, row);
+                    double ref = 0.0, mag = 0.0;
+                    for (int64_t j = 0; j < cols; j++) {
+                        ref += (double)row[j] * x[i * cols + j];
+                        mag += fabs((double)row[j] * x[i * cols + j]);
+                    }
+                    CHECK(fabs(together[i][r] - ref) <= TOL_DOT_REL * mag + 1e-30,
+                          "%s matmul_f32 %s cols %lld (%d, %lld): %g vs %g (mag %g)", k->name, ce_type_name(types[t]),
+                          (long long)cols, i, (long long)r, (double)together[i][r], ref, mag);
                 }
-                const void *wrow = (const uint8_t *)w + r * ce_row_bytes(types[t], cols);
-                float got = k->vec_dot[types[t]](wrow, x, cols);
-                CHECK(fabs(got - ref) <= TOL_DOT_REL * mag + 1e-30, "%s vec_dot %s cols %lld: %g vs %g (mag %g)",
-                      k->name, ce_type_name(types[t]), (long long)cols, (double)got, ref, mag);
-            }
             free(w);
             free(x);
             free(row);
+            free(panel);
         }
     }
 }
@@ -690,20 +707,27 @@ static void test_batch_chunks(int activations) {
 }
 
 static void test_matmul_paths(void) {
-    /* the sgemm path (n > CE_SMALL_BATCH) agrees with the kernel path within float rounding */
+    /* fp32 activations: a batch above CE_SMALL_BATCH (matmul_f32 on dequantized tiles) agrees with
+     * decode (the integer kernels where the set has them) within float rounding, and a row of a
+     * CE_SMALL_BATCH batch equals that row decoded alone, bit for bit */
     char err[CE_ERRLEN];
-    const int n = CE_SMALL_BATCH + 3, rows = 300, cols = 128; /* 300 rows: two sgemm panels */
+    const int n = CE_SMALL_BATCH + 3, rows = 300, cols = 128; /* 300 rows: tiles of every thread */
     void *w = random_tensor(CE_TYPE_Q4_1, rows, cols);
     ce_tensor t = {w, CE_TYPE_Q4_1, cols, rows};
     float *x = malloc(sizeof(float) * n * cols), *big = malloc(sizeof(float) * n * rows), small[300];
     for (int j = 0; j < n * cols; j++) x[j] = rng_uniform();
     ce_workspace ws = {0};
-    CHECK(ce_matmul(&t, &ws, CE_ACT_F32, n, x, big, err, sizeof err) == CE_OK, "sgemm path");
+    CHECK(ce_matmul(&t, &ws, CE_ACT_F32, n, x, big, err, sizeof err) == CE_OK, "f32 large batch");
     for (int i = 0; i < n; i++) {
-        CHECK(ce_matmul(&t, &ws, CE_ACT_F32, 1, x + i * cols, small, err, sizeof err) == CE_OK, "kernel path");
+        CHECK(ce_matmul(&t, &ws, CE_ACT_F32, 1, x + i * cols, small, err, sizeof err) == CE_OK, "f32 row");
         for (int r = 0; r < rows; r++)
             CHECK(fabsf(small[r] - big[i * rows + r]) <= 1e-4f * (1.0f + fabsf(small[r])), "row %d col %d: %g vs %g", i, r,
                   (double)small[r], (double)big[i * rows + r]);
+    }
+    CHECK(ce_matmul(&t, &ws, CE_ACT_F32, CE_SMALL_BATCH, x, big, err, sizeof err) == CE_OK, "f32 small batch");
+    for (int i = 0; i < CE_SMALL_BATCH; i++) {
+        CHECK(ce_matmul(&t, &ws, CE_ACT_F32, 1, x + i * cols, small, err, sizeof err) == CE_OK, "f32 row");
+        CHECK(memcmp(small, big + i * rows, sizeof(float) * rows) == 0, "f32 row %d equals its batch result", i);
     }
     /* 8-bit activations: a row's result does not depend on the batch it shares */
     CHECK(ce_matmul(&t, &ws, CE_ACT_Q8, CE_SMALL_BATCH, x, big, err, sizeof err) == CE_OK, "q8 batch");
@@ -888,8 +912,9 @@ int main(void) {
     test_fp16();
     test_row_bytes();
     test_ops();
-    test_vec_dot(ce_kernels_generic());
-    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_vec_dot(ce_kernels_active());
+    test_matmul_f32(ce_kernels_generic());
+    if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_matmul_f32(ce_kernels_active());
+    if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_matmul_f32(ce_kernels_active());
     test_attention_rows(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_attention_rows(ce_kernels_active());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());

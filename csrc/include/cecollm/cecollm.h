@@ -65,10 +65,16 @@ ce_status ce_quantize_rows(int type, const float *x, int64_t rows, int64_t cols,
 /* w (rows × cols) += up (rows × rank) · down (rank × cols), in a fixed summation order (reproducible). */
 void ce_add_lowrank(float *w, int64_t rows, int64_t cols, const float *up, const float *down, int64_t rank);
 
-/* Dot product of one weight row (cols elements of its type) with float activations x. The weights
- * are dequantized on the fly; activations stay fp32, so results match an fp32 reference that uses
- * the dequantized weights up to summation order. */
-typedef float (*ce_vec_dot_fn)(const void *wrow, const float *x, int64_t cols);
+/* Weight rows handed to a matmul_f32 kernel at once: its scratch panel holds this many dequantized rows. */
+#define CE_TILE_ROWS 16
+
+/* fp32 activations on weights of any type (CE_ACT_F32): y[i * ldy + r] = Σ_j w_r[j] x[i * cols + j]
+ * for the rows <= CE_TILE_ROWS weight rows w_r at w (row_bytes apart) and i < n, where w_r[j] is
+ * ce_dequantize_row's value bit for bit and activations stay fp32. Each (i, r) is summed in an order
+ * fixed by the kernel set alone, never by n, rows or a row's place among them: a batch computes what
+ * decode computes, bit for bit. panel: CE_TILE_ROWS × cols floats of scratch. */
+typedef void (*ce_matmul_f32_fn)(const void *w, size_t row_bytes, int64_t rows, int64_t cols, const float *x, int n,
+                                 float *y, int64_t ldy, float *panel);
 
 /* Activations quantized to 8 bits per element for integer dot products (the llama.cpp scheme):
  * x_j ≈ d * qs[j] with d = max_j |x_j| / 127, q rounded to nearest (ties to even). s = d * Σ_j qs[j]
@@ -105,15 +111,14 @@ typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, 
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
- * matvec_q8a is NULL for the float weight types, which always take fp32 activations. */
+ * matvec_q8a is NULL for the float weight types, which always take fp32 activations (matmul_f32). */
 typedef struct {
     const char *name;
-    ce_vec_dot_fn vec_dot[CE_TYPE_Q8_0 + 1];
+    ce_matmul_f32_fn matmul_f32[CE_TYPE_Q8_0 + 1];
     ce_quantize_q8a_fn quantize_q8a;
     ce_matvec_q8a_fn matvec_q8a[CE_TYPE_Q8_0 + 1];
-    /* A faster realization of vec_dot for fp32 activations (CE_ACT_F32) on quantized weights. Every
-     * set fills vec_dot or matvec_x16 for each quantized type; the generic set fills vec_dot, the
-     * specification. */
+    /* A faster realization of matmul_f32 for decode-sized batches (n <= CE_SMALL_BATCH) on quantized
+     * weights, where a set has it (NULL in the generic set). */
     ce_quantize_x16_fn quantize_x16;
     ce_matvec_x16_fn matvec_x16[CE_TYPE_Q8_0 + 1];
     /* Attention over a KV cache block X (rows, n) of a float type:
@@ -171,11 +176,12 @@ typedef struct {
     ce_tensor w_down;    /* (dim, ffn_dim) */
 } ce_layer;
 
-/* How activations enter the small-batch matrix products (batches > CE_SMALL_BATCH use sgemm in fp32
- * either way; so do F32/F16 weights). */
+/* How activations enter the matrix products of quantized weights. */
 typedef enum {
-    CE_ACT_F32 = 0, /* fp32 accuracy (vec_dot, or matvec_x16 where faster): matches an fp32 reference to ~1e-4 */
-    CE_ACT_Q8 = 1,  /* quantized per product to ce_block_q8a, integer dots: llama.cpp's numerics */
+    CE_ACT_F32 = 0, /* fp32 accuracy: batches up to CE_SMALL_BATCH rows through matvec_x16 where the
+                     * set has it, larger ones (prompts) through matmul_f32 on dequantized weights */
+    CE_ACT_Q8 = 1,  /* batches up to CE_SMALL_BATCH rows quantized to ce_block_q8a, integer dots
+                     * (llama.cpp's numerics); larger batches as CE_ACT_F32 */
 } ce_activations;
 
 typedef struct {
@@ -221,13 +227,13 @@ typedef struct {
     size_t n_floats;
     float *buf;        /* activations of the forward pass */
     size_t n_panel;
-    float *panel;      /* dequantized weight rows (large batches) */
+    float *panel;      /* dequantized weight rows: CE_TILE_ROWS × cols per thread */
+    size_t n_x16;
+    ce_block_x16 *x16; /* fixed-point activations (CE_ACT_F32 through matvec_x16) */
     size_t n_ints;
     int *ints;         /* row -> sequence map of multi-sequence batches */
     size_t n_q8;
     ce_block_q8a *q8;  /* quantized activations (CE_ACT_Q8) */
-    size_t n_x16;
-    ce_block_x16 *x16; /* fixed-point activations (CE_ACT_F32 through matvec_x16) */
     size_t n_chunk;
     struct ce_seq_rows *chunk; /* the sequences' shares of one chunk of a large batch */
 } ce_workspace;
@@ -242,7 +248,7 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
  * Keys/values are written at those positions; each layer needs pos0 <= its filled length (so
  * positions can be recomputed, which drops what followed them) and pos0+n <= capacity.
  * A position's result does not depend on n up to CE_SMALL_BATCH: decode, catch-up and small
- * batches are bitwise identical; larger batches run through sgemm, CE_BATCH_CHUNK rows at a time. */
+ * batches are bitwise identical; larger batches run through matmul_f32, CE_BATCH_CHUNK rows at a time. */
 ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int layer_begin,
                      int layer_end, int n, int pos0, float *x, char *err, size_t errlen);
 
