@@ -4,11 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
-APT_PACKAGES := pkg-config libopenblas-dev libmsgpack-dev
+APT_PACKAGES := pkg-config libmsgpack-dev
 CORE_SOURCES := $(wildcard csrc/core/*.c csrc/core/*.h csrc/arch/*.c csrc/include/cecollm/*.h)
-CFLAGS_TEST := -std=c11 -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -Icsrc/include -Icsrc/core \
-	$(shell pkg-config --cflags openblas 2>/dev/null)
-LDLIBS_TEST = $(shell pkg-config --libs openblas msgpack) -lm -lpthread
+CFLAGS_TEST := -std=c11 -O2 -g -Wall -Wextra -Werror -Wno-unused-parameter -Icsrc/include -Icsrc/core
+LDLIBS_TEST = $(shell pkg-config --libs msgpack) -lm -lpthread
 SANITIZE := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .PHONY: all demo test test-c test-py bench format lint clean system-deps

@@ -8,7 +8,7 @@ import numpy
 from setuptools import Extension, setup
 
 # pkg-config module -> the Debian package that provides it
-NATIVE_DEPENDENCIES = {"openblas": "libopenblas-dev", "msgpack": "libmsgpack-dev"}
+NATIVE_DEPENDENCIES = {"msgpack": "libmsgpack-dev"}
 
 
 def pkg_config(module: str, debian_package: str) -> tuple[list[str], list[str]]:

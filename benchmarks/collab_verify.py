@@ -17,12 +17,8 @@ Columns: ms per token, tokens identical to cloud-only, tokens per round trip (ve
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one thread each: edge and cloud share two cores
-
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 import socket
 import subprocess
 import sys

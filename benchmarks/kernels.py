@@ -4,10 +4,10 @@
    one thread on Q4_1 1536×576 (the FFN gate shape, cache-resident), then one and two threads on a
    147456×576 Q4_1 matrix (53 MB) and a 98304×576 Q8_0 one (60 MB, the LM head's format): more than
    the 32 MB L3, so the weights stream from memory as in decode.
-2. Prefill paths: pp512 through OpenBLAS sgemm on dequantized panels (one 512-position call, which
-   the core runs CE_BATCH_CHUNK = 256 rows at a time, or calls of 128 positions; every chunk
-   dequantizes every panel again) against a quantized GEMM made of the 8-bit kernels (batches of 8
-   positions, each weight row read once per 8).
+2. Prefill paths: pp512 through matmul_f32, fp32 kernels on dequantized 16-row tiles (one
+   512-position call, which the core runs CE_BATCH_CHUNK = 256 rows at a time, or calls of 128
+   positions; every chunk dequantizes every tile again) against the decode kernels in batches of 8
+   positions (each weight row read once per 8).
 
     python benchmarks/kernels.py [--threads 2]
 """
@@ -63,7 +63,7 @@ def prefill_paths(threads: int) -> None:
                     hidden = cache.forward(model.core.embed(ids[p0 : p0 + batch]), p0)
                 model.core.head(hidden[-1:])
 
-            path = "kernels" if batch <= _core.SMALL_BATCH else f"sgemm, chunks of {min(batch, _core.BATCH_CHUNK)}"
+            path = "decode kernels" if batch <= _core.SMALL_BATCH else f"matmul_f32, chunks of {min(batch, _core.BATCH_CHUNK)}"
             print(f"pp512, {threads} threads, {activations} activations, calls of {batch} ({path}):"
                   f" {PP / best_of(run, 3):.1f} tok/s")  # fmt: skip
 

@@ -8,14 +8,6 @@
 'cloud'
 """
 
-import os
-
-# OpenBLAS (prefill's sgemm) keeps its idle threads spinning for 2^28 cycles (~0.1 s) after every
-# call, taking a core from the decode that follows a prompt; 2^16 (~20 µs) measured no such loss and
-# no slower prefill (benchmarks/after_prefill.py). OpenBLAS reads it once, when _core loads it; a
-# value already in the environment wins.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
-
 from .client import Edge, LocalLink, NetworkModel, TcpLink, generate_collab
 from .cloud import Cloud, CloudServer
 from .edge import EdgeRunner, generate_edge

@@ -32,7 +32,7 @@ def reference_dequantize(raw, qtype, rows, cols):
     return gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
 
 
-@pytest.fixture(params=["generic", "avx2"])
+@pytest.fixture(params=["generic", "avx2", "avx512"])
 def kernels(request):
     try:
         name = _core.select_kernels(request.param)

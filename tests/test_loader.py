@@ -26,7 +26,7 @@ def test_tiny_model_loads_and_runs(tiny_path):
     ids = model.tokenize("hello world")
     logits = model.logits(ids)
     assert logits.shape == (len(ids), 259) and np.isfinite(logits).all()
-    # batch (sgemm) and one-by-one (kernels) agree on the tiny model too
+    # one prompt batch and one position at a time agree on the tiny model too
     cache = model.new_cache(len(ids))
     one = [model.core.head(cache.forward(model.core.embed(np.array([t], np.int32)), i))[0] for i, t in enumerate(ids)]
     np.testing.assert_allclose(np.stack(one), logits, atol=1e-4)

@@ -7,7 +7,7 @@ import torch
 pytestmark = [pytest.mark.model, pytest.mark.reference, pytest.mark.slow]
 
 # Largest |logit difference| allowed. Both sides compute in fp32 from the same dequantized weights;
-# what differs is summation order (fused kernels / OpenBLAS vs torch). Measured: ≤ 1e-4 on these
+# what differs is summation order (our kernels vs torch). Measured: ≤ 1e-4 on these
 # prompts (see the issue note); logits span about ±40.
 LOGIT_ATOL = 1e-3
 

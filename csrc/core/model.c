@@ -449,7 +449,7 @@ ce_status ce_forward_multi(const ce_model *m, ce_workspace *ws, int layer_begin,
 
     /* Larger batches run CE_BATCH_CHUNK rows at a time through all the layers, in row order: a chunk's
      * keys and values are in the caches before the next chunk's rows attend to them, so this is the
-     * one-pass computation (up to sgemm's summation order) with scratch bounded by the chunk, not by
+     * one-pass computation (up to the summation order of large batches) with scratch bounded by the chunk, not by
      * the prompt. chunk: the sequences' rows that fall inside [row0, row0 + CE_BATCH_CHUNK). */
     if ((st = grow((void **)&ws->chunk, &ws->n_chunk, (size_t)n_seqs, sizeof *ws->chunk, err, errlen))) return st;
     for (int row0 = 0; row0 < n; row0 += CE_BATCH_CHUNK) {

@@ -7,7 +7,6 @@
 #define _GNU_SOURCE
 #include "pool.h"
 
-#include <cblas.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -95,8 +94,6 @@ ce_status ce_threads_set(int n, char *err, size_t errlen) {
         }
         pool.n_threads = i + 1;
     }
-    /* sgemm runs while our workers sleep: give OpenBLAS the same number of threads, never more */
-    openblas_set_num_threads(n);
     pthread_mutex_unlock(&pool.use);
     return CE_OK;
 }

@@ -138,8 +138,8 @@ ce_status ce_kernels_select(const char *name, char *err, size_t errlen);
 
 /* ---- threads (pool.c) ------------------------------------------------------------------------ */
 
-/* Threads for matrix–vector work, the caller included; n <= 0 means the cores available. OpenBLAS
- * gets the same count. Not to be called while other threads are running core functions. */
+/* Threads for matrix work and attention, the caller included; n <= 0 means the cores available.
+ * Not to be called while other threads are running core functions. */
 ce_status ce_threads_set(int n, char *err, size_t errlen);
 int ce_threads_get(void);
 int ce_threads_available(void);
