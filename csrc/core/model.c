@@ -159,8 +159,9 @@ void ce_workspace_free(ce_workspace *ws) {
 /* The weights are read once for all n activation rows, a tile of CE_TILE_ROWS rows (a few KB) at a
  * time. y[i, r] depends only on x[i] and weight row r: the result is the same for every n up to
  * CE_SMALL_BATCH (decode-sized batches, through the integer kernels where the set has them) and
- * every split of the rows; larger batches (prompts) take matmul_f32 on dequantized tiles. Products that share x (q, k and v; gate and up) run as one job over their rows laid
- * end to end: one hand-off to the pool, x converted once. */
+ * every split of the rows; larger batches (prompts) take matmul_f32 on dequantized tiles. Products
+ * that share x (q, k and v; gate and up) run as one job over their rows laid end to end: one
+ * hand-off to the pool, x converted once. */
 #define MAX_PRODUCTS 3
 
 typedef struct {
