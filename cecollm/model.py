@@ -122,50 +122,33 @@ class TextAssembler:
         return piece
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
-    """transformers' and llama.cpp's rule: each token already in the sequence has its logit divided by
-    the penalty when positive, multiplied when negative (penalty > 1 discourages repeats)."""
-    if penalty == 1.0 or not seen:
-        return logits
-    out = logits.copy()
-    ids = np.fromiter(set(seen), np.int64)
-    vals = out[ids]
-    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
-    return out
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max()
-    return z - np.log(np.exp(z).sum())
-
-
 class Sampler:
-    """Greedy (temperature 0) or temperature / top-k / top-p sampling with its own seeded generator."""
+    """How the next token is picked: greedy (temperature 0, the first largest logit) or sampling from
+    softmax(logits / temperature) restricted to the top_k most likely, then to the smallest most-likely
+    set whose probability reaches top_p; repetition_penalty > 1 discourages ids already in the
+    sequence (transformers' and llama.cpp's rule). The C core does the picking (`_core.pick`, and the
+    token loop of Model.generate); `rng` is its xoshiro256** state, seeded from `seed`."""
 
     def __repr__(self) -> str:
-        return f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p})"
+        return (f"Sampler(temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}, "
+                f"repetition_penalty={self.repetition_penalty})")  # fmt: skip
 
-    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-            raise ValueError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 repetition_penalty: float = 1.0):  # fmt: skip
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not repetition_penalty > 0:
+            raise ValueError("need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and repetition_penalty > 0")
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.rng = np.random.default_rng(seed)
+        self.repetition_penalty = repetition_penalty
+        self.rng = np.random.SeedSequence(seed).generate_state(4, np.uint64)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
-            return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
-        order = np.argsort(-z, kind="stable")
-        if self.top_k:
-            order = order[: self.top_k]
-        p = np.exp(z[order] - z[order[0]])
-        p /= p.sum()
-        if self.top_p < 1:  # smallest prefix whose mass reaches top_p
-            keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
-            p = p[:keep] / p[:keep].sum()
-            order = order[:keep]
-        return int(order[self.rng.choice(len(p), p=p)])
+    @property
+    def params(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty}  # fmt: skip
+
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> int:
+        """The next token after logits (vocab,); seen: a uint8 mask of the ids already in the sequence."""
+        return _core.pick(np.array(logits, np.float32), self.rng, seen=seen, **self.params)
 
 
 class Model:
@@ -265,11 +248,11 @@ class Model:
             prompt, chat = self.tokenize(self.tokenizer.apply_chat_template(list(messages))), False
         if prompt is None:
             raise ValueError("the prompt is empty")
-        if not repetition_penalty > 0 or (logprobs is not None and logprobs < 0):
-            raise ValueError("repetition_penalty must be > 0 and logprobs >= 0")
+        if logprobs is not None and logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
         stop = [stop] if isinstance(stop, str) else list(stop or ())
-        events = self._generate(prompt, max_new_tokens, Sampler(temperature, top_k, top_p, seed), chat, stop,
-                                repetition_penalty, logprobs)  # fmt: skip
+        sampler = Sampler(temperature, top_k, top_p, seed, repetition_penalty)
+        events = self._generate(prompt, max_new_tokens, sampler, chat, stop, logprobs, per_token=stream or bool(stop))
         stream_ = GenerationStream(events)
         return stream_ if stream else stream_.collect()
 
@@ -282,49 +265,52 @@ class Model:
             raise ValueError("the prompt is empty")
         return ids
 
-    def _generate(self, prompt, max_new_tokens: int, sample: Sampler, chat: bool, stop=(), repetition_penalty=1.0,
-                  logprobs: int | None = None):  # fmt: skip
-        """Yields a TokenEvent per generated token; returns the GenerationResult."""
+    def _generate(self, prompt, max_new_tokens: int, sampler: Sampler, chat: bool, stop=(), logprobs: int | None = None,
+                  per_token: bool = False):  # fmt: skip
+        """Yields a TokenEvent per generated token; returns the GenerationResult. The token loop runs in
+        C without the GIL (KVCache.generate): all at once, or one token per call when a caller streams
+        or stop strings must see each token's text."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         prompt_ids = self._prompt_ids(prompt, chat)
         cache = self.new_cache(len(prompt_ids) + max_new_tokens)
         t0 = time.perf_counter()
         hidden = cache.forward(self.core.embed(np.asarray(prompt_ids, dtype=np.int32)), 0)
-        logits = self.core.head(hidden[-1:])[0]
+        logits = np.ascontiguousarray(self.core.head(hidden[-1:])[0])
         t1 = time.perf_counter()
+        seen = np.zeros(self.config["vocab"], np.uint8)
+        seen[prompt_ids] = sampler.repetition_penalty != 1.0
+        end_ids = np.fromiter(self.tokenizer.end_ids, np.int32)
         text = TextAssembler(self.detokenize, stop)
         tokens: list[int] = []
         records: list[dict] = []
-        finish = "length"
-        for step in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits, prompt_ids + tokens, repetition_penalty)
-            token = sample(logits)
-            if token in self.tokenizer.end_ids:
+        finish, fed = "length", 0
+        while len(tokens) < max_new_tokens and finish == "length":
+            pending = tokens[-1] if tokens else -1
+            n_max = 1 if per_token else max_new_tokens - len(tokens)
+            new, ended, lps, top_ids, top_lps = cache.generate(
+                logits, seen, sampler.rng, pending, len(prompt_ids) + max(len(tokens) - 1, 0), n_max, end_ids,
+                n_top=-1 if logprobs is None else logprobs, **sampler.params)  # fmt: skip
+            fed += (pending >= 0) + len(new) + ended - 1  # every step but the first feeds its pending token
+            for k, token in enumerate(new.tolist()):
+                tokens.append(token)
+                logp = top = None
+                if logprobs is not None:
+                    logp = float(lps[k])
+                    top = dict(zip(top_ids[k].tolist(), top_lps[k].tolist()))
+                    records.append({"token": token, "logprob": logp, "top": top})
+                piece = text.add(token)
+                yield TokenEvent(piece, token, logp, top_logprobs=top)
+                if text.stopped_at is not None:
+                    finish = "stop"
+                    break
+            if ended:
                 finish = "stop"
-                break
-            tokens.append(token)
-            logp = top = None
-            if logprobs is not None:
-                lp = _log_softmax(logits)
-                logp = float(lp[token])
-                best = np.argsort(-lp, kind="stable")[:logprobs]
-                top = {int(i): float(lp[i]) for i in best}
-                records.append({"token": token, "logprob": logp, "top": top})
-            piece = text.add(token)
-            yield TokenEvent(piece, token, logp, top_logprobs=top)
-            if text.stopped_at is not None:
-                finish = "stop"
-                break
-            if step + 1 == max_new_tokens:
-                break
-            hidden = cache.forward(self.core.embed(np.asarray([token], dtype=np.int32)), len(prompt_ids) + step)
-            logits = self.core.head(hidden)[0]
         tail = text.finish()
         if tail:
             yield TokenEvent(tail, None)
         result = GenerationResult.of_run(self, tokens, prompt_ids, finish, t0, t1, time.perf_counter())
-        result.decode_steps = len(tokens) - (text.stopped_at is not None or finish == "length")  # tokens fed
+        result.decode_steps = fed  # tokens fed back through the model after the prompt's
         result.text = text.text()
         result.logprobs = records if logprobs is not None else None
         return result

@@ -70,14 +70,69 @@ def test_logprobs_match_the_full_models_logits(model):
 
 
 def test_repetition_penalty_follows_the_common_rule(model):
-    from cecollm.model import apply_repetition_penalty
+    from cecollm import _core
 
     logits = np.array([2.0, -2.0, 1.0, 0.5], np.float32)
-    out = apply_repetition_penalty(logits, [0, 1, 1], 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    rng = np.zeros(4, np.uint64)
+    token = _core.pick(logits, rng, repetition_penalty=2.0, seen=np.array([1, 1, 0, 0], np.uint8))
+    assert logits.tolist() == [1.0, -4.0, 1.0, 0.5] and token == 0  # penalized in place; ties go to the first
     plain = model.generate("Repeat after me: la la la la", max_new_tokens=24, chat=True)
     penalized = model.generate("Repeat after me: la la la la", max_new_tokens=24, chat=True, repetition_penalty=1.5)
     assert len(set(penalized.tokens)) / len(penalized.tokens) > len(set(plain.tokens)) / len(plain.tokens)
+
+
+def test_sampling_follows_softmax_top_k_and_top_p():
+    """The C sampler's draws against the law they sample: softmax(logits / T), cut to top_k, then to
+    the smallest most-likely set reaching top_p (frequencies within 4 standard errors)."""
+    from cecollm import _core
+    from cecollm.model import Sampler
+
+    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15], np.float32))
+    draws = 20000
+
+    def freq(**kw):
+        sampler = Sampler(seed=1, **kw)
+        counts = np.bincount([sampler(logits) for _ in range(draws)], minlength=5)
+        return counts / draws
+
+    def close(got, want):
+        want = np.asarray(want) / np.sum(want)
+        assert np.all(np.abs(got - want) <= 4 * np.sqrt(want * (1 - want) / draws) + 1e-9), (got, want)
+
+    p = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
+    close(freq(temperature=1.0), p)
+    close(freq(temperature=0.5), p**2)
+    close(freq(temperature=1.0, top_k=2), [0, 0.4, 0, 0.3, 0])
+    close(freq(temperature=1.0, top_p=0.8), [0, 0.4, 0, 0.3, 0.15])  # 0.4 + 0.3 < 0.8 <= 0.85
+    close(freq(temperature=1.0, top_k=3, top_p=0.5), [0, 0.4, 0, 0.3, 0])
+    assert freq(temperature=0.0)[1] == 1.0  # greedy
+    with pytest.raises(ValueError, match="top_p"):
+        _core.pick(logits.copy(), np.zeros(4, np.uint64), top_p=0.0)
+
+
+def test_the_c_token_loop_is_the_python_one(model):
+    """KVCache.generate (the C loop) against the same steps taken one call at a time from Python:
+    greedy picks of embed -> forward -> head, and the same sampled tokens for the same generator."""
+    from cecollm.model import Sampler
+
+    ids = model.tokenize("Write a haiku about the sea.")
+    for kw in ({}, {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.2}):
+        r = model.generate(ids, max_new_tokens=24, seed=5, **kw)
+        sampler = Sampler(seed=5, **kw)
+        seen = np.zeros(model.config["vocab"], np.uint8)
+        seen[ids] = sampler.repetition_penalty != 1.0
+        cache = model.new_cache(len(ids) + 24)
+        logits = model.core.head(cache.forward(model.core.embed(np.array(ids, np.int32)), 0)[-1:])[0]
+        tokens = []
+        for i in range(24):
+            token = sampler(logits, seen)
+            if token in model.tokenizer.end_ids:
+                break
+            tokens.append(token)
+            seen[token] = 1
+            logits = model.core.head(cache.forward(model.core.embed(np.array([token], np.int32)), len(ids) + i))[0]
+        assert r.tokens == tokens
+        assert r.decode_steps == len(tokens) - (r.finish_reason == "length")
 
 
 def test_messages_and_lists_of_prompts(model):

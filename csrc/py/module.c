@@ -424,6 +424,89 @@ static PyObject *Cache_forward(CacheObject *self, PyObject *args, PyObject *kwds
     return (PyObject *)out;
 }
 
+/* The data of obj when it is a writable C-contiguous 1-D numpy array of n elements of type; else NULL
+ * with a ValueError naming it. */
+static void *writable_vector(PyObject *obj, int type, npy_intp n, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (!PyArray_Check(obj) || PyArray_TYPE(a) != type || PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != n ||
+        !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a writable contiguous numpy array of %zd %s", what, (Py_ssize_t)n,
+                     type == NPY_FLOAT32 ? "float32" : type == NPY_UINT8 ? "uint8" : "uint64");
+        return NULL;
+    }
+    return PyArray_DATA(a);
+}
+
+/* generate(logits, seen, rng, pending, pos, n_max, end_ids, temperature=0, top_k=0, top_p=1,
+ *          repetition_penalty=1, n_top=-1) -> (tokens, ended, logprobs, top_ids, top_logprobs)
+ * The token loop of ce_generate, without the GIL: logits (vocab float32), seen (vocab uint8) and rng
+ * (4 uint64) are updated in place. n_top >= 0 records log-probabilities (else the last three are None). */
+static PyObject *Cache_generate(CacheObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"logits", "seen", "rng", "pending", "pos", "n_max", "end_ids", "temperature",
+                             "top_k", "top_p", "repetition_penalty", "n_top", NULL};
+    PyObject *logits_o, *seen_o, *rng_o, *end_o;
+    int pending, pos, n_max, n_top = -1;
+    ce_sampler sampler = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .repetition_penalty = 1.0f};
+    if (!cache_ready(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "OOOiiiO|fiffi", kwlist, &logits_o, &seen_o, &rng_o, &pending, &pos,
+                                     &n_max, &end_o, &sampler.temperature, &sampler.top_k, &sampler.top_p,
+                                     &sampler.repetition_penalty, &n_top))
+        return NULL;
+    const ce_model *m = &self->model->model;
+    const int vocab = m->cfg.vocab;
+    float *logits = writable_vector(logits_o, NPY_FLOAT32, vocab, "logits");
+    uint8_t *seen = logits ? writable_vector(seen_o, NPY_UINT8, vocab, "seen") : NULL;
+    uint64_t *rng = seen ? writable_vector(rng_o, NPY_UINT64, 4, "rng") : NULL;
+    if (rng == NULL) return NULL;
+    if (n_max < 1) return PyErr_Format(PyExc_ValueError, "n_max must be at least 1, got %d", n_max);
+    PyArrayObject *end = (PyArrayObject *)PyArray_FROMANY(end_o, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (end == NULL) return NULL;
+    const int top = n_top > 0 ? n_top : 0;
+    npy_intp n_dims[1] = {n_max}, top_dims[2] = {n_max, top};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, n_dims, NPY_INT32);
+    PyArrayObject *lp = n_top >= 0 ? (PyArrayObject *)PyArray_SimpleNew(1, n_dims, NPY_FLOAT32) : NULL;
+    PyArrayObject *top_ids = n_top >= 0 ? (PyArrayObject *)PyArray_SimpleNew(2, top_dims, NPY_INT32) : NULL;
+    PyArrayObject *top_lp = n_top >= 0 ? (PyArrayObject *)PyArray_SimpleNew(2, top_dims, NPY_FLOAT32) : NULL;
+    PyObject *result = NULL;
+    if (out == NULL || (n_top >= 0 && (lp == NULL || top_ids == NULL || top_lp == NULL))) goto done;
+    memcpy(sampler.rng, rng, sizeof sampler.rng);
+    char err[CE_ERRLEN] = "";
+    int n_out = 0, ended = 0;
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(self->lock, WAIT_LOCK);
+    st = ce_generate(m, &self->kv, &self->ws, &sampler, logits, seen, pending, pos, n_max, PyArray_DATA(end),
+                     (int)PyArray_DIM(end, 0), top, PyArray_DATA(out), lp ? PyArray_DATA(lp) : NULL,
+                     top_ids ? PyArray_DATA(top_ids) : NULL, top_lp ? PyArray_DATA(top_lp) : NULL, &n_out, &ended, err,
+                     sizeof err);
+    PyThread_release_lock(self->lock);
+    Py_END_ALLOW_THREADS
+    memcpy(rng, sampler.rng, sizeof sampler.rng);
+    if (st != CE_OK) {
+        raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+        goto done;
+    }
+    /* the first n_out rows of each output */
+    PyObject *tokens = PySequence_GetSlice((PyObject *)out, 0, n_out);
+    PyObject *lps = lp ? PySequence_GetSlice((PyObject *)lp, 0, n_out) : Py_NewRef(Py_None);
+    PyObject *ids = top_ids ? PySequence_GetSlice((PyObject *)top_ids, 0, n_out) : Py_NewRef(Py_None);
+    PyObject *tlps = top_lp ? PySequence_GetSlice((PyObject *)top_lp, 0, n_out) : Py_NewRef(Py_None);
+    if (tokens && lps && ids && tlps) result = Py_BuildValue("(NONNN)", tokens, ended ? Py_True : Py_False, lps, ids, tlps);
+    else {
+        Py_XDECREF(tokens);
+        Py_XDECREF(lps);
+        Py_XDECREF(ids);
+        Py_XDECREF(tlps);
+    }
+done:
+    Py_DECREF(end);
+    Py_XDECREF(out);
+    Py_XDECREF(lp);
+    Py_XDECREF(top_ids);
+    Py_XDECREF(top_lp);
+    return result;
+}
+
 /* fill_kv(x, pos0, layer_begin, layer_end): keys/values of those layers from the same hidden states x */
 static PyObject *Cache_fill_kv(CacheObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"x", "pos0", "layer_begin", "layer_end", NULL};
@@ -1108,6 +1191,34 @@ static PyObject *core_exit_decide(PyObject *mod, PyObject *args) {
 }
 
 /* row_bytes(type, cols) -> bytes of one row, 0 when the type is unknown or cols do not fill its blocks */
+/* pick(logits, rng, temperature=0, top_k=0, top_p=1, repetition_penalty=1, seen=None) -> token
+ * ce_pick on float32 logits (penalized in place) with the uint64 (4,) generator state rng (advanced). */
+static PyObject *core_pick(PyObject *mod, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"logits", "rng", "temperature", "top_k", "top_p", "repetition_penalty", "seen", NULL};
+    PyObject *logits_o, *rng_o, *seen_o = Py_None;
+    ce_sampler sampler = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .repetition_penalty = 1.0f};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|fiffO", kwlist, &logits_o, &rng_o, &sampler.temperature,
+                                     &sampler.top_k, &sampler.top_p, &sampler.repetition_penalty, &seen_o))
+        return NULL;
+    const npy_intp vocab = PyArray_Check(logits_o) ? PyArray_SIZE((PyArrayObject *)logits_o) : 0;
+    float *logits = writable_vector(logits_o, NPY_FLOAT32, vocab > 0 ? vocab : 1, "logits");
+    uint64_t *rng = logits ? writable_vector(rng_o, NPY_UINT64, 4, "rng") : NULL;
+    if (rng == NULL) return NULL;
+    if (vocab > INT32_MAX) return PyErr_Format(PyExc_ValueError, "%zd logits are too many", (Py_ssize_t)vocab);
+    const uint8_t *seen = NULL;
+    if (seen_o != Py_None && (seen = writable_vector(seen_o, NPY_UINT8, vocab, "seen")) == NULL) return NULL;
+    memcpy(sampler.rng, rng, sizeof sampler.rng);
+    char err[CE_ERRLEN] = "";
+    int token = -1;
+    ce_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = ce_pick(&sampler, logits, (int)vocab, seen, NULL, &token, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    memcpy(rng, sampler.rng, sizeof sampler.rng);
+    if (st != CE_OK) return raise_status(PyExc_ValueError, st, err);
+    return PyLong_FromLong(token);
+}
+
 static PyObject *core_row_bytes(PyObject *mod, PyObject *args) {
     (void)mod;
     int type;
@@ -1184,6 +1295,8 @@ static PyMethodDef core_methods[] = {
     {"forward_multi", core_forward_multi, METH_VARARGS,
      "forward_multi([(cache, x, pos0), ...], layer_begin, layer_end) -> outputs: sessions in one pass"},
     {"exit_decide", core_exit_decide, METH_VARARGS, "exit_decide(logits, metric, threshold) -> (accept, top1, conf)"},
+    {"pick", (PyCFunction)(void (*)(void))core_pick, METH_VARARGS | METH_KEYWORDS,
+     "pick(logits, rng, temperature=0, top_k=0, top_p=1, repetition_penalty=1, seen=None) -> the next token"},
     {"row_bytes", core_row_bytes, METH_VARARGS, "row_bytes(type, cols) -> bytes per row (0: unsupported)"},
     {"select_kernels", core_select_kernels, METH_VARARGS, "select_kernels(name='auto') -> active kernel set"},
     {NULL, NULL, 0, NULL},
@@ -1221,6 +1334,9 @@ static PyMethodDef Cache_methods[] = {
      "forward(x, pos0, layer_begin=None, layer_end=None) -> hidden states after the layer range"},
     {"fill_kv", (PyCFunction)(void (*)(void))Cache_fill_kv, METH_VARARGS | METH_KEYWORDS,
      "fill_kv(x, pos0, layer_begin, layer_end): keys/values of skipped layers from the same hidden states"},
+    {"generate", (PyCFunction)(void (*)(void))Cache_generate, METH_VARARGS | METH_KEYWORDS,
+     "generate(logits, seen, rng, pending, pos, n_max, end_ids, temperature=0, top_k=0, top_p=1, "
+     "repetition_penalty=1, n_top=-1) -> (tokens, ended, logprobs, top_ids, top_logprobs): the token loop in C"},
     {"lengths", (PyCFunction)Cache_lengths, METH_NOARGS, "lengths() -> filled positions per layer"},
     {"truncate", (PyCFunction)Cache_truncate, METH_O, "truncate(n): forget positions n.. in every layer"},
     {"kv", (PyCFunction)Cache_kv, METH_O, "kv(layer) -> (keys, values) copies, (n_kv_heads, len, head_dim)"},

@@ -706,6 +706,102 @@ static void test_batch_chunks(int activations) {
     tiny_free(&t);
 }
 
+/* ce_generate against the same steps taken one call at a time (embed, forward, head, ce_pick), for
+ * greedy and sampled picks; the loop continued one token per call equals one call; end tokens stop
+ * it without being stored; bad arguments are refused. */
+static void test_generate(int activations) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_init(&t, activations);
+    const ce_model *m = &t.m;
+    enum { PROMPT = 3, N = 12, V = 50 };
+    const int32_t prompt[PROMPT] = {4, 17, 30};
+    for (int sampled = 0; sampled <= 1; sampled++) {
+        const ce_sampler base = {sampled ? 0.9f : 0.0f, sampled ? 20 : 0, sampled ? 0.9f : 1.0f, 1.3f, {1, 2, 3, 4}};
+        int32_t ref[N], got[N], step[N];
+        int n_ref = 0;
+        /* the reference: one core call per step */
+        {
+            ce_workspace ws = {0};
+            ce_kv_cache kv;
+            ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
+            float h[PROMPT * 64], logits[V];
+            uint8_t seen[V] = {0};
+            for (int i = 0; i < PROMPT; i++) seen[prompt[i]] = 1;
+            ce_sampler s = base;
+            tiny_forward_tokens(m, &kv, &ws, prompt, PROMPT, h);
+            ce_head(m, &ws, NULL, 1, h + (PROMPT - 1) * 64, V, logits, err, sizeof err);
+            for (int i = 0; i < N; i++) {
+                int token;
+                CHECK(ce_pick(&s, logits, V, seen, NULL, &token, err, sizeof err) == CE_OK, "pick: %s", err);
+                ref[n_ref++] = token;
+                seen[token] = 1;
+                ce_embed(m, 1, &token, h, err, sizeof err);
+                ce_forward(m, &kv, &ws, 0, 3, 1, PROMPT + i, h, err, sizeof err);
+                ce_head(m, &ws, NULL, 1, h, V, logits, err, sizeof err);
+            }
+            ce_kv_cache_free(&kv);
+            ce_workspace_free(&ws);
+        }
+        /* one call for all N, then one call per token */
+        for (int per_token = 0; per_token <= 1; per_token++) {
+            ce_workspace ws = {0};
+            ce_kv_cache kv;
+            ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
+            float h[PROMPT * 64], logits[V];
+            uint8_t seen[V] = {0};
+            for (int i = 0; i < PROMPT; i++) seen[prompt[i]] = 1;
+            ce_sampler s = base;
+            tiny_forward_tokens(m, &kv, &ws, prompt, PROMPT, h);
+            ce_head(m, &ws, NULL, 1, h + (PROMPT - 1) * 64, V, logits, err, sizeof err);
+            int n = 0, ended = 1, n_out;
+            const int32_t no_end = -1;
+            while (n < N) {
+                const int want = per_token ? 1 : N - n;
+                CHECK(ce_generate(m, &kv, &ws, &s, logits, seen, n ? got[n - 1] : -1, PROMPT + (n ? n - 1 : 0), want,
+                                  &no_end, 1, 0, step, NULL, NULL, NULL, &n_out, &ended, err, sizeof err) == CE_OK,
+                      "generate: %s", err);
+                CHECK(n_out == want && !ended, "generate stored %d of %d", n_out, want);
+                memcpy(got + n, step, sizeof(int32_t) * (size_t)n_out);
+                n += n_out;
+            }
+            CHECK(memcmp(got, ref, sizeof ref) == 0, "generate (sampled %d, per token %d) = the step-by-step loop", sampled,
+                  per_token);
+            ce_kv_cache_free(&kv);
+            ce_workspace_free(&ws);
+        }
+        /* an end token: the first greedy token ends the loop unstored */
+        if (!sampled) {
+            ce_workspace ws = {0};
+            ce_kv_cache kv;
+            ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
+            float h[PROMPT * 64], logits[V];
+            uint8_t seen[V] = {0};
+            for (int i = 0; i < PROMPT; i++) seen[prompt[i]] = 1;
+            ce_sampler s = base;
+            tiny_forward_tokens(m, &kv, &ws, prompt, PROMPT, h);
+            ce_head(m, &ws, NULL, 1, h + (PROMPT - 1) * 64, V, logits, err, sizeof err);
+            int n_out = -1, ended = 0;
+            const int32_t end = ref[2];
+            CHECK(ce_generate(m, &kv, &ws, &s, logits, seen, -1, PROMPT, N, &end, 1, 0, step, NULL, NULL, NULL, &n_out,
+                              &ended, err, sizeof err) == CE_OK && ended,
+                  "an end token ends generation");
+            int first = 0;
+            while (ref[first] != end) first++;
+            CHECK(n_out == first && memcmp(step, ref, sizeof(int32_t) * (size_t)first) == 0, "tokens before the end: %d",
+                  n_out);
+            ce_sampler bad = base;
+            bad.top_p = 0.0f;
+            CHECK(ce_generate(m, &kv, &ws, &bad, logits, seen, -1, PROMPT, N, &end, 1, 0, step, NULL, NULL, NULL, &n_out,
+                              &ended, err, sizeof err) == CE_EINVAL && strstr(err, "top_p"),
+                  "bad sampler refused: %s", err);
+            ce_kv_cache_free(&kv);
+            ce_workspace_free(&ws);
+        }
+    }
+    tiny_free(&t);
+}
+
 static void test_matmul_paths(void) {
     /* fp32 activations: a batch above CE_SMALL_BATCH (matmul_f32 on dequantized tiles) agrees with
      * decode (the integer kernels where the set has them) within float rounding, and a row of a
@@ -934,6 +1030,7 @@ int main(void) {
                 test_catch_up_composition(act);
                 test_forward_multi(act);
                 test_batch_chunks(act);
+                test_generate(act);
             }
         }
         test_kv_type = CE_TYPE_F32;

@@ -304,6 +304,39 @@ ce_status ce_confidence(const float *logits, int n, int metric, float *conf, int
 ce_status ce_exit_decide(const float *logits, int n, int metric, float threshold, int *accept, float *conf, int *top1,
                          char *err, size_t errlen);
 
+/* ---- generation (decode.c) ------------------------------------------------------------------ */
+
+/* How the next token is picked from the logits. */
+typedef struct {
+    float temperature;        /* 0: greedy, the first largest logit; else softmax(logits / temperature) */
+    int top_k;                /* sample among the top_k most likely (0: all) */
+    float top_p;              /* ... then among the smallest most-likely set whose mass reaches top_p (1: all) */
+    float repetition_penalty; /* > 0; ids already in the sequence have their logit divided by it when
+                               * positive, multiplied when negative (transformers' and llama.cpp's rule) */
+    uint64_t rng[4];          /* xoshiro256** state, advanced by every draw */
+} ce_sampler;
+
+/* Applies the repetition penalty to logits (vocab, in place) for the ids marked in seen (vocab bytes;
+ * NULL: none) and picks the next token into *token. scratch: ce_pick_scratch_bytes(vocab) bytes, or
+ * NULL to allocate them when sampling needs them. */
+ce_status ce_pick(ce_sampler *s, float *logits, int vocab, const uint8_t *seen, void *scratch, int *token, char *err,
+                  size_t errlen);
+size_t ce_pick_scratch_bytes(int vocab);
+
+/* The token loop of generation over a cache of every layer. Up to n_max steps; each step first feeds
+ * `pending` (when >= 0) at position pos, pos + 1, ... through every layer and the head into logits
+ * (vocab floats, in/out: on entry the logits after the last position fed), then applies the
+ * repetition penalty to the ids marked in seen (vocab bytes, in/out), picks a token, and stops
+ * without storing it when it is one of end_ids (*ended = 1); otherwise stores it in out and marks it
+ * seen, and it becomes the pending token of the next step. The last token stored is not fed: the
+ * caller passes it as `pending` to continue. logprob (NULL: none): each stored token's log-softmax of
+ * the penalized logits, with the n_top most likely ids and theirs in top_ids / top_lp (n_max × n_top;
+ * ties by id). *n_out: tokens stored. */
+ce_status ce_generate(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, ce_sampler *s, float *logits,
+                      uint8_t *seen, int32_t pending, int pos, int n_max, const int32_t *end_ids, int n_end, int n_top,
+                      int32_t *out, float *logprob, int32_t *top_ids, float *top_lp, int *n_out, int *ended, char *err,
+                      size_t errlen);
+
 /* ---- element-wise operations (ops.c) -------------------------------------------------------- */
 
 /* y = x / sqrt(mean(x²) + eps) * w, over n elements. y may alias x. */
