@@ -30,6 +30,15 @@ import numpy as np
 
 from cecollm.bench import DEPTH, PP, TG, TG_DEEP, prompt_ids
 
+# gen128: generation through each engine's public API (greedy, 128 new tokens after this prompt,
+# which none of the engines ends early; each run checks it got all 128).
+GEN_PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+def generated(n: int) -> None:
+    if n != TG:
+        raise RuntimeError(f"gen128 produced {n} tokens, not {TG}: the prompt no longer suits the measurement")
+
 
 def setup_cecollm(path, threads, activations="f32", kv_dtype="f32"):
     import cecollm
@@ -37,7 +46,15 @@ def setup_cecollm(path, threads, activations="f32", kv_dtype="f32"):
     from cecollm.bench import model_runs
 
     _core.set_threads(threads)
-    return model_runs(cecollm.load_model(path, activations, kv_dtype), deep=True)
+    model = cecollm.load_model(path, activations, kv_dtype)
+
+    def gen():
+        result = model.generate(GEN_PROMPT, max_new_tokens=TG)
+        generated(len(result.tokens))
+        gen.decode_rates.append(result.tokens_per_s)  # the result's own figure: decode steps only
+
+    gen.decode_rates = []
+    return {**model_runs(model, deep=True), "gen128": (TG, gen)}
 
 
 def setup_cecollm_q8(path, threads):
@@ -78,7 +95,11 @@ def setup_llama_cpp(path, threads):
             deep.eval([token])
             token = int(np.argmax(deep.scores[deep.n_tokens - 1]))
 
-    return {"pp512": (PP, pp), "tg128": (TG, tg), "tg_deep": (TG_DEEP, tg_deep)}
+    def gen():
+        out = llm.create_completion(GEN_PROMPT, max_tokens=TG, temperature=0.0)
+        generated(out["usage"]["completion_tokens"])
+
+    return {"pp512": (PP, pp), "tg128": (TG, tg), "tg_deep": (TG_DEEP, tg_deep), "gen128": (TG, gen)}
 
 
 def setup_transformers(path, threads):
@@ -101,7 +122,17 @@ def setup_transformers(path, threads):
             out = model(token, past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    return {"pp512": (PP, pp), "tg128": (TG, tg)}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gen_ids = tokenizer(GEN_PROMPT, return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def gen():
+        out = model.generate(gen_ids, max_new_tokens=TG, do_sample=False)
+        generated(out.shape[1] - gen_ids.shape[1])
+
+    return {"pp512": (PP, pp), "tg128": (TG, tg), "gen128": (TG, gen)}
 
 
 def run_interleaved(setups: dict, repeats: int) -> dict:
@@ -204,12 +235,26 @@ def main():
     anchor = results.get("llama.cpp")
 
     print(f"\nmodel {os.path.basename(path)}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    deep = f"tg{TG_DEEP}@{DEPTH}"
-    print(f"{'engine':<17}{'pp512':>8}{'tg128':>8}{deep:>12}   x llama.cpp: pp512  tg128 {deep:>10}")
+    columns = {"pp512": "pp512", "tg128": "tg128", "tg_deep": f"tg{TG_DEEP}@{DEPTH}", "gen128": "gen128"}
+    print(f"{'engine':<17}" + "".join(f"{c:>11}" for c in columns.values()) + "   x llama.cpp:"
+          + "".join(f"{c:>11}" for c in columns.values()))  # fmt: skip
     for engine, r in results.items():
-        cells = [f"{r[k]:.1f}" if k in r else "-" for k in ("pp512", "tg128", "tg_deep")]
-        ratios = [f"{r[k] / anchor[k]:.2f}" if anchor and k in r else "-" for k in ("pp512", "tg128", "tg_deep")]
-        print(f"{engine:<17}{cells[0]:>8}{cells[1]:>8}{cells[2]:>12}{'':>16}{ratios[0]:>5}{ratios[1]:>7}{ratios[2]:>11}")
+        cells = [f"{r[k]:.1f}" if k in r else "-" for k in columns]
+        ratios = [f"{r[k] / anchor[k]:.2f}" if anchor and k in r and k in anchor else "-" for k in columns]
+        print(f"{engine:<17}" + "".join(f"{c:>11}" for c in cells) + f"{'':>14}" + "".join(f"{c:>11}" for c in ratios))
+    print(
+        "gen128: greedy generation through the public API (cecollm Model.generate, llama-cpp-python"
+        " create_completion, transformers generate), prompt included"
+    )
+    for engine, r in results.items():
+        if "gen128" in r:
+            rates = getattr(setups[engine]["gen128"][1], "decode_rates", None)
+            own = ""
+            if rates:  # the result's own figure, decode steps only (the warm-up round left out)
+                own = f"; decode steps alone (GenerationResult.tokens_per_s) {statistics.median(rates[1:]) / r['tg128']:.2f} x"
+            print(f"  {engine}: gen128 = {r['gen128'] / r['tg128']:.2f} x its own tg128{own}")
+            if rates:
+                r["gen128_decode"] = statistics.median(rates[1:])
     if "transformers" in results:
         for engine in ("cecollm", "cecollm-q8", "cecollm-q8-kv16"):
             if engine in results:

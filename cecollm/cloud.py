@@ -14,12 +14,10 @@ import errno
 import hmac
 import logging
 import os
-import queue
 import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +83,19 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+@dataclass
+class _BatchItem:
+    """A small request waiting for a batched pass of the cloud's layers."""
+
+    cache: _core.KVCache
+    x: np.ndarray
+    pos0: int
+    wake: threading.Event = field(default_factory=threading.Event)  # set when answered or handed the leader role
+    done: bool = False
+    out: np.ndarray | None = None
+    error: BaseException | None = None
+
+
 class Cloud:
     """Sessions of the cloud's layers [split, n_layers): the part of CE-CoLLM behind the network.
 
@@ -115,14 +126,14 @@ class Cloud:
         self.kv_in_use = 0
         self.hidden_in_use = 0  # bytes of every session's hidden-state store (allocated at open)
         self.lock = threading.Lock()  # guards the session table and the budget
-        # cross-session batching: small requests queue here and a worker runs them together
+        # cross-session batching: small requests wait here; one of their own threads runs them together
         self.batching = batching
-        self.batch_queue: queue.Queue = queue.Queue()
-        self.batch_lock = threading.Lock()  # held by the worker while it computes a batch
+        self.batch_waiting: deque[_BatchItem] = deque()
+        self.batch_lock = threading.Lock()  # guards batch_waiting and batch_leader
+        self.batch_leader = False  # a request's thread is running batches
         self.batch_stats = {"passes": 0, "rows": 0, "most_sessions": 0}
         self.turn = FairTurn()  # compute turns in arrival order (see _forward)
         self.positions_computed = 0  # positions run through [split, n_layers), all sessions (cloud work)
-        self._worker: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return (f"Cloud(layers [{self.split}, {self.model.n_layers}), sessions={len(self.sessions)}, "
@@ -254,45 +265,50 @@ class Cloud:
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def _batched(self, cache, x: np.ndarray, pos0: int) -> np.ndarray:
-        future: Future = Future()
-        self.batch_queue.put((cache, x, pos0, future))
-        with self.lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._batch_worker, daemon=True, name="cecollm-batch")
-                self._worker.start()
-        return future.result()
-
-    def _batch_worker(self) -> None:
-        """Takes what is queued, up to SMALL_BATCH rows (so each row's result is what it would be
-        alone, bit for bit), and runs it as one pass of the cloud's layers."""
-        carry = None
-        while True:
-            item = carry or self.batch_queue.get()
-            carry = None
+        """Rows x of one session through the cloud's layers, in one pass with whatever other sessions'
+        small requests are waiting. No thread of its own: the request that finds no batch running
+        runs batches itself (taking the waiting requests in arrival order, at most SMALL_BATCH rows so
+        that each row's result is what it would be alone, bit for bit) until its own is done, then
+        hands the role to the oldest request still waiting."""
+        item = _BatchItem(cache, x, pos0)
+        with self.batch_lock:
+            self.batch_waiting.append(item)
+            lead = not self.batch_leader
+            self.batch_leader = True
+        if not lead:
+            item.wake.wait()  # answered, or handed the role
+        while not item.done:
+            self._run_batch()
             with self.batch_lock:
-                batch, rows = [item], len(item[1])
-                while True:
-                    try:
-                        nxt = self.batch_queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if rows + len(nxt[1]) > _core.SMALL_BATCH:
-                        carry = nxt
-                        break
-                    batch.append(nxt)
-                    rows += len(nxt[1])
-                try:
-                    with self.turn:
-                        outs = _core.forward_multi([(c, x, p) for c, x, p, _ in batch], self.split, self.model.n_layers)
-                except Exception as exc:  # reported to every waiting request
-                    for *_, future in batch:
-                        future.set_exception(exc)
-                    continue
-                self.batch_stats["passes"] += 1
-                self.batch_stats["rows"] += rows
-                self.batch_stats["most_sessions"] = max(self.batch_stats["most_sessions"], len(batch))
-                for (*_, future), out in zip(batch, outs):
-                    future.set_result(out)
+                if item.done:
+                    if self.batch_waiting:
+                        self.batch_waiting[0].wake.set()  # the oldest waiting request leads next
+                    else:
+                        self.batch_leader = False
+        if item.error is not None:
+            raise item.error
+        return item.out
+
+    def _run_batch(self) -> None:
+        """Takes the waiting requests in arrival order, up to SMALL_BATCH rows, and runs them as one pass."""
+        with self.batch_lock:
+            batch, rows = [], 0
+            while self.batch_waiting and rows + len(self.batch_waiting[0].x) <= _core.SMALL_BATCH:
+                batch.append(self.batch_waiting.popleft())
+                rows += len(batch[-1].x)
+        try:
+            with self.turn:
+                outs = _core.forward_multi([(b.cache, b.x, b.pos0) for b in batch], self.split, self.model.n_layers)
+        except Exception as exc:  # reported to every request of the batch
+            outs, error = [None] * len(batch), exc
+        else:
+            error = None
+            self.batch_stats["passes"] += 1
+            self.batch_stats["rows"] += rows
+            self.batch_stats["most_sessions"] = max(self.batch_stats["most_sessions"], len(batch))
+        for b, out in zip(batch, outs):
+            b.out, b.error, b.done = out, error, True
+            b.wake.set()
 
     def _ensure_cache(self, session: Session) -> None:
         if session.cache is not None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np

@@ -266,7 +266,7 @@ def test_without_key_only_loopback(model):
 
 
 def test_ready_requests_of_different_sessions_share_one_pass(model):
-    """Requests queued while the worker is busy run together, and give what they give alone."""
+    """Requests that wait while a batch runs go together in the next pass, and give what they give alone."""
     cloud = Cloud(model, split=SPLIT)
     alone = Cloud(model, split=SPLIT, batching=False)
     rng = np.random.default_rng(5)
@@ -283,16 +283,19 @@ def test_ready_requests_of_different_sessions_share_one_pass(model):
         cloud.infer(s, 0, p)
         sessions.append(s)
     got = [None] * 3
-    queued_before = cloud.batch_queue.unfinished_tasks  # counts every put (the worker never marks done)
-    with cloud.batch_lock:  # hold the worker: the three requests queue up behind it
-        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, cloud.infer(sessions[i], 4, steps[i])))
-                   for i in range(3)]  # fmt: skip
-        [t.start() for t in threads]
-        for _ in range(500):
-            if cloud.batch_queue.unfinished_tasks == queued_before + 3:
-                break
-            threading.Event().wait(0.01)
+    with cloud.batch_lock:
+        cloud.batch_leader = True  # as if another request's batch were running: the three wait
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, cloud.infer(sessions[i], 4, steps[i])))
+               for i in range(3)]  # fmt: skip
+    [t.start() for t in threads]
+    for _ in range(500):
+        if len(cloud.batch_waiting) == 3:
+            break
+        threading.Event().wait(0.01)
+    with cloud.batch_lock:
+        cloud.batch_waiting[0].wake.set()  # that batch ends: the oldest waiting request leads
     [t.join() for t in threads]
+    assert not cloud.batch_leader  # the role is given up when nobody waits
     assert got == expected
     assert cloud.batch_stats["most_sessions"] == 3
 
