@@ -66,7 +66,7 @@ $(VENV)/.bench-deps: $(VENV)/.py-deps
 	@touch $@
 
 bench: $(VENV)/.built $(VENV)/.bench-deps
-	$(PY) benchmarks/bench.py --threads 2
+	$(PY) benchmarks/bench.py --threads 2 --json docs/bench_latest.json --plot docs/bench.png
 
 format:
 	clang-format -i csrc/*/*.c csrc/*/*.h csrc/include/cecollm/*.h tests/c/*.c

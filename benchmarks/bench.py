@@ -208,7 +208,6 @@ ENGINES = {"cecollm": setup_cecollm, "cecollm-q8": setup_cecollm_q8, "cecollm-q8
 
 
 def main():
-    import cecollm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -216,63 +215,108 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--plot", default=None, help="also draw the figures into this image (.png)")
+    parser.add_argument("--from-json", default=None, help="report (and plot) a saved run instead of measuring")
     parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "ACTIVATIONS", "KV_DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(*args.memory_child)
-    path = args.model or cecollm.default_model_path()
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+    else:
+        data = measure(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(data, f, indent=1)
+    report(data)
+    if args.plot:
+        plot(data, args.plot)
 
+
+def measure(args) -> dict:
+    import cecollm
+
+    path = args.model or cecollm.default_model_path()
     setups = {}
     for engine in args.engines.split(","):
         print(f"loading {engine} ...", flush=True)
         setups[engine] = ENGINES[engine](path, args.threads)
     print(f"measuring: {args.repeats} rounds after a warm-up, the engines in turn", flush=True)
     results = run_interleaved(setups, args.repeats)
+    for engine, runs in setups.items():  # cecollm's own decode rate inside gen128 (warm-up round left out)
+        rates = getattr(runs.get("gen128", (0, None))[1], "decode_rates", None)
+        if rates:
+            results[engine]["gen128_decode"] = statistics.median(rates[1:])
+    return {"model": os.path.basename(path), "threads": args.threads, "repeats": args.repeats,
+            "cpu": platform.processor() or platform.machine(), "results": results, "copy_bandwidth": copy_bandwidth(),
+            "weight_bytes_per_token": weight_bytes_per_token(path), "memory": peak_memory(path)}  # fmt: skip
 
-    bandwidth = copy_bandwidth()
-    per_token = weight_bytes_per_token(path)
-    limit = bandwidth / per_token
-    anchor = results.get("llama.cpp")
 
-    print(f"\nmodel {os.path.basename(path)}, {args.threads} threads, {platform.processor() or platform.machine()}")
-    columns = {"pp512": "pp512", "tg128": "tg128", "tg_deep": f"tg{TG_DEEP}@{DEPTH}", "gen128": "gen128"}
-    print(f"{'engine':<17}" + "".join(f"{c:>11}" for c in columns.values()) + "   x llama.cpp:"
-          + "".join(f"{c:>11}" for c in columns.values()))  # fmt: skip
+COLUMNS = {"pp512": "pp512", "tg128": "tg128", "tg_deep": f"tg{TG_DEEP}@{DEPTH}", "gen128": "gen128"}
+
+
+def report(data: dict) -> None:
+    """One table: tokens/s, ratios to llama.cpp and to transformers, % of the decode bandwidth limit;
+    then how generate() compares with raw decode, and peak memory."""
+    results = data["results"]
+    limit = data["copy_bandwidth"] / data["weight_bytes_per_token"]
+
+    def ratios(anchor):
+        ref = results.get(anchor, {})
+        return {e: [f"{r[k] / ref[k]:.2f}" if k in r and k in ref else "-" for k in COLUMNS] for e, r in results.items()}
+
+    by_llama, by_torch = ratios("llama.cpp"), ratios("transformers")
+    names = list(COLUMNS.values())
+    print(f"\nmodel {data.get('model', '?')}, {data['threads']} threads, {data.get('cpu', '?')}; tokens/s, median of"
+          f" {data.get('repeats', '?')} rounds")  # fmt: skip
+    head = f"{'engine':<16}" + "".join(f"{c:>10}" for c in names)
+    print(head + " |" + "".join(f"{c:>10}" for c in names) + " |" + "".join(f"{c:>10}" for c in names) + " | decode")
+    print(f"{'':<16}{'':>40} | {'x llama.cpp':<40}| {'x transformers':<40}| % of limit")
     for engine, r in results.items():
-        cells = [f"{r[k]:.1f}" if k in r else "-" for k in columns]
-        ratios = [f"{r[k] / anchor[k]:.2f}" if anchor and k in r and k in anchor else "-" for k in columns]
-        print(f"{engine:<17}" + "".join(f"{c:>11}" for c in cells) + f"{'':>14}" + "".join(f"{c:>11}" for c in ratios))
-    print(
-        "gen128: greedy generation through the public API (cecollm Model.generate, llama-cpp-python"
-        " create_completion, transformers generate), prompt included"
-    )
+        cells = "".join(f"{r[k]:>10.1f}" if k in r else f"{'-':>10}" for k in COLUMNS)
+        print(f"{engine:<16}{cells} |" + "".join(f"{c:>10}" for c in by_llama[engine]) + " |"
+              + "".join(f"{c:>10}" for c in by_torch[engine]) + f" | {r['tg128'] / limit:>6.0%}")  # fmt: skip
+    print(f"decode limit {limit:.0f} tok/s = copy bandwidth {data['copy_bandwidth'] / 1e9:.1f} GB/s / "
+          f"{data['weight_bytes_per_token'] / 1e6:.1f} MB of weights per token")  # fmt: skip
+    print("gen128: 128 greedy tokens through the public API (Model.generate, llama-cpp-python create_completion,"
+          " transformers generate), prompt included")  # fmt: skip
     for engine, r in results.items():
         if "gen128" in r:
-            rates = getattr(setups[engine]["gen128"][1], "decode_rates", None)
-            own = ""
-            if rates:  # the result's own figure, decode steps only (the warm-up round left out)
-                own = f"; decode steps alone (GenerationResult.tokens_per_s) {statistics.median(rates[1:]) / r['tg128']:.2f} x"
+            own = f"; its decode steps alone {r['gen128_decode'] / r['tg128']:.2f} x" if "gen128_decode" in r else ""
             print(f"  {engine}: gen128 = {r['gen128'] / r['tg128']:.2f} x its own tg128{own}")
-            if rates:
-                r["gen128_decode"] = statistics.median(rates[1:])
-    if "transformers" in results:
-        for engine in ("cecollm", "cecollm-q8", "cecollm-q8-kv16"):
-            if engine in results:
-                print(f"  {engine} decode = {results[engine]['tg128'] / results['transformers']['tg128']:.2f} x transformers")
-    print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s; weights read per token {per_token / 1e6:.1f} MB;"
-          f" decode limit {limit:.0f} tok/s")  # fmt: skip
-    for engine, r in results.items():
-        print(f"  {engine}: decode at {r['tg128'] / limit:.0%} of the bandwidth limit")
-    memory = peak_memory(path)
+    memory = data["memory"]
     ratio = (memory["model_peak"] - memory["kv"]) / memory["file"]
-    print(f"\npeak memory (pp512 + tg128, f32 KV): {memory['model_peak'] / 1e6:.1f} MB above the interpreter ="
+    print(f"peak memory (pp512 + tg128, f32 KV): {memory['model_peak'] / 1e6:.1f} MB above the interpreter ="
           f" {ratio:.2f} x the {memory['file'] / 1e6:.1f} MB file + {memory['kv'] / 1e6:.1f} MB KV cache"
           f" ({memory['after_load'] / 1e6:.1f} MB of it right after loading: metadata and tokenizer)")  # fmt: skip
 
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "results": results, "copy_bandwidth": bandwidth,
-                       "weight_bytes_per_token": per_token, "memory": memory}, f, indent=1)  # fmt: skip
+
+def plot(data: dict, path: str) -> None:
+    """Tokens/s per measurement and engine (bars), each labelled with its ratio to llama.cpp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    engines = list(results)
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(4 * len(COLUMNS), 4))
+    for ax, (key, name) in zip(axes, COLUMNS.items()):
+        shown = [e for e in engines if key in results[e]]
+        values = [results[e][key] for e in shown]
+        bars = ax.bar(range(len(shown)), values, color=[f"C{engines.index(e)}" for e in shown])
+        ref = results.get("llama.cpp", {}).get(key)
+        for bar, v in zip(bars, values):
+            if ref:
+                ax.annotate(f"{v / ref:.2f}x", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel("tokens/s")
+    fig.suptitle(f"{data.get('model', '')}, {data['threads']} threads, {data.get('cpu', '')} (labels: x llama.cpp)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":
