@@ -22,7 +22,7 @@ def _load(args):
         from . import _core
 
         _core.set_threads(args.threads)
-    return load_model(args.model, args.activations, args.kv_dtype)
+    return load_model(args.model, args.activations, args.kv_dtype, args.quantize)
 
 
 def cmd_info(args) -> int:
@@ -426,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--model", default=None,
-                       help="a llama GGUF, or a preset: smollm2-135m (the default), smollm2-135m-ee (tuned for exits)")  # fmt: skip
+                       help="a llama GGUF, a Hugging Face checkpoint directory, or a preset: smollm2-135m (the default), "
+                            "smollm2-135m-ee (tuned for exits)")  # fmt: skip
+        p.add_argument("--quantize", choices=("q8_0", "q4_0", "q4_1", "f16", "f32"), default="q8_0",
+                       help="how a Hugging Face checkpoint's weight matrices are stored once loaded")  # fmt: skip
         p.add_argument("--threads", type=positive_int, default=None, help="threads for the C core (default: all cores)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--activations", choices=("f32", "q8"), default="f32",

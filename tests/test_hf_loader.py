@@ -1,0 +1,107 @@
+"""Hugging Face checkpoint directories: a tiny random llama written by transformers (safetensors,
+F32 and BF16, tied and untied output), loaded by cecollm with its weights quantized at load, against
+transformers on the same weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cecollm
+from cecollm import _core
+from cecollm.gguf_loader import ModelFormatError
+
+pytestmark = pytest.mark.model
+
+IDS = [1, 504, 3458, 314, 4649, 28, 30, 198, 2205, 253, 1456, 17, 7]
+
+
+def tiny_checkpoint(folder, tokenizer_model, *, tie: bool, dtype=torch.float32, seed=0):
+    """A 2-layer llama with SmolLM2's tokenizer (tokenizer.json written by the tokenizers library)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer_model.config["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    hf = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # norms away from 1, so that a missing or misplaced norm shows
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(folder, safe_serialization=True)
+    tokenizer_model.tokenizer._tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+                    "chat_template": tokenizer_model.tokenizer.chat_template})  # fmt: skip
+    )
+    return hf.float()
+
+
+def torch_logits(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+def with_weights_as_stored(hf, quantize):
+    """The torch model with each weight matrix replaced by what cecollm stores for it (quantized with
+    ggml's rounding, dequantized back): the reference for a quantized load."""
+    qtype = {"q8_0": _core.TYPE_Q8_0, "q4_0": _core.TYPE_Q4_0, "q4_1": _core.TYPE_Q4_1}[quantize]
+    with torch.no_grad():
+        for _, p in hf.named_parameters():
+            if p.ndim == 2:
+                w = p.numpy().astype(np.float32)
+                raw = _core.quantize(np.ascontiguousarray(w), qtype)
+                p.copy_(torch.from_numpy(_core.dequantize(raw, qtype, *w.shape)))
+    return hf
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_f32_checkpoint_matches_transformers(tmp_path, model, tie):
+    hf = tiny_checkpoint(tmp_path, model, tie=tie)
+    ours = cecollm.load_model(str(tmp_path), quantize="f32")
+    assert ours.config["rope_style"] == _core.ROPE_HALF and ours.config["n_layers"] == 2
+    np.testing.assert_allclose(ours.logits(IDS), torch_logits(hf, IDS), atol=1e-4)
+    # the tokenizer is the checkpoint's own
+    assert ours.tokenize("Hello world") == model.tokenize("Hello world")
+    im_end = ours.tokenizer._tok.token_to_id("<|im_end|>")
+    assert ours.tokenizer.eos_id == im_end and im_end in ours.tokenizer.end_ids and ours.tokenizer.chat_template
+
+
+@pytest.mark.parametrize("quantize", ["q8_0", "q4_1"])
+def test_quantized_at_load_matches_transformers_on_the_stored_weights(tmp_path, model, quantize):
+    hf = tiny_checkpoint(tmp_path, model, tie=False, dtype=torch.bfloat16, seed=1)
+    ours = cecollm.load_model(str(tmp_path), quantize=quantize)
+    assert {t for _, t, *_ in ours.weights.tensors.values()} == {_core.TYPE_F32, getattr(_core, f"TYPE_{quantize.upper()}")}
+    reference = with_weights_as_stored(hf, quantize)
+    np.testing.assert_allclose(ours.logits(IDS), torch_logits(reference, IDS), atol=1e-4)
+    greedy = ours.generate(IDS, max_new_tokens=8).tokens
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([IDS]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert greedy == out[0, len(IDS) :].tolist()[: len(greedy)]
+
+
+def test_unsupported_checkpoints_are_refused_clearly(tmp_path, model):
+    tiny_checkpoint(tmp_path, model, tie=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, message in (
+        ({"model_type": "qwen2"}, "model_type 'qwen2' is not supported"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+        ({"attention_bias": True}, "biases"),
+    ):
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ModelFormatError, match=message):
+            cecollm.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        cecollm.load_model(str(tmp_path), quantize="q3")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(ModelFormatError, match="do not hold"):
+        cecollm.load_model(str(tmp_path))
+    weights.write_bytes(b"\xff" * 16)
+    with pytest.raises(ModelFormatError, match="header length"):
+        cecollm.load_model(str(tmp_path))
