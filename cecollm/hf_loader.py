@@ -32,6 +32,21 @@ LAYER_NAMES = {
 }  # fmt: skip
 
 
+def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
+    """Divisors of each RoPE inverse frequency under Llama 3's scaling (transformers'
+    _compute_llama3_parameters; llama.cpp's rope_freqs.weight): wavelengths longer than
+    original / low_freq_factor are divided by `factor`, shorter than original / high_freq_factor kept,
+    and blended smoothly between."""
+    factor, old = float(scaling["factor"]), float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    scaled = np.where(wavelen > old / low, inv / factor, np.where(wavelen < old / high, inv, blended))
+    return (inv / scaled).astype(np.float32)
+
+
 def is_hf_dir(path) -> bool:
     return path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
@@ -102,8 +117,14 @@ def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
         raise ModelFormatError(f"{folder}: model_type {arch!r} is not supported (only 'llama' and 'mistral')")
     if hf.get("sliding_window") not in (None, 0) and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
         raise ModelFormatError(f"{folder}: a sliding attention window ({hf['sliding_window']}) is not implemented")
-    if hf.get("rope_scaling") not in (None, {}):
-        raise ModelFormatError(f"{folder}: rope_scaling {hf['rope_scaling']!r} is not supported")
+    # RoPE: rope_theta and rope_scaling, or (transformers >= 5) both inside rope_parameters
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in (hf.get("rope_scaling") or rope).items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ModelFormatError(f"{folder}: rope scaling {scaling!r} is not supported (only Llama 3's)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ModelFormatError(f"{folder}: attention or MLP biases are not supported")
     try:
@@ -116,7 +137,7 @@ def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
             "n_kv_heads": int(hf.get("num_key_value_heads") or n_heads),
             "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
             "vocab": int(hf["vocab_size"]),
-            "rope_theta": float(hf.get("rope_theta", 10000.0)),
+            "rope_theta": float(theta),
             "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
             "rope_style": _core.ROPE_HALF,
             "context_length": int(hf.get("max_position_embeddings", 2048)),
@@ -150,6 +171,12 @@ def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
             data = _core.quantize(np.ascontiguousarray(x), qtype)
         tensors[name] = (data, qtype, rows, cols)
         n_bytes += data.nbytes
+    if scaling:
+        try:
+            factors = llama3_rope_factors(scaling, config["head_dim"], config["rope_theta"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            raise ModelFormatError(f"{folder}: rope scaling {scaling!r} lacks or mangles {exc}") from None
+        tensors["rope_freqs.weight"] = (factors, _core.TYPE_F32, 1, len(factors))
     if not hf.get("tie_word_embeddings", False) and "output.weight" not in tensors:
         raise ModelFormatError(f"{folder}: tie_word_embeddings is false but lm_head.weight is missing")
     _check_tensor_shapes(folder, config, tensors)

@@ -17,15 +17,16 @@ pytestmark = pytest.mark.model
 IDS = [1, 504, 3458, 314, 4649, 28, 30, 198, 2205, 253, 1456, 17, 7]
 
 
-def tiny_checkpoint(folder, tokenizer_model, *, tie: bool, dtype=torch.float32, seed=0):
+def tiny_checkpoint(folder, tokenizer_model, *, tie: bool, dtype=torch.float32, seed=0, rope_scaling=None):
     """A 2-layer llama with SmolLM2's tokenizer (tokenizer.json written by the tokenizers library)."""
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         vocab_size=tokenizer_model.config["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=50000.0,
         max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        rope_scaling=rope_scaling,
     )  # fmt: skip
     hf = transformers.LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():  # norms away from 1, so that a missing or misplaced norm shows
@@ -35,8 +36,14 @@ def tiny_checkpoint(folder, tokenizer_model, *, tie: bool, dtype=torch.float32, 
     hf.save_pretrained(folder, safe_serialization=True)
     tokenizer_model.tokenizer._tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
-                    "chat_template": tokenizer_model.tokenizer.chat_template})  # fmt: skip
+        json.dumps(
+            {
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "add_bos_token": False,
+                "chat_template": tokenizer_model.tokenizer.chat_template,
+            }
+        )  # fmt: skip
     )
     return hf.float()
 
@@ -84,12 +91,30 @@ def test_quantized_at_load_matches_transformers_on_the_stored_weights(tmp_path, 
     assert greedy == out[0, len(IDS) :].tolist()[: len(greedy)]
 
 
+def test_llama3_rope_scaling(tmp_path, model):
+    """Llama 3's frequency-dependent RoPE scaling, with an original context short enough that this
+    head size has long, short and blended wavelengths, over 60 positions."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+    hf = tiny_checkpoint(tmp_path, model, tie=True, rope_scaling=scaling)
+    ids = (IDS * 5)[:60]
+    ours = cecollm.load_model(str(tmp_path), quantize="f32")
+    factors = ours.weights.tensors["rope_freqs.weight"][0]
+    assert factors.min() == 1.0 and factors.max() == 8.0 and len(set(factors.tolist())) > 2  # kept, divided, blended
+    np.testing.assert_allclose(ours.logits(ids), torch_logits(hf, ids), atol=1e-4)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": None, "rope_parameters": None}))
+    unscaled = cecollm.load_model(str(tmp_path), quantize="f32").logits(ids)
+    assert np.abs(unscaled - torch_logits(hf, ids)).max() > 1e-3  # the scaling is what made them agree
+
+
 def test_unsupported_checkpoints_are_refused_clearly(tmp_path, model):
     tiny_checkpoint(tmp_path, model, tie=True)
     config = json.loads((tmp_path / "config.json").read_text())
     for change, message in (
         ({"model_type": "qwen2"}, "model_type 'qwen2' is not supported"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 8.0}}, "only Llama 3"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "original_max_position_embeddings"),
         ({"attention_bias": True}, "biases"),
     ):
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))

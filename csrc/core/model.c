@@ -68,12 +68,21 @@ ce_status ce_model_init(ce_model *m, char *err, size_t errlen) {
         CHECK(&L->w_up, "ffn_up", l, c->ffn_dim, c->dim, 0);
         CHECK(&L->w_down, "ffn_down", l, c->dim, c->ffn_dim, 0);
     }
+    const float *freq_factors = m->rope_freqs.data;
+    if (freq_factors != NULL) {
+        CHECK(&m->rope_freqs, "rope_freqs", -1, 1, c->head_dim / 2, 1);
+        for (int i = 0; i < c->head_dim / 2; i++)
+            if (!(freq_factors[i] > 0.0f) || !isfinite(freq_factors[i]))
+                return ce_fail(err, errlen, CE_EINVAL, "rope_freqs[%d] = %g is not a positive number", i, (double)freq_factors[i]);
+    }
 #undef CHECK
 
     m->rope_inv_freq = malloc(sizeof(float) * (size_t)(c->head_dim / 2));
     if (m->rope_inv_freq == NULL) return ce_fail(err, errlen, CE_ENOMEM, "out of memory for rope table");
-    for (int i = 0; i < c->head_dim / 2; i++) /* theta^(-2i/head_dim), computed as Hugging Face does */
+    for (int i = 0; i < c->head_dim / 2; i++) { /* theta^(-2i/head_dim), computed as Hugging Face does */
         m->rope_inv_freq[i] = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->head_dim);
+        if (freq_factors != NULL) m->rope_inv_freq[i] /= freq_factors[i];
+    }
     return CE_OK;
 }
 

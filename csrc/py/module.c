@@ -182,6 +182,7 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     int r = tensor_from_dict(tensors, "output.weight", &self->model.output, self->keep, 0);
     if (r < 0) return -1;
     if (r == 1) self->model.output = self->model.token_embd; /* tied embeddings */
+    if (tensor_from_dict(tensors, "rope_freqs.weight", &self->model.rope_freqs, self->keep, 0) < 0) return -1;
     static const char *names[] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"};
     for (int l = 0; l < c->n_layers; l++) {

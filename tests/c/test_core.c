@@ -445,6 +445,19 @@ static void test_model_validation(void) {
     t.m.cfg.n_kv_heads = 3;
     CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL, "heads must group: %s", err);
     t.m.cfg.n_kv_heads = 2;
+
+    /* RoPE frequency divisors (Llama 3 scaling): head_dim / 2 positive floats, each dividing its frequency */
+    float factors[8] = {1, 1, 2, 4, 8, 8, 8, 8};
+    t.m.rope_freqs = (ce_tensor){factors, CE_TYPE_F32, 8, 1};
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_OK, "rope_freqs accepted: %s", err);
+    const float plain = 1.0f / powf(t.m.cfg.rope_theta, 6.0f / 16.0f);
+    CHECK(t.m.rope_inv_freq[3] == plain / 4.0f, "rope_freqs divides: %g vs %g", (double)t.m.rope_inv_freq[3], (double)plain);
+    ce_model_free(&t.m);
+    factors[5] = 0.0f;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "rope_freqs[5]"), "zero divisor: %s", err);
+    t.m.rope_freqs.cols = 7;
+    CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "rope_freqs"), "rope_freqs shape: %s", err);
+    t.m.rope_freqs = (ce_tensor){0};
     tiny_free(&t);
 }
 

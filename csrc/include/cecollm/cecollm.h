@@ -191,7 +191,9 @@ typedef struct {
     ce_tensor output_norm; /* (dim) F32 */
     ce_tensor output;      /* (vocab, dim): the LM head; equals token_embd when tied */
     ce_layer *layers;      /* n_layers, owned by the caller */
-    float *rope_inv_freq;  /* (head_dim/2) theta^(-2i/head_dim), owned by the model */
+    ce_tensor rope_freqs;  /* (head_dim/2) F32 divisors of the inverse frequencies (Llama 3's RoPE
+                            * scaling, llama.cpp's rope_freqs.weight); data NULL: none */
+    float *rope_inv_freq;  /* (head_dim/2) theta^(-2i/head_dim) / rope_freqs[i], owned by the model */
 } ce_model;
 
 /* Validates config, shapes and types of a model whose fields the caller filled, and allocates its
