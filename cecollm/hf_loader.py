@@ -103,8 +103,9 @@ def _weights_files(folder: str) -> list[str]:
 
 
 def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
-    """A llama checkpoint directory as LoadedWeights, the weight matrices quantized to `quantize`
-    (f32, f16, q8_0, q4_0 or q4_1) with ggml's reference rounding; norms stay F32."""
+    """A llama, mistral or qwen2 checkpoint directory as LoadedWeights, the weight matrices quantized
+    to `quantize` (f32, f16, q8_0, q4_0 or q4_1) with ggml's reference rounding; norms and biases
+    stay F32."""
     from .tokenizer import TextTokenizer
 
     folder = str(folder)
@@ -113,10 +114,11 @@ def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
     arch = hf.get("model_type")
-    if arch not in ("llama", "mistral"):
-        raise ModelFormatError(f"{folder}: model_type {arch!r} is not supported (only 'llama' and 'mistral')")
-    if hf.get("sliding_window") not in (None, 0) and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-        raise ModelFormatError(f"{folder}: a sliding attention window ({hf['sliding_window']}) is not implemented")
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise ModelFormatError(f"{folder}: model_type {arch!r} is not supported (only 'llama', 'mistral' and 'qwen2')")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+    if window and window < hf.get("max_position_embeddings", 0):
+        raise ModelFormatError(f"{folder}: a sliding attention window ({window}) is not implemented")
     # RoPE: rope_theta and rope_scaling, or (transformers >= 5) both inside rope_parameters
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -152,13 +154,15 @@ def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
     wanted = dict(GLOBAL_NAMES)
     for i in range(config["n_layers"]):
         wanted.update({f"model.layers.{i}.{hf_name}.weight": f"blk.{i}.{name}.weight" for hf_name, name in LAYER_NAMES.items()})
+        if arch == "qwen2":  # biases on the q, k and v projections
+            wanted.update({f"model.layers.{i}.self_attn.{p}_proj.bias": f"blk.{i}.attn_{p}.bias" for p in "qkv"})
     for hf_name, x in arrays.items():
         if hf_name not in wanted:
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
-            raise ModelFormatError(f"{folder}: tensor {hf_name} is not part of a llama model")
+            raise ModelFormatError(f"{folder}: tensor {hf_name} is not part of a {arch} model")
         name = wanted[hf_name]
-        if x.ndim == 1:  # norms: F32 vectors
+        if x.ndim == 1:  # norms and biases: F32 vectors
             tensors[name] = (np.ascontiguousarray(x), _core.TYPE_F32, 1, len(x))
             continue
         rows, cols = x.shape

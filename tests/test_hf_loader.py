@@ -108,11 +108,34 @@ def test_llama3_rope_scaling(tmp_path, model):
     assert np.abs(unscaled - torch_logits(hf, ids)).max() > 1e-3  # the scaling is what made them agree
 
 
+def test_qwen2_checkpoint_matches_transformers(tmp_path, model):
+    """Qwen2 layers: biases on the q, k and v projections."""
+    import transformers
+
+    torch.manual_seed(3)
+    config = transformers.Qwen2Config(
+        vocab_size=model.config["vocab"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256,
+        tie_word_embeddings=True, use_sliding_window=False,
+    )  # fmt: skip
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # biases away from zero, so that a missing one shows
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model.tokenizer._tok.save(str(tmp_path / "tokenizer.json"))
+    ours = cecollm.load_model(str(tmp_path), quantize="f32")
+    assert "blk.1.attn_k.bias" in ours.weights.tensors
+    np.testing.assert_allclose(ours.logits(IDS), torch_logits(hf, IDS), atol=1e-4)
+
+
 def test_unsupported_checkpoints_are_refused_clearly(tmp_path, model):
     tiny_checkpoint(tmp_path, model, tie=True)
     config = json.loads((tmp_path / "config.json").read_text())
     for change, message in (
-        ({"model_type": "qwen2"}, "model_type 'qwen2' is not supported"),
+        ({"model_type": "phi3"}, "model_type 'phi3' is not supported"),
+        ({"model_type": "mistral", "sliding_window": 128}, "sliding attention window"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 8.0}}, "only Llama 3"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "original_max_position_embeddings"),
         ({"attention_bias": True}, "biases"),

@@ -67,6 +67,9 @@ ce_status ce_model_init(ce_model *m, char *err, size_t errlen) {
         CHECK(&L->w_gate, "ffn_gate", l, c->ffn_dim, c->dim, 0);
         CHECK(&L->w_up, "ffn_up", l, c->ffn_dim, c->dim, 0);
         CHECK(&L->w_down, "ffn_down", l, c->dim, c->ffn_dim, 0);
+        if (L->bq.data != NULL) CHECK(&L->bq, "attn_q.bias", l, 1, qd, 1);
+        if (L->bk.data != NULL) CHECK(&L->bk, "attn_k.bias", l, 1, kvd, 1);
+        if (L->bv.data != NULL) CHECK(&L->bv, "attn_v.bias", l, 1, kvd, 1);
     }
     const float *freq_factors = m->rope_freqs.data;
     if (freq_factors != NULL) {
@@ -263,6 +266,14 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n
 
 /* ---- forward ---- */
 
+/* y (n, b->cols) += b in every row, when the bias exists */
+static void add_bias(const ce_tensor *b, int n, float *y) {
+    if (b->data == NULL) return;
+    const float *bias = b->data;
+    for (int i = 0; i < n; i++)
+        for (int64_t j = 0; j < b->cols; j++) y[(size_t)i * b->cols + j] += bias[j];
+}
+
 ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, char *err, size_t errlen) {
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= m->cfg.vocab)
@@ -372,6 +383,8 @@ ce_status ce_fill_kv(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
         const ce_tensor *kv_w[] = {&m->layers[l].wk, &m->layers[l].wv};
         float *const kv_y[] = {k, v};
         if ((st = matmul_shared(2, kv_w, kv_y, ws, m->activations, n, xn, err, errlen))) return st;
+        add_bias(&m->layers[l].bk, n, k);
+        add_bias(&m->layers[l].bv, n, v);
         store_kv(m, kv, l, n, pos0, k, v, cs);
     }
     return CE_OK;
@@ -418,6 +431,9 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
         const ce_tensor *qkv_w[] = {&L->wq, &L->wk, &L->wv};
         float *const qkv_y[] = {q, k, v};
         if ((st = matmul_shared(3, qkv_w, qkv_y, ws, m->activations, n, xn, err, errlen))) return st;
+        add_bias(&L->bq, n, q);
+        add_bias(&L->bk, n, k);
+        add_bias(&L->bv, n, v);
         for (int s = 0, i0 = 0; s < n_seqs; i0 += seqs[s].n, s++)
             store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd,
                      cs + (size_t)i0 * hd);

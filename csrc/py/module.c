@@ -193,6 +193,12 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
             snprintf(name, sizeof name, "blk.%d.%s.weight", l, names[j]);
             if (tensor_from_dict(tensors, name, slots[j], self->keep, 1)) return -1;
         }
+        ce_tensor *biases[] = {&L->bq, &L->bk, &L->bv}; /* optional (Qwen2) */
+        for (int j = 0; j < 3; j++) {
+            char name[64];
+            snprintf(name, sizeof name, "blk.%d.%s.bias", l, names[1 + j]);
+            if (tensor_from_dict(tensors, name, biases[j], self->keep, 0) < 0) return -1;
+        }
     }
     char err[CE_ERRLEN] = "";
     ce_status st = ce_model_init(&self->model, err, sizeof err);

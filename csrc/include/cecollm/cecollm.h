@@ -174,6 +174,7 @@ typedef struct {
     ce_tensor w_gate;    /* (ffn_dim, dim) */
     ce_tensor w_up;      /* (ffn_dim, dim) */
     ce_tensor w_down;    /* (dim, ffn_dim) */
+    ce_tensor bq, bk, bv; /* F32 biases of the q, k and v projections (Qwen2); data NULL: none */
 } ce_layer;
 
 /* How activations enter the matrix products of quantized weights. */
