@@ -1,4 +1,4 @@
-"""Reading a llama-architecture GGUF into what the C core needs, with every field validated.
+"""Reading a llama- or qwen2-architecture GGUF into what the C core needs, with every field validated.
 
 Quantized tensors are handed to C as the memory-mapped bytes of the file (never re-quantized). The
 result is format-neutral (:class:`LoadedWeights`): another loader (a Hugging Face directory, say)
@@ -26,6 +26,10 @@ SUPPORTED_TYPES = {
     _core.TYPE_Q8_0: "Q8_0",
 }
 FLOAT_DTYPES = {_core.TYPE_F32: "<f4", _core.TYPE_F16: "<f2"}
+# Architectures, with how their Q/K rows rotate: llama.cpp's converter permutes llama's for
+# adjacent-pair rotation; qwen2 keeps Hugging Face's rotate-half order (llama.cpp's NEOX). Qwen2 adds
+# biases to the q, k and v projections (blk.N.attn_{q,k,v}.bias).
+ROPE_STYLES = {"llama": _core.ROPE_ADJACENT, "qwen2": _core.ROPE_HALF}
 LAYER_TENSORS = (
     "attn_norm",
     "attn_q",
@@ -117,31 +121,30 @@ def load_gguf(path: str | os.PathLike) -> LoadedWeights:
     size = reader.size
 
     arch = _field(reader, "general.architecture", required=True, kind=str)
-    if arch != "llama":
-        raise ModelFormatError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    scaling = _field(reader, "llama.rope.scaling.type", kind=str)
+    if arch not in ROPE_STYLES:
+        raise ModelFormatError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(ROPE_STYLES)})")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", kind=str)
     if scaling not in (None, "none"):
         raise ModelFormatError(f"{path}: rope scaling {scaling!r} is not supported")
 
-    n_layers = _int_field(reader, "llama.block_count", required=True, high=4096)
-    dim = _int_field(reader, "llama.embedding_length", required=True, high=1 << 16)
-    n_heads = _int_field(reader, "llama.attention.head_count", required=True, high=1024)
-    n_kv_heads = _int_field(reader, "llama.attention.head_count_kv", default=n_heads, high=1024)
-    head_dim = _int_field(reader, "llama.attention.key_length", default=dim // n_heads, high=1024)
+    n_layers = _int_field(reader, f"{arch}.block_count", required=True, high=4096)
+    dim = _int_field(reader, f"{arch}.embedding_length", required=True, high=1 << 16)
+    n_heads = _int_field(reader, f"{arch}.attention.head_count", required=True, high=1024)
+    n_kv_heads = _int_field(reader, f"{arch}.attention.head_count_kv", default=n_heads, high=1024)
+    head_dim = _int_field(reader, f"{arch}.attention.key_length", default=dim // n_heads, high=1024)
     tokens = _field(reader, "tokenizer.ggml.tokens", required=True, kind=StringArray)
     config = {
         "n_layers": n_layers,
         "dim": dim,
-        "ffn_dim": _int_field(reader, "llama.feed_forward_length", required=True, high=1 << 18),
+        "ffn_dim": _int_field(reader, f"{arch}.feed_forward_length", required=True, high=1 << 18),
         "n_heads": n_heads,
         "n_kv_heads": n_kv_heads,
         "head_dim": head_dim,
-        "vocab": _int_field(reader, "llama.vocab_size", default=len(tokens), high=1 << 22),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base", 10000.0, kind=(int, float))),
-        "norm_eps": float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, kind=(int, float))),
-        # llama.cpp's converter permutes Q/K rows for adjacent-pair rotation
-        "rope_style": _core.ROPE_ADJACENT,
-        "context_length": _int_field(reader, "llama.context_length", default=2048),
+        "vocab": _int_field(reader, f"{arch}.vocab_size", default=len(tokens), high=1 << 22),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0, kind=(int, float))),
+        "norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, kind=(int, float))),
+        "rope_style": ROPE_STYLES[arch],
+        "context_length": _int_field(reader, f"{arch}.context_length", default=2048),
     }
 
     tensors = {}

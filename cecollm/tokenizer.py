@@ -25,6 +25,10 @@ LLAMA3_SPLIT = (
 )
 
 
+# Qwen2's: the same with digits one at a time
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
 def _pre_tokenizer(name: str):
     """The pre-tokenizer llama.cpp names `name` (tokenizer.ggml.pre)."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -32,14 +36,14 @@ def _pre_tokenizer(name: str):
         return byte_level
     if name == "smollm":  # SmolLM's tokenizer.json: digits one by one, then GPT-2 byte-level splitting
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if name in ("llama3", "llama-bpe"):
+    if name in ("llama3", "llama-bpe", "qwen2"):
         return pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT if name == "qwen2" else LLAMA3_SPLIT), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-    raise ValueError(f"pre-tokenizer {name!r} is not supported (supported: default, gpt2, smollm, llama3)")
+    raise ValueError(f"pre-tokenizer {name!r} is not supported (supported: default, gpt2, smollm, llama3, qwen2)")
 
 
 def _read_json(path: str) -> dict:

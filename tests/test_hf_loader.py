@@ -128,6 +128,58 @@ def test_qwen2_checkpoint_matches_transformers(tmp_path, model):
     ours = cecollm.load_model(str(tmp_path), quantize="f32")
     assert "blk.1.attn_k.bias" in ours.weights.tensors
     np.testing.assert_allclose(ours.logits(IDS), torch_logits(hf, IDS), atol=1e-4)
+    # the same weights as a qwen2 GGUF (llama.cpp's layout: Q/K rows unpermuted, rotate-half RoPE)
+    gguf_path = tmp_path / "tiny-qwen2.gguf"
+    write_gguf(gguf_path, "qwen2", ours, {name: p.detach().numpy() for name, p in hf.named_parameters()})
+    from_gguf = cecollm.load_model(str(gguf_path))
+    assert from_gguf.config["rope_style"] == _core.ROPE_HALF
+    np.testing.assert_allclose(from_gguf.logits(IDS), torch_logits(hf, IDS), atol=1e-4)
+
+
+def write_gguf(path, arch, loaded, params):
+    """An F32 GGUF of a Hugging Face parameter dict {name: array}, with loaded's config and vocabulary."""
+    import gguf
+
+    from cecollm.hf_loader import GLOBAL_NAMES, LAYER_NAMES
+
+    c = loaded.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c["n_layers"])
+    w.add_context_length(c["context_length"])
+    w.add_embedding_length(c["dim"])
+    w.add_feed_forward_length(c["ffn_dim"])
+    w.add_head_count(c["n_heads"])
+    w.add_head_count_kv(c["n_kv_heads"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["norm_eps"])
+    w.add_vocab_size(c["vocab"])
+    vocab = loaded.tokenizer._tok.get_vocab(with_added_tokens=True)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(arch)
+    w.add_token_list(sorted(vocab, key=vocab.get))
+    w.add_token_types([1] * len(vocab))
+    w.add_token_merges([])
+    names = dict(GLOBAL_NAMES)
+    for i in range(c["n_layers"]):
+        names.update({f"model.layers.{i}.{h}.weight": f"blk.{i}.{g}.weight" for h, g in LAYER_NAMES.items()})
+        names.update({f"model.layers.{i}.self_attn.{p}_proj.bias": f"blk.{i}.attn_{p}.bias" for p in "qkv"})
+    for name, x in params.items():
+        w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_pre_tokenizers_of_each_family():
+    """Llama 3 groups digits by three, Qwen2 splits them one by one (their tokenizer.json regexes)."""
+    from cecollm.tokenizer import _pre_tokenizer
+
+    def words(name, text):
+        return [w for w, _ in _pre_tokenizer(name).pre_tokenize_str(text)]
+
+    assert words("llama3", "In 12345 days") == ["In", "Ġ", "123", "45", "Ġdays"]
+    assert words("qwen2", "In 12345 days") == ["In", "Ġ", "1", "2", "3", "4", "5", "Ġdays"]
 
 
 def test_unsupported_checkpoints_are_refused_clearly(tmp_path, model):
