@@ -29,6 +29,11 @@ TYPE_F16: int
 TYPE_Q4_0: int
 TYPE_Q4_1: int
 TYPE_Q8_0: int
+TYPE_Q5_0: int
+TYPE_Q5_1: int
+TYPE_Q4_K: int
+TYPE_Q5_K: int
+TYPE_Q6_K: int
 WIRE_F16: int
 WIRE_Q8_0: int
 WIRE_F32: int

@@ -24,6 +24,11 @@ SUPPORTED_TYPES = {
     _core.TYPE_Q4_0: "Q4_0",
     _core.TYPE_Q4_1: "Q4_1",
     _core.TYPE_Q8_0: "Q8_0",
+    _core.TYPE_Q5_0: "Q5_0",
+    _core.TYPE_Q5_1: "Q5_1",
+    _core.TYPE_Q4_K: "Q4_K",
+    _core.TYPE_Q5_K: "Q5_K",
+    _core.TYPE_Q6_K: "Q6_K",
 }
 FLOAT_DTYPES = {_core.TYPE_F32: "<f4", _core.TYPE_F16: "<f2"}
 # Architectures, with how their Q/K rows rotate: llama.cpp's converter permutes llama's for

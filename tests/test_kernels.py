@@ -16,10 +16,25 @@ TYPES = {
     "Q4_0": (_core.TYPE_Q4_0, gguf.GGMLQuantizationType.Q4_0),
     "Q4_1": (_core.TYPE_Q4_1, gguf.GGMLQuantizationType.Q4_1),
     "Q8_0": (_core.TYPE_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "Q5_0": (_core.TYPE_Q5_0, gguf.GGMLQuantizationType.Q5_0),
+    "Q5_1": (_core.TYPE_Q5_1, gguf.GGMLQuantizationType.Q5_1),
+    "Q4_K": (_core.TYPE_Q4_K, gguf.GGMLQuantizationType.Q4_K),
+    "Q5_K": (_core.TYPE_Q5_K, gguf.GGMLQuantizationType.Q5_K),
+    "Q6_K": (_core.TYPE_Q6_K, gguf.GGMLQuantizationType.Q6_K),
 }
+# gguf has no quantizer for the K-quants: their tests use random blocks with sane fp16 scales, at
+# these byte offsets of each block (d and dmin; Q6_K keeps d last)
+K_QUANT_SCALES = {gguf.GGMLQuantizationType.Q4_K: (144, (0, 2)), gguf.GGMLQuantizationType.Q5_K: (176, (0, 2)),
+                  gguf.GGMLQuantizationType.Q6_K: (210, (208,))}  # fmt: skip
 
 
 def quantized(rng, rows, cols, qtype):
+    if qtype in K_QUANT_SCALES:
+        size, offsets = K_QUANT_SCALES[qtype]
+        blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+        for at in offsets:
+            blocks[:, :, at : at + 2] = (rng.uniform(1e-3, 2e-2, (rows, cols // 256, 1))).astype("<f2").view(np.uint8)
+        return blocks.reshape(rows, -1)
     data = (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32)
     if qtype == gguf.GGMLQuantizationType.F32:
         return data.view(np.uint8).reshape(rows, -1).copy()
@@ -45,16 +60,16 @@ def kernels(request):
 @pytest.mark.parametrize("type_name", TYPES)
 def test_dequantize_matches_gguf(rng, type_name):
     ours, theirs = TYPES[type_name]
-    raw = quantized(rng, 7, 96, theirs)
-    got = _core.dequantize(raw, ours, 7, 96)
-    np.testing.assert_array_equal(got, reference_dequantize(raw, theirs, 7, 96))
+    raw = quantized(rng, 7, 512, theirs)  # whole K-quant super-blocks
+    got = _core.dequantize(raw, ours, 7, 512)
+    np.testing.assert_array_equal(got, reference_dequantize(raw, theirs, 7, 512))
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("n", [1, 3, _core.SMALL_BATCH, _core.SMALL_BATCH + 5])
 def test_matmul_matches_numpy(rng, kernels, type_name, n):
     ours, theirs = TYPES[type_name]
-    rows, cols = 300, 576
+    rows, cols = 300, 768
     raw = quantized(rng, rows, cols, theirs)
     w = reference_dequantize(raw, theirs, rows, cols).astype(np.float64)
     x = rng.standard_normal((n, cols)).astype(np.float32)
@@ -160,7 +175,7 @@ def test_bad_arguments_raise(rng):
     with pytest.raises(ValueError, match="do not hold"):
         _core.dequantize(raw, _core.TYPE_Q4_1, 5, 64)
     with pytest.raises(ValueError, match="not supported"):
-        _core.dequantize(raw, 6, 4, 64)
+        _core.dequantize(raw, 9, 4, 64)  # Q8_1: not a weight type here
     with pytest.raises(ValueError, match="shape"):
         _core.matmul(raw, _core.TYPE_Q4_1, 4, 64, np.zeros((2, 65), np.float32))
     with pytest.raises(ValueError, match="'f32' or 'q8'"):

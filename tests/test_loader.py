@@ -32,6 +32,42 @@ def test_tiny_model_loads_and_runs(tiny_path):
     np.testing.assert_allclose(np.stack(one), logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("activations", ["f32", "q8"])
+def test_k_quant_and_q5_layers_run_as_their_dequantized_values(tmp_path, activations):
+    """A model whose layers are Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 (random blocks with sane scales, the
+    K-quant mixes' types) against the same model with those matrices stored as gguf's dequantization
+    of them in F32: the same logits (q8 mode takes fp32 activations for these types)."""
+    from .test_kernels import TYPES, quantized
+
+    rng = np.random.default_rng(4)
+    dim, ffn, heads, kv_heads = 256, 512, 4, 2
+    hd = dim // heads
+    kinds = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q5_0", "ffn_gate": "Q5_1",
+             "ffn_up": "Q4_K", "ffn_down": "Q6_K"}  # fmt: skip
+    shapes = {"attn_q": (heads * hd, dim), "attn_k": (kv_heads * hd, dim), "attn_v": (kv_heads * hd, dim),
+              "attn_output": (dim, heads * hd), "ffn_gate": (ffn, dim), "ffn_up": (ffn, dim), "ffn_down": (dim, ffn)}  # fmt: skip
+    quant, plain = {}, {}
+    for layer in range(2):
+        for name, kind in kinds.items():
+            rows, cols = shapes[name]
+            qtype = TYPES[kind][1]
+            if kind in ("Q5_0", "Q5_1"):  # gguf quantizes these
+                raw = gguf.quants.quantize((rng.standard_normal((rows, cols)) * 0.05).astype(np.float32), qtype)
+            else:
+                raw = quantized(rng, rows, cols, qtype)
+            quant[f"blk.{layer}.{name}.weight"] = (raw, qtype)
+            plain[f"blk.{layer}.{name}.weight"] = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+    kw = dict(dim=dim, ffn=ffn, n_heads=heads, n_kv_heads=kv_heads)
+    write_tiny_gguf(tmp_path / "k.gguf", overrides=quant, **kw)
+    write_tiny_gguf(tmp_path / "f32.gguf", overrides=plain, **kw)
+    k_model = cecollm.load_model(tmp_path / "k.gguf", activations)
+    f32_model = cecollm.load_model(tmp_path / "f32.gguf", activations)
+    assert k_model.info()["tensor_types"].keys() >= {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"}
+    ids = k_model.tokenize("hello world, and more words to fill a few positions")
+    np.testing.assert_allclose(k_model.logits(ids), f32_model.logits(ids), atol=1e-4)
+    assert k_model.generate(ids, max_new_tokens=6).tokens == f32_model.generate(ids, max_new_tokens=6).tokens
+
+
 def test_garbage_file(tmp_path):
     path = tmp_path / "garbage.gguf"
     path.write_bytes(np.random.default_rng(0).bytes(4096))

@@ -71,6 +71,11 @@ size_t ce_row_bytes(int type, int64_t cols) {
     case CE_TYPE_Q4_0: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q4_0);
     case CE_TYPE_Q4_1: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q4_1);
     case CE_TYPE_Q8_0: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q8_0);
+    case CE_TYPE_Q5_0: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q5_0);
+    case CE_TYPE_Q5_1: return cols % CE_QK ? 0 : (size_t)(cols / CE_QK) * sizeof(ce_block_q5_1);
+    case CE_TYPE_Q4_K: return cols % CE_QK_K ? 0 : (size_t)(cols / CE_QK_K) * sizeof(ce_block_q4_k);
+    case CE_TYPE_Q5_K: return cols % CE_QK_K ? 0 : (size_t)(cols / CE_QK_K) * sizeof(ce_block_q5_k);
+    case CE_TYPE_Q6_K: return cols % CE_QK_K ? 0 : (size_t)(cols / CE_QK_K) * sizeof(ce_block_q6_k);
     default: return 0;
     }
 }
@@ -82,6 +87,11 @@ const char *ce_type_name(int type) {
     case CE_TYPE_Q4_0: return "Q4_0";
     case CE_TYPE_Q4_1: return "Q4_1";
     case CE_TYPE_Q8_0: return "Q8_0";
+    case CE_TYPE_Q5_0: return "Q5_0";
+    case CE_TYPE_Q5_1: return "Q5_1";
+    case CE_TYPE_Q4_K: return "Q4_K";
+    case CE_TYPE_Q5_K: return "Q5_K";
+    case CE_TYPE_Q6_K: return "Q6_K";
     default: return "unknown";
     }
 }
@@ -125,6 +135,81 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
         for (int64_t i = 0; i < nb; i++) {
             float d = ce_fp16_to_fp32(b[i].d);
             for (int j = 0; j < CE_QK; j++) out[i * CE_QK + j] = d * (float)b[i].qs[j];
+        }
+        break;
+    }
+    case CE_TYPE_Q5_0:
+    case CE_TYPE_Q5_1: { /* the fifth bit of element j is bit j of qh (elements 16..31: bits 16..31) */
+        const int q51 = w->type == CE_TYPE_Q5_1;
+        const size_t stride = q51 ? sizeof(ce_block_q5_1) : sizeof(ce_block_q5_0);
+        for (int64_t i = 0; i < nb; i++) {
+            const uint8_t *b = p + (size_t)i * stride;
+            uint16_t dh, mh = 0;
+            uint32_t qh;
+            memcpy(&dh, b, 2);
+            if (q51) memcpy(&mh, b + 2, 2);
+            memcpy(&qh, b + (q51 ? 4 : 2), 4);
+            const uint8_t *qs = b + (q51 ? 8 : 6);
+            const float d = ce_fp16_to_fp32(dh), m = ce_fp16_to_fp32(mh);
+            for (int j = 0; j < CE_QK / 2; j++) {
+                const int lo = (qs[j] & 0x0f) | (int)((qh >> j) << 4 & 0x10);
+                const int hi = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
+                out[i * CE_QK + j] = q51 ? d * (float)lo + m : d * (float)(lo - 16);
+                out[i * CE_QK + j + CE_QK / 2] = q51 ? d * (float)hi + m : d * (float)(hi - 16);
+            }
+        }
+        break;
+    }
+    case CE_TYPE_Q4_K:
+    case CE_TYPE_Q5_K: { /* 8 sub-blocks of 32: x = (d scale) q - (dmin min), q of 4 (+1) bits */
+        const int q5 = w->type == CE_TYPE_Q5_K;
+        const size_t stride = q5 ? sizeof(ce_block_q5_k) : sizeof(ce_block_q4_k);
+        for (int64_t i = 0; i < w->cols / CE_QK_K; i++) {
+            const uint8_t *b = p + (size_t)i * stride;
+            const ce_block_q5_k *k5 = (const ce_block_q5_k *)b;
+            const ce_block_q4_k *k4 = (const ce_block_q4_k *)b;
+            const uint8_t *sc = k4->scales, *qs = q5 ? k5->qs : k4->qs, *qh = k5->qh;
+            const float d = ce_fp16_to_fp32(k4->d), dmin = ce_fp16_to_fp32(k4->dmin);
+            float *y = out + i * CE_QK_K;
+            for (int s = 0; s < 8; s++) { /* sub-block s: nibbles of qs[32 (s/2) ..], low for even s */
+                uint8_t scale, min; /* 6 bits each: the first four in bytes 0-7, the rest split */
+                if (s < 4) {
+                    scale = sc[s] & 63, min = sc[s + 4] & 63;
+                } else {
+                    scale = (uint8_t)((sc[s + 4] & 0x0f) | ((sc[s - 4] >> 6) << 4));
+                    min = (uint8_t)((sc[s + 4] >> 4) | ((sc[s] >> 6) << 4));
+                }
+                const float ds = d * (float)scale, ms = dmin * (float)min;
+                const uint8_t *q = qs + 32 * (s / 2);
+                for (int l = 0; l < 32; l++) {
+                    int v = s % 2 ? q[l] >> 4 : q[l] & 0x0f;
+                    if (q5 && (qh[l] >> s & 1)) v += 16;
+                    y[32 * s + l] = ds * (float)v - ms;
+                }
+            }
+        }
+        break;
+    }
+    case CE_TYPE_Q6_K: { /* 16 sub-blocks of 16: x = (d scale) (q - 32), q of 6 bits */
+        const ce_block_q6_k *b = (const ce_block_q6_k *)p;
+        for (int64_t i = 0; i < w->cols / CE_QK_K; i++) {
+            const float d = ce_fp16_to_fp32(b[i].d);
+            float *y = out + i * CE_QK_K;
+            for (int half = 0; half < 2; half++) { /* elements 128 half .. 128 half + 127 */
+                const uint8_t *ql = b[i].ql + 64 * half, *qh = b[i].qh + 32 * half;
+                const int8_t *sc = b[i].scales + 8 * half;
+                for (int l = 0; l < 32; l++) {
+                    const int is = l / 16;
+                    const int q1 = ((ql[l] & 0x0f) | ((qh[l] >> 0 & 3) << 4)) - 32;
+                    const int q2 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2 & 3) << 4)) - 32;
+                    const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4 & 3) << 4)) - 32;
+                    const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6 & 3) << 4)) - 32;
+                    y[128 * half + l] = d * (float)sc[is] * (float)q1;
+                    y[128 * half + l + 32] = d * (float)sc[is + 2] * (float)q2;
+                    y[128 * half + l + 64] = d * (float)sc[is + 4] * (float)q3;
+                    y[128 * half + l + 96] = d * (float)sc[is + 6] * (float)q4;
+                }
+            }
         }
         break;
     }
@@ -234,6 +319,11 @@ MATMUL_F32_GENERIC(f16, CE_TYPE_F16)
 MATMUL_F32_GENERIC(q4_0, CE_TYPE_Q4_0)
 MATMUL_F32_GENERIC(q4_1, CE_TYPE_Q4_1)
 MATMUL_F32_GENERIC(q8_0, CE_TYPE_Q8_0)
+MATMUL_F32_GENERIC(q5_0, CE_TYPE_Q5_0)
+MATMUL_F32_GENERIC(q5_1, CE_TYPE_Q5_1)
+MATMUL_F32_GENERIC(q4_k, CE_TYPE_Q4_K)
+MATMUL_F32_GENERIC(q5_k, CE_TYPE_Q5_K)
+MATMUL_F32_GENERIC(q6_k, CE_TYPE_Q6_K)
 #undef MATMUL_F32_GENERIC
 
 /* ---- 8-bit activations and integer dot products (the specification) ---- */
@@ -357,6 +447,11 @@ static const ce_kernels kernels_generic = {
             [CE_TYPE_Q4_0] = matmul_f32_q4_0_generic,
             [CE_TYPE_Q4_1] = matmul_f32_q4_1_generic,
             [CE_TYPE_Q8_0] = matmul_f32_q8_0_generic,
+            [CE_TYPE_Q5_0] = matmul_f32_q5_0_generic,
+            [CE_TYPE_Q5_1] = matmul_f32_q5_1_generic,
+            [CE_TYPE_Q4_K] = matmul_f32_q4_k_generic,
+            [CE_TYPE_Q5_K] = matmul_f32_q5_k_generic,
+            [CE_TYPE_Q6_K] = matmul_f32_q6_k_generic,
         },
     .quantize_q8a = quantize_q8a_generic,
     .matvec_q8a =

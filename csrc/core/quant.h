@@ -26,6 +26,45 @@ typedef struct {
 } ce_block_q8_0;             /* x = d * q */
 static_assert(sizeof(ce_block_q8_0) == 34, "q8_0 block is 34 bytes");
 
+typedef struct {
+    uint16_t d;
+    uint8_t qh[4];          /* bit j: the fifth bit of element j */
+    uint8_t qs[CE_QK / 2];  /* low four bits, as in Q4_0 */
+} ce_block_q5_0;            /* x = d * (q - 16) */
+static_assert(sizeof(ce_block_q5_0) == 22, "q5_0 block is 22 bytes");
+
+typedef struct {
+    uint16_t d, m;
+    uint8_t qh[4];
+    uint8_t qs[CE_QK / 2];
+} ce_block_q5_1;            /* x = d * q + m */
+static_assert(sizeof(ce_block_q5_1) == 24, "q5_1 block is 24 bytes");
+
+/* K-quants: super-blocks of 256 in sub-blocks of 32 (Q4_K, Q5_K: 6-bit scales and minimums packed in
+ * 12 bytes) or 16 (Q6_K: int8 scales). */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[CE_QK_K / 2];
+} ce_block_q4_k;            /* x = d * scale_s * q - dmin * min_s */
+static_assert(sizeof(ce_block_q4_k) == 144, "q4_K block is 144 bytes");
+
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[CE_QK_K / 8];
+    uint8_t qs[CE_QK_K / 2];
+} ce_block_q5_k;
+static_assert(sizeof(ce_block_q5_k) == 176, "q5_K block is 176 bytes");
+
+typedef struct {
+    uint8_t ql[CE_QK_K / 2];  /* low four bits */
+    uint8_t qh[CE_QK_K / 4];  /* high two bits */
+    int8_t scales[CE_QK_K / 16];
+    uint16_t d;
+} ce_block_q6_k;              /* x = d * scale_s * (q - 32) */
+static_assert(sizeof(ce_block_q6_k) == 210, "q6_K block is 210 bytes");
+
 /* SIMD kernel sets (csrc/arch); each falls back to generic where the build cannot have it. */
 const ce_kernels *ce_kernels_avx2(void);
 int ce_cpu_has_avx2(void);

@@ -1388,7 +1388,9 @@ static int core_exec(PyObject *mod) {
         return -1;
     if (PyModule_AddIntConstant(mod, "TYPE_F32", CE_TYPE_F32) || PyModule_AddIntConstant(mod, "TYPE_F16", CE_TYPE_F16) ||
         PyModule_AddIntConstant(mod, "TYPE_Q4_0", CE_TYPE_Q4_0) || PyModule_AddIntConstant(mod, "TYPE_Q4_1", CE_TYPE_Q4_1) ||
-        PyModule_AddIntConstant(mod, "TYPE_Q8_0", CE_TYPE_Q8_0) ||
+        PyModule_AddIntConstant(mod, "TYPE_Q8_0", CE_TYPE_Q8_0) || PyModule_AddIntConstant(mod, "TYPE_Q5_0", CE_TYPE_Q5_0) ||
+        PyModule_AddIntConstant(mod, "TYPE_Q5_1", CE_TYPE_Q5_1) || PyModule_AddIntConstant(mod, "TYPE_Q4_K", CE_TYPE_Q4_K) ||
+        PyModule_AddIntConstant(mod, "TYPE_Q5_K", CE_TYPE_Q5_K) || PyModule_AddIntConstant(mod, "TYPE_Q6_K", CE_TYPE_Q6_K) ||
         PyModule_AddIntConstant(mod, "ROPE_ADJACENT", CE_ROPE_ADJACENT) ||
         PyModule_AddIntConstant(mod, "ROPE_HALF", CE_ROPE_HALF) ||
         PyModule_AddIntConstant(mod, "SMALL_BATCH", CE_SMALL_BATCH) ||

@@ -89,7 +89,8 @@ static void test_row_bytes(void) {
     CHECK(ce_row_bytes(CE_TYPE_Q4_1, 576) == 18 * 20, "q4_1 row");
     CHECK(ce_row_bytes(CE_TYPE_Q8_0, 64) == 2 * 34, "q8_0 row");
     CHECK(ce_row_bytes(CE_TYPE_Q4_0, 33) == 0, "partial block rejected");
-    CHECK(ce_row_bytes(7, 64) == 0, "unknown type rejected");
+    CHECK(ce_row_bytes(9, 64) == 0, "unknown type rejected (Q8_1)");
+    CHECK(ce_row_bytes(CE_TYPE_Q4_K, 512) == 2 * 144 && ce_row_bytes(CE_TYPE_Q6_K, 64) == 0, "K-quant rows: whole super-blocks");
     CHECK(ce_row_bytes(CE_TYPE_F32, 0) == 0, "empty row rejected");
 }
 
@@ -438,7 +439,7 @@ static void test_model_validation(void) {
     CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "blk.2.ffn_norm"), "norm type: %s", err);
     t.layers[2].ffn_norm.type = CE_TYPE_F32;
 
-    t.layers[0].w_up.type = 7;
+    t.layers[0].w_up.type = 9;
     CHECK(ce_model_init(&t.m, err, sizeof err) == CE_EINVAL && strstr(err, "not supported"), "unknown type: %s", err);
     t.layers[0].w_up.type = CE_TYPE_Q8_0;
 

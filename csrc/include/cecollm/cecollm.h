@@ -32,10 +32,17 @@ typedef enum {
     CE_TYPE_F16 = 1,
     CE_TYPE_Q4_0 = 2,
     CE_TYPE_Q4_1 = 3,
+    CE_TYPE_Q5_0 = 6,
+    CE_TYPE_Q5_1 = 7,
     CE_TYPE_Q8_0 = 8,
+    CE_TYPE_Q4_K = 12,
+    CE_TYPE_Q5_K = 13,
+    CE_TYPE_Q6_K = 14,
 } ce_type;
+#define CE_TYPE_COUNT 15 /* one past the largest type id: the size of per-type tables */
 
-#define CE_QK 32 /* elements per quantization block */
+#define CE_QK 32   /* elements per quantization block */
+#define CE_QK_K 256 /* elements per K-quant super-block */
 
 /* Bytes of one row of `cols` elements, or 0 if the type is unknown or cols does not fit its blocks. */
 size_t ce_row_bytes(int type, int64_t cols);
@@ -111,16 +118,17 @@ typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, 
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
- * matvec_q8a is NULL for the float weight types, which always take fp32 activations (matmul_f32). */
+ * matvec_q8a and matvec_x16 are NULL for the float types, Q5_0, Q5_1 and the K-quants, which always
+ * take fp32 activations (matmul_f32). */
 typedef struct {
     const char *name;
-    ce_matmul_f32_fn matmul_f32[CE_TYPE_Q8_0 + 1];
+    ce_matmul_f32_fn matmul_f32[CE_TYPE_COUNT];
     ce_quantize_q8a_fn quantize_q8a;
-    ce_matvec_q8a_fn matvec_q8a[CE_TYPE_Q8_0 + 1];
+    ce_matvec_q8a_fn matvec_q8a[CE_TYPE_COUNT];
     /* A faster realization of matmul_f32 for decode-sized batches (n <= CE_SMALL_BATCH) on quantized
      * weights, where a set has it (NULL in the generic set). */
     ce_quantize_x16_fn quantize_x16;
-    ce_matvec_x16_fn matvec_x16[CE_TYPE_Q8_0 + 1];
+    ce_matvec_x16_fn matvec_x16[CE_TYPE_COUNT];
     /* Attention over a KV cache block X (rows, n) of a float type:
      * dot_rows: out[t] = X[t, :] · q (scores);  sum_rows: y = Σ_t a[t] X[t, :] (weighted values). */
     void (*dot_rows[CE_TYPE_F16 + 1])(const void *X, const float *q, int64_t rows, int64_t n, float *out);
