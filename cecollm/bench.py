@@ -19,13 +19,16 @@ PP, TG = 512, 128
 DEPTH, TG_DEEP = 2048, 32  # decode at long context: TG_DEEP tokens after a DEPTH-token prompt
 
 
-def median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int, tick=lambda: None) -> float:
+    """The median of `repeats` timed runs after a warm-up; tick() after each run."""
     fn()  # warm-up
+    tick()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        tick()
     return statistics.median(times)
 
 
@@ -59,10 +62,16 @@ def model_runs(model: Model, deep: bool = False) -> dict:
     return runs
 
 
-def bench_model(model: Model, threads: int | None = None, repeats: int = 3) -> dict:
-    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode, "kv_dtype": type}."""
+def bench_model(model: Model, threads: int | None = None, repeats: int = 3, progress: bool = True) -> dict:
+    """{"pp512": tokens/s, "tg128": tokens/s, "threads": n, "kernels": name, "activations": mode, "kv_dtype": type}.
+    progress: a bar on stderr, one step per run."""
+    from .sweep import _progress
+
     if threads:
         _core.set_threads(threads)
-    speeds = {name: tokens / median_time(run, repeats) for name, (tokens, run) in model_runs(model).items()}
+    runs = model_runs(model)
+    bar = _progress(len(runs) * (repeats + 1), progress)
+    speeds = {name: tokens / median_time(run, repeats, lambda: bar.update(name)) for name, (tokens, run) in runs.items()}
+    bar.close()
     return {**speeds, "threads": _core.get_threads(), "kernels": _core.active_kernels(),
             "activations": model.activations, "kv_dtype": model.kv_dtype}  # fmt: skip
