@@ -104,15 +104,20 @@ def _weights_files(folder: str) -> list[str]:
 
 def load_hf(folder: str | os.PathLike, quantize: str = "q8_0") -> LoadedWeights:
     """A llama, mistral or qwen2 checkpoint directory as LoadedWeights, the weight matrices quantized
-    to `quantize` (f32, f16, q8_0, q4_0 or q4_1) with ggml's reference rounding; norms and biases
-    stay F32."""
+    to `quantize` (f32, f16, q8_0, q4_0 or q4_1) with ggml's reference rounding (F16 for a matrix
+    whose rows are not whole 32-value blocks); norms and biases stay F32."""
     from .tokenizer import TextTokenizer
 
     folder = str(folder)
     if quantize not in QUANTIZE_TYPES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_TYPES)}, not {quantize!r}")
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{folder}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ModelFormatError(f"{folder}: config.json is not a JSON object")
     arch = hf.get("model_type")
     if arch not in ("llama", "mistral", "qwen2"):
         raise ModelFormatError(f"{folder}: model_type {arch!r} is not supported (only 'llama', 'mistral' and 'qwen2')")

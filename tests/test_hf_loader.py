@@ -195,6 +195,9 @@ def test_unsupported_checkpoints_are_refused_clearly(tmp_path, model):
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ModelFormatError, match=message):
             cecollm.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="config.json is not readable JSON"):
+        cecollm.load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantize must be one of"):
         cecollm.load_model(str(tmp_path), quantize="q3")
