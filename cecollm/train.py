@@ -57,17 +57,20 @@ class TrainReport:
     gate_accuracy: dict = field(default_factory=dict)
 
 
-def self_generated_texts(model: Model, n: int = 16, tokens: int = 96, seed: int = 0) -> list[str]:
-    """Text the model writes itself (sampled, seeded): distillation needs no external data."""
+def self_generated_texts(model: Model, n: int = 16, tokens: int = 96, seed: int = 0, tick=lambda: None) -> list[str]:
+    """Text the model writes itself (sampled, seeded): distillation needs no external data. tick()
+    after each text."""
     texts = []
     for i, prompt in enumerate((SELF_PROMPTS * (n // len(SELF_PROMPTS) + 1))[:n]):
         result = model.generate(prompt, max_new_tokens=tokens, temperature=0.8, top_p=0.95, seed=seed + i, chat=True)
         texts.append(model.chat_prompt(prompt) + result.text)
+        tick()
     return texts
 
 
-def collect_training_data(model: Model, exits, texts: list[str]) -> TrainingData:
-    """Runs each text once: hidden states at every exit and the full model's log-probabilities."""
+def collect_training_data(model: Model, exits, texts: list[str], tick=lambda: None) -> TrainingData:
+    """Runs each text once: hidden states at every exit and the full model's log-probabilities.
+    tick() after each text."""
     exits = sorted(exits)
     hidden = {e: [] for e in exits}
     teacher, index = [], []
@@ -86,6 +89,7 @@ def collect_training_data(model: Model, exits, texts: list[str]) -> TrainingData
         logits -= logits.max(-1, keepdims=True)
         teacher.append((logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32))
         index.append(np.full(len(ids), t))
+        tick()
     return TrainingData({e: np.concatenate(v) for e, v in hidden.items()}, np.concatenate(teacher), np.concatenate(index))
 
 
@@ -116,9 +120,11 @@ def train_exit_heads(model: Model, exits=(4, 8, 12, 16), steps: int = 300, rank:
     texts = list(eval_text("train") if texts is None else texts)
     human = len(texts)  # every other one of these calibrates the gates: text of the kind they will see,
     # which the heads never train on (heads fit their training text better than new text)
+    prep = _progress(self_text + len(texts) + self_text, progress)  # writing texts, then running them
     if self_text:
-        texts += self_generated_texts(model, self_text, seed=seed)
-    data = collect_training_data(model, exits, texts)
+        texts += self_generated_texts(model, self_text, seed=seed, tick=lambda: prep.update("self-generated text"))
+    data = collect_training_data(model, exits, texts, tick=lambda: prep.update("teacher pass"))
+    prep.close()
     n, dim = data.teacher_logprobs.shape[0], model.config["dim"]
     final_norm = np.asarray(model.weights.tensors["output_norm.weight"][0], np.float32).reshape(-1)
     eps = model.config["norm_eps"]
