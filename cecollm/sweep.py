@@ -339,12 +339,13 @@ class _GenerationScorer:
 
 
 class _progress:
-    """A one-line progress bar on stderr (tqdm when installed)."""
+    """A progress bar: tqdm.auto's (a widget in Jupyter, a line on stderr elsewhere) when tqdm is
+    installed, else a counter line on stderr."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
         try:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, file=sys.stderr, disable=not enabled)
         except ImportError:
