@@ -392,6 +392,25 @@ TARGET static inline __attribute__((always_inline)) void block_f32(const uint8_t
                                        : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + 32 * i + 8 * g)));
         return;
     }
+    if (type == CE_TYPE_Q5_0 || type == CE_TYPE_Q5_1) { /* q = nibble | (bit e of qh) << 4 for element e */
+        const int q51 = type == CE_TYPE_Q5_1;
+        const uint8_t *b = row + i * (q51 ? sizeof(ce_block_q5_1) : sizeof(ce_block_q5_0)), *qs = b + (q51 ? 8 : 6);
+        uint16_t dm[2];
+        uint32_t qh;
+        memcpy(dm, b, q51 ? 4 : 2);
+        memcpy(&qh, b + (q51 ? 4 : 2), 4);
+        const __m256 d = _mm256_set1_ps(half(dm[0])), m = _mm256_set1_ps(q51 ? half(dm[1]) : 0.0f);
+        UNROLL for (int g = 0; g < 4; g++) { /* elements 8g.. from bytes 8 (g % 2).., low nibbles for g < 2 */
+            __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qs + 8 * (g & 1))));
+            q = g < 2 ? _mm256_and_si256(q, _mm256_set1_epi32(0x0f)) : _mm256_srli_epi32(q, 4);
+            const __m256i lanes = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(8 * g));
+            const __m256i fifth = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)qh), lanes), _mm256_set1_epi32(1));
+            q = _mm256_or_si256(q, _mm256_slli_epi32(fifth, 4));
+            v[g] = q51 ? _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m)
+                       : _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(16))));
+        }
+        return;
+    }
     const int kind = type == CE_TYPE_Q4_0 ? Q4_0 : type == CE_TYPE_Q4_1 ? Q4_1 : Q8_0;
     const uint8_t *b = row + i * BLOCK_BYTES(kind), *qs = b + QS_OFFSET(kind);
     uint16_t dm[2];
@@ -434,7 +453,8 @@ TARGET static inline __attribute__((always_inline)) void tile_f32(const float *p
 
 /* The types block_f32 decodes; the others are dequantized by the specification's code. */
 static int simd_decoded(int type) {
-    return type == CE_TYPE_F32 || type == CE_TYPE_F16 || type == CE_TYPE_Q4_0 || type == CE_TYPE_Q4_1 || type == CE_TYPE_Q8_0;
+    return type == CE_TYPE_F32 || type == CE_TYPE_F16 || type == CE_TYPE_Q4_0 || type == CE_TYPE_Q4_1 ||
+           type == CE_TYPE_Q8_0 || type == CE_TYPE_Q5_0 || type == CE_TYPE_Q5_1;
 }
 
 TARGET static void matmul_f32_avx2(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols, const float *x,

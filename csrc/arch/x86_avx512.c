@@ -37,6 +37,35 @@ TARGET static inline __attribute__((always_inline)) void block_f32(const uint8_t
         *hi = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b->qs + 16)))));
         return;
     }
+    case CE_TYPE_Q5_0:
+    case CE_TYPE_Q5_1: { /* 32 possible values in two vectors; q = nibble | (bit j of qh) << 4 */
+        const int q51 = type == CE_TYPE_Q5_1;
+        const uint8_t *b = row + i * (q51 ? sizeof(ce_block_q5_1) : sizeof(ce_block_q5_0));
+        uint16_t dm[2];
+        uint32_t qh;
+        memcpy(dm, b, q51 ? 4 : 2);
+        memcpy(&qh, b + (q51 ? 4 : 2), 4);
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 d = half_x16(dm[0]), sixteen = _mm512_set1_ps(16.0f);
+        __m512 low, high; /* values of q in [0, 16) and [16, 32) */
+        if (q51) {
+            const __m512 m = half_x16(dm[1]);
+            low = _mm512_add_ps(_mm512_mul_ps(d, iota), m);
+            high = _mm512_add_ps(_mm512_mul_ps(d, _mm512_add_ps(iota, sixteen)), m);
+        } else {
+            low = _mm512_mul_ps(d, _mm512_sub_ps(iota, sixteen));
+            high = _mm512_mul_ps(d, iota);
+        }
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i bits = _mm512_set1_epi32((int32_t)qh), nibble = _mm512_set1_epi32(0x0f);
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b + (q51 ? 8 : 6))));
+        const __m512i fifth_lo = _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(bits, lanes), _mm512_set1_epi32(1)), 4);
+        const __m512i fifth_hi = _mm512_slli_epi32(
+            _mm512_and_si512(_mm512_srlv_epi32(bits, _mm512_add_epi32(lanes, _mm512_set1_epi32(16))), _mm512_set1_epi32(1)), 4);
+        *lo = _mm512_permutex2var_ps(low, _mm512_or_si512(_mm512_and_si512(q, nibble), fifth_lo), high);
+        *hi = _mm512_permutex2var_ps(low, _mm512_or_si512(_mm512_srli_epi32(q, 4), fifth_hi), high);
+        return;
+    }
     default: { /* Q4_0: d (q - 8); Q4_1: d q + m */
         const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         __m512 table;
@@ -98,7 +127,8 @@ PANEL_ROWS_K(4)
 
 /* The types block_f32 decodes; the others are dequantized by the specification's code. */
 static int simd_decoded(int type) {
-    return type == CE_TYPE_F32 || type == CE_TYPE_F16 || type == CE_TYPE_Q4_0 || type == CE_TYPE_Q4_1 || type == CE_TYPE_Q8_0;
+    return type == CE_TYPE_F32 || type == CE_TYPE_F16 || type == CE_TYPE_Q4_0 || type == CE_TYPE_Q4_1 ||
+           type == CE_TYPE_Q8_0 || type == CE_TYPE_Q5_0 || type == CE_TYPE_Q5_1;
 }
 
 TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols,

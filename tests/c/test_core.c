@@ -63,6 +63,15 @@ static void *random_tensor(int type, int64_t rows, int64_t cols) {
         case CE_TYPE_Q8_0:
             for (int64_t b = 0; b < cols / CE_QK; b++) ((ce_block_q8_0 *)row)[b].d = ce_fp32_to_fp16(0.001f * rng_uniform());
             break;
+        case CE_TYPE_Q5_0:
+            for (int64_t b = 0; b < cols / CE_QK; b++) ((ce_block_q5_0 *)row)[b].d = ce_fp32_to_fp16(0.01f * rng_uniform());
+            break;
+        case CE_TYPE_Q5_1:
+            for (int64_t b = 0; b < cols / CE_QK; b++) {
+                ((ce_block_q5_1 *)row)[b].d = ce_fp32_to_fp16(0.01f * rng_uniform());
+                ((ce_block_q5_1 *)row)[b].m = ce_fp32_to_fp16(0.05f * rng_uniform());
+            }
+            break;
         }
     }
     return p;
@@ -99,7 +108,7 @@ static void test_row_bytes(void) {
  * n = 6 and n = 11 activation rows, a tile of 13 weight rows or each row alone. Widths: whole
  * blocks, and for the float types one that is not (40). */
 static void test_matmul_f32(const ce_kernels *k) {
-    static const int types[] = {CE_TYPE_F32, CE_TYPE_F16, CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
+    static const int types[] = {CE_TYPE_F32, CE_TYPE_F16, CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0, CE_TYPE_Q5_1};
     static const int64_t sizes[] = {32, 40, 64, 576, 1536};
     enum { ROWS = 13, N = 11 };
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
