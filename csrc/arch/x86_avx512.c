@@ -125,24 +125,18 @@ PANEL_ROWS_K(3)
 PANEL_ROWS_K(4)
 #undef PANEL_ROWS_K
 
-/* The types block_f32 decodes; the others are dequantized by the specification's code. */
-static int simd_decoded(int type) {
-    return type == CE_TYPE_F32 || type == CE_TYPE_F16 || type == CE_TYPE_Q4_0 || type == CE_TYPE_Q4_1 ||
-           type == CE_TYPE_Q8_0 || type == CE_TYPE_Q5_0 || type == CE_TYPE_Q5_1;
-}
-
 TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols,
                                      const float *x, int n, float *y, int64_t ldy, float *panel) {
     if (cols % CE_QK) { /* float weights of a width that is not whole blocks: the generic order */
-        ce_kernels_generic()->matmul_f32[type](w, row_bytes, rows, cols, x, n, y, ldy, panel);
+        ce_kernels_generic()->matmul_f32(type, w, row_bytes, rows, cols, x, n, y, ldy, panel);
         return;
     }
     const uint8_t *wr = w;
-    if (!simd_decoded(type)) { /* Q5 and K-quants: the scalar dequantization, the same values */
+    if (!ce_simd_decoded(type)) { /* Q5 and K-quants: the scalar dequantization, the same values */
         const ce_tensor tile = {w, type, cols, rows};
         for (int64_t r = 0; r < rows; r++) ce_dequantize_row(&tile, r, panel + r * cols);
     }
-    for (int64_t r = 0; r < rows && simd_decoded(type); r++)
+    for (int64_t r = 0; r < rows && ce_simd_decoded(type); r++)
         for (int64_t i = 0; i < cols / CE_QK; i++) {
             __m512 lo, hi;
             block_f32(wr + r * row_bytes, type, i, &lo, &hi);
@@ -156,22 +150,6 @@ TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, 
     if (n - k == 1) panel_rows_1(panel, rows, cols, x + (size_t)k * cols, y + (size_t)k * ldy, ldy);
 }
 
-#define MATMUL_F32(name, type)                                                                                 \
-    TARGET static void matmul_f32_##name##_avx512(const void *w, size_t row_bytes, int64_t rows, int64_t cols, \
-                                                  const float *x, int n, float *y, int64_t ldy, float *panel) { \
-        matmul_f32_avx512(type, w, row_bytes, rows, cols, x, n, y, ldy, panel);                                \
-    }
-MATMUL_F32(f32, CE_TYPE_F32)
-MATMUL_F32(f16, CE_TYPE_F16)
-MATMUL_F32(q4_0, CE_TYPE_Q4_0)
-MATMUL_F32(q4_1, CE_TYPE_Q4_1)
-MATMUL_F32(q8_0, CE_TYPE_Q8_0)
-MATMUL_F32(q5_0, CE_TYPE_Q5_0)
-MATMUL_F32(q5_1, CE_TYPE_Q5_1)
-MATMUL_F32(q4_k, CE_TYPE_Q4_K)
-MATMUL_F32(q5_k, CE_TYPE_Q5_K)
-MATMUL_F32(q6_k, CE_TYPE_Q6_K)
-#undef MATMUL_F32
 
 static ce_kernels kernels_avx512;
 static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
@@ -179,16 +157,7 @@ static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
 static void kernels_avx512_init(void) {
     kernels_avx512 = *ce_kernels_avx2();
     kernels_avx512.name = "avx512";
-    kernels_avx512.matmul_f32[CE_TYPE_F32] = matmul_f32_f32_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_F16] = matmul_f32_f16_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q4_0] = matmul_f32_q4_0_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q4_1] = matmul_f32_q4_1_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q8_0] = matmul_f32_q8_0_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q5_0] = matmul_f32_q5_0_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q5_1] = matmul_f32_q5_1_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q4_K] = matmul_f32_q4_k_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q5_K] = matmul_f32_q5_k_avx512;
-    kernels_avx512.matmul_f32[CE_TYPE_Q6_K] = matmul_f32_q6_k_avx512;
+    kernels_avx512.matmul_f32 = matmul_f32_avx512;
 }
 
 const ce_kernels *ce_kernels_avx512(void) {

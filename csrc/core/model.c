@@ -217,7 +217,7 @@ static void matmul_rows(void *ctx, int64_t begin, int64_t end, int thread) {
                         part->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
                 }
             else
-                part->matmul_f32(tile, row_bytes, t1 - t0, w->cols, job->x, job->n, part->y + t0, w->rows, panel);
+                part->matmul_f32(w->type, tile, row_bytes, t1 - t0, w->cols, job->x, job->n, part->y + t0, w->rows, panel);
         }
     }
 }
@@ -233,7 +233,7 @@ static ce_status matmul_shared(int count, const ce_tensor *const *w, float *cons
     for (int p = 0; p < count; p++) {
         const int type = w[p]->type;
         product *part = &job.parts[p];
-        *part = (product){.w = w[p], .y = y[p], .matmul_f32 = k->matmul_f32[type]};
+        *part = (product){.w = w[p], .y = y[p], .matmul_f32 = k->matmul_f32};
         if (activations == CE_ACT_Q8 && n <= CE_SMALL_BATCH && k->matvec_q8a[type])
             part->matvec_q8a = k->matvec_q8a[type], need_q8 = 1;
         else if (activations == CE_ACT_F32 && n <= CE_SMALL_BATCH && k->matvec_x16[type])

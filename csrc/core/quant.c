@@ -309,22 +309,6 @@ static void matmul_f32_generic(int type, const void *w, size_t row_bytes, int64_
         }
 }
 
-#define MATMUL_F32_GENERIC(name, type)                                                                       \
-    static void matmul_f32_##name##_generic(const void *w, size_t row_bytes, int64_t rows, int64_t cols,    \
-                                            const float *x, int n, float *y, int64_t ldy, float *panel) {   \
-        matmul_f32_generic(type, w, row_bytes, rows, cols, x, n, y, ldy, panel);                             \
-    }
-MATMUL_F32_GENERIC(f32, CE_TYPE_F32)
-MATMUL_F32_GENERIC(f16, CE_TYPE_F16)
-MATMUL_F32_GENERIC(q4_0, CE_TYPE_Q4_0)
-MATMUL_F32_GENERIC(q4_1, CE_TYPE_Q4_1)
-MATMUL_F32_GENERIC(q8_0, CE_TYPE_Q8_0)
-MATMUL_F32_GENERIC(q5_0, CE_TYPE_Q5_0)
-MATMUL_F32_GENERIC(q5_1, CE_TYPE_Q5_1)
-MATMUL_F32_GENERIC(q4_k, CE_TYPE_Q4_K)
-MATMUL_F32_GENERIC(q5_k, CE_TYPE_Q5_K)
-MATMUL_F32_GENERIC(q6_k, CE_TYPE_Q6_K)
-#undef MATMUL_F32_GENERIC
 
 /* ---- 8-bit activations and integer dot products (the specification) ---- */
 
@@ -440,19 +424,7 @@ static void silu_mul_generic(float *gate, const float *up, int64_t n) {
 
 static const ce_kernels kernels_generic = {
     .name = "generic",
-    .matmul_f32 =
-        {
-            [CE_TYPE_F32] = matmul_f32_f32_generic,
-            [CE_TYPE_F16] = matmul_f32_f16_generic,
-            [CE_TYPE_Q4_0] = matmul_f32_q4_0_generic,
-            [CE_TYPE_Q4_1] = matmul_f32_q4_1_generic,
-            [CE_TYPE_Q8_0] = matmul_f32_q8_0_generic,
-            [CE_TYPE_Q5_0] = matmul_f32_q5_0_generic,
-            [CE_TYPE_Q5_1] = matmul_f32_q5_1_generic,
-            [CE_TYPE_Q4_K] = matmul_f32_q4_k_generic,
-            [CE_TYPE_Q5_K] = matmul_f32_q5_k_generic,
-            [CE_TYPE_Q6_K] = matmul_f32_q6_k_generic,
-        },
+    .matmul_f32 = matmul_f32_generic,
     .quantize_q8a = quantize_q8a_generic,
     .matvec_q8a =
         {

@@ -65,6 +65,13 @@ typedef struct {
 } ce_block_q6_k;              /* x = d * scale_s * (q - 32) */
 static_assert(sizeof(ce_block_q6_k) == 210, "q6_K block is 210 bytes");
 
+/* The types whose blocks the SIMD sets decode themselves in matmul_f32; they dequantize the others
+ * (the K-quants) with ce_dequantize_row: the same values either way. */
+static inline int ce_simd_decoded(int type) {
+    return type == CE_TYPE_F32 || type == CE_TYPE_F16 || type == CE_TYPE_Q4_0 || type == CE_TYPE_Q4_1 ||
+           type == CE_TYPE_Q8_0 || type == CE_TYPE_Q5_0 || type == CE_TYPE_Q5_1;
+}
+
 /* SIMD kernel sets (csrc/arch); each falls back to generic where the build cannot have it. */
 const ce_kernels *ce_kernels_avx2(void);
 int ce_cpu_has_avx2(void);

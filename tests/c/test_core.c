@@ -121,11 +121,11 @@ static void test_matmul_f32(const ce_kernels *k) {
             float *x = malloc(sizeof(float) * N * cols), *row = malloc(sizeof(float) * cols);
             float *panel = malloc(sizeof(float) * CE_TILE_ROWS * cols), together[N][ROWS], six[N][ROWS], alone[N][ROWS];
             for (int64_t j = 0; j < N * cols; j++) x[j] = rng_uniform() * (j % 5 ? 1.0f : 20.0f);
-            k->matmul_f32[types[t]](w, row_bytes, ROWS, cols, x, N, &together[0][0], ROWS, panel);
-            k->matmul_f32[types[t]](w, row_bytes, ROWS, cols, x + 5 * cols, 6, &six[5][0], ROWS, panel);
+            k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x, N, &together[0][0], ROWS, panel);
+            k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x + 5 * cols, 6, &six[5][0], ROWS, panel);
             for (int i = 0; i < N; i++)
                 for (int64_t r = 0; r < ROWS; r++)
-                    k->matmul_f32[types[t]]((const uint8_t *)w + r * row_bytes, row_bytes, 1, cols, x + i * cols, 1,
+                    k->matmul_f32(types[t], (const uint8_t *)w + r * row_bytes, row_bytes, 1, cols, x + i * cols, 1,
                                             &alone[i][r], 1, panel);
             for (int i = 0; i < N; i++) {
                 CHECK(memcmp(together[i], alone[i], sizeof alone[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of 11 differs alone",

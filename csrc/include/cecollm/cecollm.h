@@ -75,13 +75,13 @@ void ce_add_lowrank(float *w, int64_t rows, int64_t cols, const float *up, const
 /* Weight rows handed to a matmul_f32 kernel at once: its scratch panel holds this many dequantized rows. */
 #define CE_TILE_ROWS 16
 
-/* fp32 activations on weights of any type (CE_ACT_F32): y[i * ldy + r] = Σ_j w_r[j] x[i * cols + j]
+/* fp32 activations on weights of any `type` (CE_ACT_F32): y[i * ldy + r] = Σ_j w_r[j] x[i * cols + j]
  * for the rows <= CE_TILE_ROWS weight rows w_r at w (row_bytes apart) and i < n, where w_r[j] is
  * ce_dequantize_row's value bit for bit and activations stay fp32. Each (i, r) is summed in an order
  * fixed by the kernel set alone, never by n, rows or a row's place among them: a batch computes what
  * decode computes, bit for bit. panel: CE_TILE_ROWS × cols floats of scratch. */
-typedef void (*ce_matmul_f32_fn)(const void *w, size_t row_bytes, int64_t rows, int64_t cols, const float *x, int n,
-                                 float *y, int64_t ldy, float *panel);
+typedef void (*ce_matmul_f32_fn)(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols,
+                                 const float *x, int n, float *y, int64_t ldy, float *panel);
 
 /* Activations quantized to 8 bits per element for integer dot products (the llama.cpp scheme):
  * x_j ≈ d * qs[j] with d = max_j |x_j| / 127, q rounded to nearest (ties to even). s = d * Σ_j qs[j]
@@ -122,7 +122,7 @@ typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, 
  * take fp32 activations (matmul_f32). */
 typedef struct {
     const char *name;
-    ce_matmul_f32_fn matmul_f32[CE_TYPE_COUNT];
+    ce_matmul_f32_fn matmul_f32; /* every weight type (the type is its first argument) */
     ce_quantize_q8a_fn quantize_q8a;
     ce_matvec_q8a_fn matvec_q8a[CE_TYPE_COUNT];
     /* A faster realization of matmul_f32 for decode-sized batches (n <= CE_SMALL_BATCH) on quantized
