@@ -264,8 +264,15 @@ TARGET static void quantize_x16_avx2(const float *x, ce_block_x16 *out, int64_t 
         const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), v[2]), v[3]);
         const __m256 dv = _mm256_set1_ps(d), idv = _mm256_set1_ps(id), lo_scale = _mm256_set1_ps(id * 65534.0f);
         for (int k = 0; k < 4; k++) {
-            const __m256 h = _mm256_round_ps(_mm256_mul_ps(v[k], idv), round);
-            const __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_fnmadd_ps(h, dv, v[k]), lo_scale), round);
+            __m256 h = _mm256_round_ps(_mm256_mul_ps(v[k], idv), round);
+            __m256 l = _mm256_round_ps(_mm256_mul_ps(_mm256_fnmadd_ps(h, dv, v[k]), lo_scale), round);
+            /* x * (1 / d) can round to the wrong side of a half: then |l| passes 32767, and one unit
+             * of hi (65534 of lo) moves over */
+            const __m256 one = _mm256_set1_ps(1.0f), limit = _mm256_set1_ps(32767.0f);
+            const __m256 carry = _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(l, limit, _CMP_GT_OQ), one),
+                                               _mm256_and_ps(_mm256_cmp_ps(l, _mm256_sub_ps(_mm256_setzero_ps(), limit), _CMP_LT_OQ), one));
+            h = _mm256_add_ps(h, carry);
+            l = _mm256_fnmadd_ps(carry, _mm256_set1_ps(65534.0f), l);
             store_epi16x8(out[i].hi + 8 * k, _mm256_cvtps_epi32(_mm256_and_ps(h, _mm256_cmp_ps(h, h, _CMP_ORD_Q))));
             store_epi16x8(out[i].lo + 8 * k, _mm256_cvtps_epi32(_mm256_and_ps(l, _mm256_cmp_ps(l, l, _CMP_ORD_Q))));
         }

@@ -125,6 +125,111 @@ PANEL_ROWS_K(3)
 PANEL_ROWS_K(4)
 #undef PANEL_ROWS_K
 
+/* ---- batches above CE_SMALL_BATCH (prompts): broadcast form ----
+ * The tile's weight rows (at most 32) are dequantized once into the panel column by column,
+ * panel[j * 32 + r] (rows past `rows` zero), so column j of the 32 rows is two vectors. Each
+ * activation x[i][j] is broadcast and multiplied into them: output (i, r) is lane r of one
+ * accumulator summed over j = 0, 1, ... in column order by fused multiply-adds, an order fixed by
+ * the output alone. A pass holds BCAST_ROWS activation rows × 32 weight rows in 28 accumulators and
+ * loads 2 weight vectors per 28 multiply-adds (the row form above loads one vector per two). */
+#define BCAST_ROWS 14
+static_assert(CE_TILE_ROWS == 32, "the broadcast form holds a tile's rows in two vectors");
+static_assert(CE_SMALL_BATCH + 1 <= BCAST_ROWS, "a batch above CE_SMALL_BATCH fills a pass of CE_SMALL_BATCH + 1 rows");
+
+/* 16 vectors v[r] (rows) become their transpose: v[c] lane r = old v[r] lane c */
+TARGET static inline __attribute__((always_inline)) void transpose16(__m512 v[16]) {
+    __m512 t[16];
+    _Pragma("GCC unroll 16") for (int i = 0; i < 16; i += 2) { /* 32-bit interleave of row pairs */
+        t[i] = _mm512_unpacklo_ps(v[i], v[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(v[i], v[i + 1]);
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < 16; i += 4) /* 64-bit interleave: each 128-bit lane holds a 4 × 4 block's column */
+        for (int k = 0; k < 2; k++) {
+            const __m512d a = _mm512_castps_pd(t[i + k]), b = _mm512_castps_pd(t[i + k + 2]);
+            v[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+            v[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        }
+    /* v[4g + c] lane-quarter q holds column 4q + c... of rows 4g..4g+3: gather quarters across groups */
+    _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) {
+        const __m512 a = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x88), b = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xdd);
+        const __m512 e = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x88), f = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xdd);
+        t[c] = _mm512_shuffle_f32x4(a, e, 0x88);      /* quarter 0: columns c */
+        t[8 + c] = _mm512_shuffle_f32x4(a, e, 0xdd);  /* quarter 2: columns 8 + c */
+        t[4 + c] = _mm512_shuffle_f32x4(b, f, 0x88);  /* quarter 1: columns 4 + c */
+        t[12 + c] = _mm512_shuffle_f32x4(b, f, 0xdd); /* quarter 3: columns 12 + c */
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) v[i] = t[i];
+}
+
+/* panel[j * 32 + r] = w_r[j] for r < rows (ce_dequantize_row's values), 0 for rows <= r < 32 */
+TARGET static void fill_panel_by_column(int type, const uint8_t *w, size_t row_bytes, int64_t rows, int64_t cols,
+                                        float *panel) {
+    const int simd = ce_simd_decoded(type);
+    const int64_t step = simd ? CE_QK : CE_QK_K; /* columns decoded at a time: a block or a K-quant super-block */
+    const size_t step_bytes = ce_row_bytes(type, step);
+    float buf[16][CE_QK_K] __attribute__((aligned(64))); /* the scalar decoder's rows */
+    for (int h = 0; h < 2; h++) /* rows 16h .. 16h + 15 */
+        for (int64_t j0 = 0; j0 < cols; j0 += step) {
+            if (!simd)
+                for (int r = 0; r < 16 && 16 * h + r < rows; r++) {
+                    const ce_tensor piece = {w + (16 * h + r) * row_bytes + j0 / step * step_bytes, type, step, 1};
+                    ce_dequantize_row(&piece, 0, buf[r]);
+                }
+            for (int64_t b = 0; b < step / CE_QK; b++) {
+                __m512 lo[16], hi[16];
+                _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) {
+                    if (16 * h + r >= rows)
+                        lo[r] = hi[r] = _mm512_setzero_ps();
+                    else if (simd)
+                        block_f32(w + (16 * h + r) * row_bytes, type, j0 / CE_QK + b, &lo[r], &hi[r]);
+                    else {
+                        lo[r] = _mm512_load_ps(buf[r] + 32 * b);
+                        hi[r] = _mm512_load_ps(buf[r] + 32 * b + 16);
+                    }
+                }
+                transpose16(lo);
+                transpose16(hi);
+                float *col = panel + (j0 + 32 * b) * 32 + 16 * h;
+                _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {
+                    _mm512_storeu_ps(col + c * 32, lo[c]);
+                    _mm512_storeu_ps(col + (16 + c) * 32, hi[c]);
+                }
+            }
+        }
+}
+
+/* T activation rows (x, cols apart) × the panel's 32 rows: y[t * ldy + r] for the rows in masks m0, m1 */
+TARGET static inline __attribute__((always_inline)) void bcast_pass(const float *panel, int64_t cols, const float *x,
+                                                                     const int T, float *y, int64_t ldy, __mmask16 m0,
+                                                                     __mmask16 m1) {
+    __m512 acc[BCAST_ROWS][2];
+    _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j++) {
+        const __m512 w0 = _mm512_loadu_ps(panel + 32 * j), w1 = _mm512_loadu_ps(panel + 32 * j + 16);
+        _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {
+            const __m512 xb = _mm512_set1_ps(x[t * cols + j]);
+            acc[t][0] = _mm512_fmadd_ps(w0, xb, acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w1, xb, acc[t][1]);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int t = 0; t < T; t++) {
+        _mm512_mask_storeu_ps(y + t * ldy, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(y + t * ldy + 16, m1, acc[t][1]);
+    }
+}
+
+TARGET static void bcast_passes_full(const float *panel, int64_t cols, const float *x, float *y, int64_t ldy,
+                                     __mmask16 m0, __mmask16 m1) {
+    bcast_pass(panel, cols, x, BCAST_ROWS, y, ldy, m0, m1);
+}
+
+TARGET static void bcast_passes_small(const float *panel, int64_t cols, const float *x, float *y, int64_t ldy,
+                                      __mmask16 m0, __mmask16 m1) {
+    bcast_pass(panel, cols, x, CE_SMALL_BATCH + 1, y, ldy, m0, m1);
+}
+
+/* Up to CE_SMALL_BATCH rows: the row form, every output's order the same for any n (decode's); above,
+ * the broadcast form (a different order, the same for any n above). */
 TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols,
                                      const float *x, int n, float *y, int64_t ldy, float *panel) {
     if (cols % CE_QK) { /* float weights of a width that is not whole blocks: the generic order */
@@ -132,7 +237,25 @@ TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, 
         return;
     }
     const uint8_t *wr = w;
-    if (!ce_simd_decoded(type)) { /* Q5 and K-quants: the scalar dequantization, the same values */
+    if (n > CE_SMALL_BATCH) {
+        fill_panel_by_column(type, wr, row_bytes, rows, cols, panel);
+        const __mmask16 m0 = rows >= 16 ? 0xffff : (__mmask16)((1u << rows) - 1);
+        const __mmask16 m1 = rows >= 32 ? 0xffff : rows > 16 ? (__mmask16)((1u << (rows - 16)) - 1) : 0;
+        /* passes of BCAST_ROWS rows; the last one ends at row n and may repeat rows of the one before,
+         * which writes the same values again (an output does not depend on its pass) */
+        if (n < BCAST_ROWS) {
+            bcast_passes_small(panel, cols, x, y, ldy, m0, m1);
+            const int last = n - (CE_SMALL_BATCH + 1);
+            bcast_passes_small(panel, cols, x + (size_t)last * cols, y + (size_t)last * ldy, ldy, m0, m1);
+            return;
+        }
+        for (int i = 0;; i += BCAST_ROWS) {
+            if (i > n - BCAST_ROWS) i = n - BCAST_ROWS;
+            bcast_passes_full(panel, cols, x + (size_t)i * cols, y + (size_t)i * ldy, ldy, m0, m1);
+            if (i == n - BCAST_ROWS) return;
+        }
+    }
+    if (!ce_simd_decoded(type)) { /* K-quants: the scalar dequantization, the same values */
         const ce_tensor tile = {w, type, cols, rows};
         for (int64_t r = 0; r < rows; r++) ce_dequantize_row(&tile, r, panel + r * cols);
     }

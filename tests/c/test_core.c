@@ -72,6 +72,17 @@ static void *random_tensor(int type, int64_t rows, int64_t cols) {
                 ((ce_block_q5_1 *)row)[b].m = ce_fp32_to_fp16(0.05f * rng_uniform());
             }
             break;
+        case CE_TYPE_Q4_K: /* scales up to 63: super-block scales small enough for finite products */
+        case CE_TYPE_Q5_K:
+            for (int64_t b = 0; b < cols / CE_QK_K; b++) {
+                uint16_t *dm = (uint16_t *)(row + b * ce_row_bytes(type, CE_QK_K)); /* d, dmin lead both */
+                dm[0] = ce_fp32_to_fp16(0.0002f * rng_uniform());
+                dm[1] = ce_fp32_to_fp16(0.001f * rng_uniform());
+            }
+            break;
+        case CE_TYPE_Q6_K:
+            for (int64_t b = 0; b < cols / CE_QK_K; b++) ((ce_block_q6_k *)row)[b].d = ce_fp32_to_fp16(0.0001f * rng_uniform());
+            break;
         }
     }
     return p;
@@ -104,36 +115,51 @@ static void test_row_bytes(void) {
 }
 
 /* fp32 activations, every kernel set: each output within float rounding of a double-precision dot
- * over the dequantized row, and bit for bit the same whatever the batch around it: n = 1 (decode),
- * n = 6 and n = 11 activation rows, a tile of 13 weight rows or each row alone. Widths: whole
- * blocks, and for the float types one that is not (40). */
+ * over the dequantized row, and bit for bit the same whatever the batch around it, on each side of
+ * CE_SMALL_BATCH: up to it, n = 1 (decode) and n = CE_SMALL_BATCH, each weight row alone or in a tile;
+ * above it, n = 31, 26 and CE_SMALL_BATCH + 1 activation rows, a tile of 29 weight rows or its first
+ * 7. Widths: whole blocks, and for the float types one that is not (40). */
 static void test_matmul_f32(const ce_kernels *k) {
-    static const int types[] = {CE_TYPE_F32, CE_TYPE_F16, CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0, CE_TYPE_Q5_1};
-    static const int64_t sizes[] = {32, 40, 64, 576, 1536};
-    enum { ROWS = 13, N = 11 };
+    static const int types[] = {CE_TYPE_F32,  CE_TYPE_F16,  CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0,
+                                CE_TYPE_Q5_0, CE_TYPE_Q5_1, CE_TYPE_Q4_K, CE_TYPE_Q5_K, CE_TYPE_Q6_K};
+    static const int64_t sizes[] = {32, 40, 64, 256, 576, 1536};
+    enum { ROWS = CE_TILE_ROWS - 3, N = 31, FEW = 7, SMALL = CE_SMALL_BATCH };
     for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
         for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
             const int64_t cols = sizes[s];
             const size_t row_bytes = ce_row_bytes(types[t], cols);
-            if (row_bytes == 0) continue; /* 40 columns: float types only */
+            if (row_bytes == 0) continue; /* 40 columns: float types only; K-quants: whole super-blocks */
             void *w = random_tensor(types[t], ROWS, cols);
             ce_tensor tensor = {w, types[t], cols, ROWS};
             float *x = malloc(sizeof(float) * N * cols), *row = malloc(sizeof(float) * cols);
-            float *panel = malloc(sizeof(float) * CE_TILE_ROWS * cols), together[N][ROWS], six[N][ROWS], alone[N][ROWS];
+            float *panel = malloc(sizeof(float) * CE_TILE_ROWS * cols);
+            float together[N][ROWS], part[N][ROWS], few[N][FEW], small[SMALL][ROWS], alone[N][ROWS];
             for (int64_t j = 0; j < N * cols; j++) x[j] = rng_uniform() * (j % 5 ? 1.0f : 20.0f);
+            const char *name = ce_type_name(types[t]);
+            /* above CE_SMALL_BATCH */
             k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x, N, &together[0][0], ROWS, panel);
-            k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x + 5 * cols, 6, &six[5][0], ROWS, panel);
+            k->matmul_f32(types[t], w, row_bytes, FEW, cols, x, N, &few[0][0], FEW, panel);
+            k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x + 5 * cols, N - 5, &part[5][0], ROWS, panel);
+            for (int i = 5; i < N; i++)
+                CHECK(memcmp(part[i], together[i], sizeof part[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of %d differs in %d",
+                      k->name, name, (long long)cols, i, N - 5, N);
+            k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x + (N - SMALL - 1) * cols, SMALL + 1,
+                          &part[N - SMALL - 1][0], ROWS, panel);
+            for (int i = N - SMALL - 1; i < N; i++)
+                CHECK(memcmp(part[i], together[i], sizeof part[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of %d differs in %d",
+                      k->name, name, (long long)cols, i, SMALL + 1, N);
+            for (int i = 0; i < N; i++)
+                CHECK(memcmp(few[i], together[i], sizeof few[i]) == 0, "%s matmul_f32 %s cols %lld: a tile of %d rows differs",
+                      k->name, name, (long long)cols, FEW);
+            /* up to CE_SMALL_BATCH */
+            k->matmul_f32(types[t], w, row_bytes, ROWS, cols, x, SMALL, &small[0][0], ROWS, panel);
             for (int i = 0; i < N; i++)
                 for (int64_t r = 0; r < ROWS; r++)
                     k->matmul_f32(types[t], (const uint8_t *)w + r * row_bytes, row_bytes, 1, cols, x + i * cols, 1,
-                                            &alone[i][r], 1, panel);
-            for (int i = 0; i < N; i++) {
-                CHECK(memcmp(together[i], alone[i], sizeof alone[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of 11 differs alone",
-                      k->name, ce_type_name(types[t]), (long long)cols, i);
-                if (i >= 5)
-                    CHECK(memcmp(six[i], alone[i], sizeof alone[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of 6 differs alone",
-                          k->name, ce_type_name(types[t]), (long long)cols, i);
-            }
+                                  &alone[i][r], 1, panel);
+            for (int i = 0; i < SMALL; i++)
+                CHECK(memcmp(small[i], alone[i], sizeof alone[i]) == 0, "%s matmul_f32 %s cols %lld: row %d of %d differs alone",
+                      k->name, name, (long long)cols, i, SMALL);
             for (int i = 0; i < N; i++)
                 for (int64_t r = 0; r < ROWS; r++) {
                     ce_dequantize_row(&tensor, r, row);
@@ -142,9 +168,9 @@ static void test_matmul_f32(const ce_kernels *k) {
                         ref += (double)row[j] * x[i * cols + j];
                         mag += fabs((double)row[j] * x[i * cols + j]);
                     }
-                    CHECK(fabs(together[i][r] - ref) <= TOL_DOT_REL * mag + 1e-30,
-                          "%s matmul_f32 %s cols %lld (%d, %lld): %g vs %g (mag %g)", k->name, ce_type_name(types[t]),
-                          (long long)cols, i, (long long)r, (double)together[i][r], ref, mag);
+                    CHECK(fabs(together[i][r] - ref) <= TOL_DOT_REL * mag + 1e-30 && fabs(alone[i][r] - ref) <= TOL_DOT_REL * mag + 1e-30,
+                          "%s matmul_f32 %s cols %lld (%d, %lld): %g and %g vs %g (mag %g)", k->name, name, (long long)cols, i,
+                          (long long)r, (double)together[i][r], (double)alone[i][r], ref, mag);
                 }
             free(w);
             free(x);

@@ -73,13 +73,14 @@ ce_status ce_quantize_rows(int type, const float *x, int64_t rows, int64_t cols,
 void ce_add_lowrank(float *w, int64_t rows, int64_t cols, const float *up, const float *down, int64_t rank);
 
 /* Weight rows handed to a matmul_f32 kernel at once: its scratch panel holds this many dequantized rows. */
-#define CE_TILE_ROWS 16
+#define CE_TILE_ROWS 32
 
 /* fp32 activations on weights of any `type` (CE_ACT_F32): y[i * ldy + r] = Σ_j w_r[j] x[i * cols + j]
  * for the rows <= CE_TILE_ROWS weight rows w_r at w (row_bytes apart) and i < n, where w_r[j] is
  * ce_dequantize_row's value bit for bit and activations stay fp32. Each (i, r) is summed in an order
- * fixed by the kernel set alone, never by n, rows or a row's place among them: a batch computes what
- * decode computes, bit for bit. panel: CE_TILE_ROWS × cols floats of scratch. */
+ * fixed by the kernel set and by which side of CE_SMALL_BATCH n is on, never by n itself, rows or a
+ * row's place among them: a batch of up to CE_SMALL_BATCH rows computes what decode computes, bit for
+ * bit, and so does every larger batch among larger ones. panel: CE_TILE_ROWS × cols floats of scratch. */
 typedef void (*ce_matmul_f32_fn)(int type, const void *w, size_t row_bytes, int64_t rows, int64_t cols,
                                  const float *x, int n, float *y, int64_t ldy, float *panel);
 
