@@ -3,6 +3,7 @@
  * and installed only when the CPU and the OS support 512-bit registers. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include <math.h>
 #include <pthread.h>
 #include <string.h>
 
@@ -161,39 +162,39 @@ TARGET static inline __attribute__((always_inline)) void transpose16(__m512 v[16
     _Pragma("GCC unroll 16") for (int i = 0; i < 16; i++) v[i] = t[i];
 }
 
-/* panel[j * 32 + r] = w_r[j] for r < rows (ce_dequantize_row's values), 0 for rows <= r < 32 */
+/* panel[j * 32 + r] = w_r[j] for r < rows (ce_dequantize_row's values), 0 for rows <= r < 32: a block
+ * (or K-quant super-block) of 16 rows is decoded row by row into buf, then each 16 × 16 square of it
+ * is transposed in registers into the panel. */
 TARGET static void fill_panel_by_column(int type, const uint8_t *w, size_t row_bytes, int64_t rows, int64_t cols,
                                         float *panel) {
     const int simd = ce_simd_decoded(type);
     const int64_t step = simd ? CE_QK : CE_QK_K; /* columns decoded at a time: a block or a K-quant super-block */
     const size_t step_bytes = ce_row_bytes(type, step);
-    float buf[16][CE_QK_K] __attribute__((aligned(64))); /* the scalar decoder's rows */
+    float buf[16][CE_QK_K] __attribute__((aligned(64)));
     for (int h = 0; h < 2; h++) /* rows 16h .. 16h + 15 */
         for (int64_t j0 = 0; j0 < cols; j0 += step) {
-            if (!simd)
-                for (int r = 0; r < 16 && 16 * h + r < rows; r++) {
-                    const ce_tensor piece = {w + (16 * h + r) * row_bytes + j0 / step * step_bytes, type, step, 1};
+            for (int r = 0; r < 16; r++) {
+                const uint8_t *row = w + (16 * h + r) * row_bytes;
+                if (16 * h + r >= rows)
+                    memset(buf[r], 0, sizeof(float) * step);
+                else if (simd) {
+                    /* sixteen rows read side by side outrun the hardware prefetcher: ask 8 blocks ahead */
+                    _mm_prefetch((const char *)row + (j0 / CE_QK + 8) * step_bytes, _MM_HINT_T0);
+                    __m512 lo, hi;
+                    block_f32(row, type, j0 / CE_QK, &lo, &hi);
+                    _mm512_store_ps(buf[r], lo);
+                    _mm512_store_ps(buf[r] + 16, hi);
+                } else {
+                    const ce_tensor piece = {row + j0 / step * step_bytes, type, step, 1};
                     ce_dequantize_row(&piece, 0, buf[r]);
                 }
-            for (int64_t b = 0; b < step / CE_QK; b++) {
-                __m512 lo[16], hi[16];
-                _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) {
-                    if (16 * h + r >= rows)
-                        lo[r] = hi[r] = _mm512_setzero_ps();
-                    else if (simd)
-                        block_f32(w + (16 * h + r) * row_bytes, type, j0 / CE_QK + b, &lo[r], &hi[r]);
-                    else {
-                        lo[r] = _mm512_load_ps(buf[r] + 32 * b);
-                        hi[r] = _mm512_load_ps(buf[r] + 32 * b + 16);
-                    }
-                }
-                transpose16(lo);
-                transpose16(hi);
-                float *col = panel + (j0 + 32 * b) * 32 + 16 * h;
-                _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) {
-                    _mm512_storeu_ps(col + c * 32, lo[c]);
-                    _mm512_storeu_ps(col + (16 + c) * 32, hi[c]);
-                }
+            }
+            for (int64_t c0 = 0; c0 < step; c0 += 16) {
+                __m512 v[16];
+                _Pragma("GCC unroll 16") for (int r = 0; r < 16; r++) v[r] = _mm512_load_ps(buf[r] + c0);
+                transpose16(v);
+                float *col = panel + (j0 + c0) * 32 + 16 * h;
+                _Pragma("GCC unroll 16") for (int c = 0; c < 16; c++) _mm512_storeu_ps(col + c * 32, v[c]);
             }
         }
 }
@@ -274,6 +275,130 @@ TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, 
 }
 
 
+/* ---- attention of prompt rows: up to 32 queries of one head against one kv head ----
+ * Scores in the broadcast form: the queries, scaled by 1/√hd, are the panel (qt[d * 32 + i]) and each
+ * key row is broadcast over them, so st[t * 32 + i] is key t's score for query i. The softmax runs
+ * down the columns, a query per lane; then each weight st[t * 32 + i] is broadcast over 64 value
+ * columns of key t. Every sum runs over the keys in order (keys past a query's position weigh an
+ * exact 0), so a query's result does not depend on the others in its block. */
+#define VALUE_PASS_QUERIES 12 /* × 32 value columns in 24 accumulators: two value loads per 24 multiply-adds */
+
+/* exp(x) for x <= 0, the AVX2 set's exp_nonpositive in sixteen lanes (the same operations) */
+TARGET static inline __m512 exp_nonpositive16(__m512 x) {
+    const __m512 min_x = _mm512_set1_ps(-87.3f);
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, min_x, _CMP_LT_OQ);
+    x = _mm512_max_ps(x, min_x);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps((__mmask16)~underflow, p, _mm512_castsi512_ps(scale));
+}
+
+/* out[i * ldo + c] for the pass's VALUE_PASS_QUERIES queries (columns i0.. of st) and 32 value columns
+ * c0.. of V: Σ_{t < keys} st[t * 32 + i] V[t][c] × inv[i] */
+TARGET static inline __attribute__((always_inline)) void value_pass(const void *V, const int f16, int hd, const float *st,
+                                                                     int i0, int keys, int c0, const float *inv,
+                                                                     float *out, int64_t ldo) {
+    __m512 acc[VALUE_PASS_QUERIES][2];
+    _Pragma("GCC unroll 16") for (int i = 0; i < VALUE_PASS_QUERIES; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    const float *weights = st + i0; /* key t's weights at weights[32 t + i] */
+    for (int t = 0; t < keys; t++, weights += 32) {
+        __m512 v[2];
+        _Pragma("GCC unroll 2") for (int k = 0; k < 2; k++) {
+            const size_t at = (size_t)t * hd + c0 + 16 * k;
+            v[k] = f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)V + at)))
+                       : _mm512_loadu_ps((const float *)V + at);
+        }
+        _Pragma("GCC unroll 16") for (int i = 0; i < VALUE_PASS_QUERIES; i++) {
+            const __m512 w = _mm512_set1_ps(weights[i]);
+            acc[i][0] = _mm512_fmadd_ps(v[0], w, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(v[1], w, acc[i][1]);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int i = 0; i < VALUE_PASS_QUERIES; i++) {
+        const __m512 s = _mm512_set1_ps(inv[i0 + i]);
+        _mm512_storeu_ps(out + i * ldo, _mm512_mul_ps(acc[i][0], s));
+        _mm512_storeu_ps(out + i * ldo + 16, _mm512_mul_ps(acc[i][1], s));
+    }
+}
+
+TARGET static void value_pass_f32(const void *V, int hd, const float *st, int i0, int keys, int c0, const float *inv,
+                                  float *out, int64_t ldo) {
+    value_pass(V, 0, hd, st, i0, keys, c0, inv, out, ldo);
+}
+
+TARGET static void value_pass_f16(const void *V, int hd, const float *st, int i0, int keys, int c0, const float *inv,
+                                  float *out, int64_t ldo) {
+    value_pass(V, 1, hd, st, i0, keys, c0, inv, out, ldo);
+}
+
+TARGET static void attend_block_avx512(int type, const void *K, const void *V, int hd, int nq, const float *q,
+                                       int64_t ldq, const int *pos, float *out, int64_t ldo, float *scratch) {
+    int keys = 0;
+    for (int i = 0; i < nq; i++) keys = pos[i] + 1 > keys ? pos[i] + 1 : keys;
+    if (nq < VALUE_PASS_QUERIES || keys < BCAST_ROWS || hd % 32) { /* too few for the passes: query by query */
+        for (int i = 0; i < nq; i++) ce_attend(q + i * ldq, K, V, type, pos[i], hd, scratch, out + i * ldo);
+        return;
+    }
+    float *qt = scratch, *st = qt + (size_t)32 * hd, *kt = st + (size_t)32 * keys;
+    const float scale = 1.0f / sqrtf((float)hd);
+    for (int d = 0; d < hd; d++)
+        for (int i = 0; i < 32; i++) qt[d * 32 + i] = i < nq ? q[i * ldq + d] * scale : 0.0f;
+    /* scores, BCAST_ROWS keys a pass; the last pass ends at the last key (a repeat writes the same values) */
+    for (int t0 = 0;; t0 += BCAST_ROWS) {
+        if (t0 > keys - BCAST_ROWS) t0 = keys - BCAST_ROWS;
+        const float *rows = (const float *)K + (size_t)t0 * hd;
+        if (type == CE_TYPE_F16) { /* to fp32 once for all 32 queries */
+            const uint16_t *k16 = (const uint16_t *)K + (size_t)t0 * hd;
+            for (int j = 0; j < BCAST_ROWS * hd; j += 16)
+                _mm512_storeu_ps(kt + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k16 + j))));
+            rows = kt;
+        }
+        bcast_passes_full(qt, hd, rows, st + (size_t)t0 * 32, 32, 0xffff, 0xffff);
+        if (t0 == keys - BCAST_ROWS) break;
+    }
+    /* softmax down each column, query i in lane i % 16 of half i / 16: keys past the lane's position
+     * (all keys, for lanes past nq) weigh 0. Maxima and sums run over even and odd keys apart (two
+     * chains each, the loop is latency-bound), the sums then add. */
+    int lane_pos[32];
+    for (int i = 0; i < 32; i++) lane_pos[i] = i < nq ? pos[i] : -1;
+    const __m512i p[2] = {_mm512_loadu_si512(lane_pos), _mm512_loadu_si512(lane_pos + 16)};
+    __m512 m[2][2], sum[2][2];
+    for (int h = 0; h < 2; h++) m[h][0] = m[h][1] = _mm512_set1_ps(-INFINITY), sum[h][0] = sum[h][1] = _mm512_setzero_ps();
+#define LIVE(t, h) _mm512_cmp_epi32_mask(_mm512_set1_epi32(t), p[h], _MM_CMPINT_LE)
+    for (int t = 0; t < keys; t++)
+        for (int h = 0; h < 2; h++) m[h][t & 1] = _mm512_mask_max_ps(m[h][t & 1], LIVE(t, h), m[h][t & 1], _mm512_loadu_ps(st + t * 32 + 16 * h));
+    for (int h = 0; h < 2; h++) m[h][0] = _mm512_max_ps(m[h][0], m[h][1]);
+    for (int t = 0; t < keys; t++)
+        for (int h = 0; h < 2; h++) {
+            float *at = st + t * 32 + 16 * h;
+            const __m512 e = _mm512_maskz_mov_ps(LIVE(t, h), exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(at), m[h][0])));
+            _mm512_storeu_ps(at, e);
+            sum[h][t & 1] = _mm512_add_ps(sum[h][t & 1], e);
+        }
+#undef LIVE
+    float inv[32];
+    for (int h = 0; h < 2; h++) _mm512_storeu_ps(inv + 16 * h, _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sum[h][0], sum[h][1])));
+    /* values, VALUE_PASS_QUERIES queries a pass, each over the keys up to the pass's last position */
+    for (int i0 = 0;; i0 += VALUE_PASS_QUERIES) {
+        if (i0 > nq - VALUE_PASS_QUERIES) i0 = nq - VALUE_PASS_QUERIES;
+        int last = 0;
+        for (int i = 0; i < VALUE_PASS_QUERIES; i++) last = pos[i0 + i] > last ? pos[i0 + i] : last;
+        for (int c0 = 0; c0 < hd; c0 += 32)
+            (type == CE_TYPE_F16 ? value_pass_f16 : value_pass_f32)(V, hd, st, i0, last + 1, c0, inv, out + i0 * ldo + c0, ldo);
+        if (i0 == nq - VALUE_PASS_QUERIES) break;
+    }
+}
+
 static ce_kernels kernels_avx512;
 static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
 
@@ -281,6 +406,7 @@ static void kernels_avx512_init(void) {
     kernels_avx512 = *ce_kernels_avx2();
     kernels_avx512.name = "avx512";
     kernels_avx512.matmul_f32 = matmul_f32_avx512;
+    kernels_avx512.attend_block = attend_block_avx512;
 }
 
 const ce_kernels *ce_kernels_avx512(void) {

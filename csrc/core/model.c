@@ -287,42 +287,39 @@ ce_status ce_embed(const ce_model *m, int n, const int32_t *tokens, float *x, ch
     return CE_OK;
 }
 
-/* Causal attention for one query head at position pos: out = Σ_t softmax(q·k_t / √hd) v_t over t ≤ pos.
- * K, V: (capacity, head_dim) elements of `type` (F32 or F16) of the matching kv head. */
-static void attend(const float *q, const void *K, const void *V, int type, int pos, int head_dim, float *scores,
-                   float *out) {
-    const ce_kernels *k = ce_kernels_active();
-    const float scale = 1.0f / sqrtf((float)head_dim);
-    k->dot_rows[type](K, q, pos + 1, head_dim, scores);
-    for (int t = 0; t <= pos; t++) scores[t] *= scale;
-    ce_softmax(scores, pos + 1);
-    k->sum_rows[type](V, scores, pos + 1, head_dim, out);
-}
-
-/* Attention of every row × n_heads query heads, split across threads by (row, head); each row
- * attends within its own sequence's cache. */
+/* Attention of every row × n_heads query heads, split across threads by (row, head), or for prompts
+ * (batches above CE_SMALL_BATCH, where the set has attend_block) by (head, block of up to
+ * CE_ATTEND_QUERIES rows of one sequence): head-major, so that each thread's share of the keys is
+ * even. Each row attends within its own sequence's cache. */
 typedef struct {
     const ce_config *c;
     const ce_seq_rows *seqs;
     const int *row_seq; /* (rows) index into seqs */
     const int *row_pos; /* (rows) position of the row in its sequence */
+    const int *blocks;  /* (n_blocks, 2): first row and row count of each block, or NULL */
+    int n_blocks;
     int layer;
-    int capacity;       /* largest capacity: the per-thread scores stride */
+    size_t scratch;     /* floats of scratch per thread */
     const float *q;     /* (rows, n_heads*head_dim) */
     float *att;         /* (rows, n_heads*head_dim) */
-    float *scores;      /* (threads, capacity) */
+    float *scores;      /* (threads, scratch) */
 } attention_job;
 
 static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
     const attention_job *job = ctx;
-    const int hd = job->c->head_dim, nh = job->c->n_heads, group = nh / job->c->n_kv_heads;
-    float *scores = job->scores + (size_t)thread * job->capacity;
+    const int hd = job->c->head_dim, nh = job->c->n_heads, group = nh / job->c->n_kv_heads, qd = nh * hd;
+    float *scratch = job->scores + (size_t)thread * job->scratch;
     for (int64_t task = begin; task < end; task++) {
-        const int i = (int)(task / nh), h = (int)(task % nh);
+        const int i = job->blocks ? job->blocks[2 * (task % job->n_blocks)] : (int)(task / nh);
+        const int h = job->blocks ? (int)(task / job->n_blocks) : (int)(task % nh);
         const ce_kv_cache *kv = job->seqs[job->row_seq[i]].kv;
-        const size_t at = (size_t)i * nh * hd + (size_t)h * hd;
-        attend(job->q + at, ce_kv_cache_k(kv, job->layer, h / group), ce_kv_cache_v(kv, job->layer, h / group),
-               kv->type, job->row_pos[i], hd, scores, job->att + at);
+        const void *K = ce_kv_cache_k(kv, job->layer, h / group), *V = ce_kv_cache_v(kv, job->layer, h / group);
+        const size_t at = (size_t)i * qd + (size_t)h * hd;
+        if (job->blocks)
+            ce_kernels_active()->attend_block(kv->type, K, V, hd, job->blocks[2 * (task % job->n_blocks) + 1], job->q + at,
+                                              qd, job->row_pos + i, job->att + at, qd, scratch);
+        else
+            ce_attend(job->q + at, K, V, kv->type, job->row_pos[i], hd, scratch, job->att + at);
     }
 }
 
@@ -400,6 +397,61 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     return ce_forward_multi(m, ws, layer_begin, layer_end, 1, &one, x, err, errlen);
 }
 
+/* ---- row-wise steps, split across threads for batches above CE_SMALL_BATCH (below, the hand-off
+ * costs more than it saves); a row's result does not depend on the split ---- */
+
+typedef struct {
+    float *x;        /* (n, d) residual stream */
+    const float *o;  /* (n, d) added to x first, or NULL */
+    float *xn;       /* (n, d) rmsnorm(x) with weight w, unless w is NULL */
+    const float *w;
+    int d;
+    float eps;
+} add_norm_job;
+
+static void add_norm_rows(void *ctx, int64_t begin, int64_t end, int thread) {
+    const add_norm_job *job = ctx;
+    for (int64_t i = begin; i < end; i++) {
+        float *x = job->x + (size_t)i * job->d;
+        if (job->o)
+            for (int j = 0; j < job->d; j++) x[j] += job->o[(size_t)i * job->d + j];
+        if (job->w) ce_rmsnorm(job->xn + (size_t)i * job->d, x, job->w, job->d, job->eps);
+    }
+}
+
+typedef struct {
+    float *q;        /* (n, n_heads * head_dim), rotated in place with the tables cs (n, head_dim) */
+    const float *cs;
+    int n_heads, head_dim, style;
+} rope_job;
+
+static void rope_rows(void *ctx, int64_t begin, int64_t end, int thread) {
+    const rope_job *job = ctx;
+    for (int64_t i = begin; i < end; i++)
+        for (int h = 0; h < job->n_heads; h++)
+            ce_rope_apply(job->q + ((size_t)i * job->n_heads + h) * job->head_dim, job->head_dim,
+                          job->cs + (size_t)i * job->head_dim, job->style);
+}
+
+typedef struct {
+    float *gate;     /* (n, f): silu(gate) ⊙ up in place */
+    const float *up;
+    int f;
+} silu_job;
+
+static void silu_rows(void *ctx, int64_t begin, int64_t end, int thread) {
+    const silu_job *job = ctx;
+    ce_kernels_active()->silu_mul(job->gate + (size_t)begin * job->f, job->up + (size_t)begin * job->f,
+                                  (end - begin) * job->f);
+}
+
+static void run_rows(int n, ce_task_fn fn, void *ctx) {
+    if (n > CE_SMALL_BATCH)
+        ce_parallel_for(n, fn, ctx);
+    else
+        fn(ctx, 0, n, 0);
+}
+
 /* Layers [layer_begin, layer_end) over n rows of already validated sequences; capacity: the largest
  * of their caches. */
 static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_begin, int layer_end, int n_seqs,
@@ -410,13 +462,15 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
     ce_status st;
 
     /* scratch: xn (n,d) | [q (n,qd) | k (n,kvd) | v (n,kvd) | att (n,qd)] | rope tables (n,hd)
-     *          | scores (threads, capacity); ints: row_seq (n) | row_pos (n).
+     *          | scores (threads, scratch); ints: row_seq (n) | row_pos (n) | blocks (n, 2).
      * Buffers whose lives do not overlap share memory (it sets prefill's peak): the feed-forward's
      * gate and up (n,f each) reuse the attention block's q..att region, and o (n,d) reuses xn. */
     const size_t attn_floats = (size_t)2 * qd + 2 * kvd, block_floats = attn_floats > 2 * (size_t)f ? attn_floats : 2 * (size_t)f;
-    size_t need = (size_t)n * (d + block_floats + hd) + (size_t)ce_threads_get() * capacity;
+    const int blocked = n > CE_SMALL_BATCH && ce_kernels_active()->attend_block != NULL;
+    const size_t scratch = blocked ? CE_ATTEND_SCRATCH(capacity, hd) : (size_t)capacity;
+    size_t need = (size_t)n * (d + block_floats + hd) + (size_t)ce_threads_get() * scratch;
     if ((st = grow((void **)&ws->buf, &ws->n_floats, need, sizeof(float), err, errlen)) ||
-        (st = grow((void **)&ws->ints, &ws->n_ints, 2 * (size_t)n, sizeof(int), err, errlen)))
+        (st = grow((void **)&ws->ints, &ws->n_ints, 4 * (size_t)n, sizeof(int), err, errlen)))
         return st;
     float *xn = ws->buf, *o = xn, *block = xn + (size_t)n * d;
     float *q = block, *k = q + (size_t)n * qd, *v = k + (size_t)n * kvd, *att = v + (size_t)n * kvd;
@@ -425,13 +479,20 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
     int *row_seq = ws->ints, *row_pos = row_seq + n;
     for (int s = 0, i = 0; s < n_seqs; s++)
         for (int j = 0; j < seqs[s].n; j++, i++) row_seq[i] = s, row_pos[i] = seqs[s].pos0 + j;
+    int *blocks = row_pos + n, n_blocks = 0;
+    for (int s = 0, i0 = 0; blocked && s < n_seqs; i0 += seqs[s].n, s++)
+        for (int j = 0; j < seqs[s].n; j += CE_ATTEND_QUERIES, n_blocks++) {
+            blocks[2 * n_blocks] = i0 + j;
+            blocks[2 * n_blocks + 1] = seqs[s].n - j < CE_ATTEND_QUERIES ? seqs[s].n - j : CE_ATTEND_QUERIES;
+        }
     for (int i = 0; i < n; i++) ce_rope_table(cs + (size_t)i * hd, hd, row_pos[i], m->rope_inv_freq);
 
     for (int l = layer_begin; l < layer_end; l++) {
         const ce_layer *L = &m->layers[l];
-        /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x) */
-        for (int i = 0; i < n; i++)
-            ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->attn_norm.data, d, c->norm_eps);
+        /* attention block: x += Wo · attn(rope(Wq xn), rope(Wk xn), Wv xn), xn = rmsnorm(x), after the
+         * previous layer's feed-forward output o joins x */
+        add_norm_job attn_norm = {x, l > layer_begin ? o : NULL, xn, L->attn_norm.data, d, c->norm_eps};
+        run_rows(n, add_norm_rows, &attn_norm);
         const ce_tensor *qkv_w[] = {&L->wq, &L->wk, &L->wv};
         float *const qkv_y[] = {q, k, v};
         if ((st = matmul_shared(3, qkv_w, qkv_y, ws, m->activations, n, xn, err, errlen))) return st;
@@ -441,23 +502,24 @@ static ce_status forward_rows(const ce_model *m, ce_workspace *ws, int layer_beg
         for (int s = 0, i0 = 0; s < n_seqs; i0 += seqs[s].n, s++)
             store_kv(m, seqs[s].kv, l, seqs[s].n, seqs[s].pos0, k + (size_t)i0 * kvd, v + (size_t)i0 * kvd,
                      cs + (size_t)i0 * hd);
-        for (int i = 0; i < n; i++)
-            for (int h = 0; h < c->n_heads; h++) ce_rope_apply(q + (size_t)i * qd + h * hd, hd, cs + (size_t)i * hd, c->rope_style);
-        attention_job job = {c, seqs, row_seq, row_pos, l, capacity, q, att, scores};
-        ce_parallel_for((int64_t)n * c->n_heads, attention_heads, &job);
+        rope_job rope = {q, cs, c->n_heads, hd, c->rope_style};
+        run_rows(n, rope_rows, &rope);
+        attention_job job = {c, seqs, row_seq, row_pos, blocked ? blocks : NULL, n_blocks, l, scratch, q, att, scores};
+        ce_parallel_for((int64_t)(blocked ? n_blocks : n) * c->n_heads, attention_heads, &job);
         if ((st = ce_matmul(&L->wo, ws, m->activations, n, att, o, err, errlen))) return st;
-        for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
 
-        /* feed-forward block: x += W_down · (silu(W_gate xn) ⊙ W_up xn), xn = rmsnorm(x) */
-        for (int i = 0; i < n; i++)
-            ce_rmsnorm(xn + (size_t)i * d, x + (size_t)i * d, L->ffn_norm.data, d, c->norm_eps);
+        /* feed-forward block: x += W_down · (silu(W_gate xn) ⊙ W_up xn), xn = rmsnorm(x + o) */
+        add_norm_job ffn_norm = {x, o, xn, L->ffn_norm.data, d, c->norm_eps};
+        run_rows(n, add_norm_rows, &ffn_norm);
         const ce_tensor *ffn_w[] = {&L->w_gate, &L->w_up};
         float *const ffn_y[] = {gate, up};
         if ((st = matmul_shared(2, ffn_w, ffn_y, ws, m->activations, n, xn, err, errlen))) return st;
-        ce_kernels_active()->silu_mul(gate, up, (int64_t)n * f);
+        silu_job silu = {gate, up, f};
+        run_rows(n, silu_rows, &silu);
         if ((st = ce_matmul(&L->w_down, ws, m->activations, n, gate, o, err, errlen))) return st;
-        for (size_t j = 0; j < (size_t)n * d; j++) x[j] += o[j];
     }
+    add_norm_job last = {x, o, NULL, NULL, d, c->norm_eps}; /* the last feed-forward output joins x */
+    if (layer_end > layer_begin) run_rows(n, add_norm_rows, &last);
     return CE_OK;
 }
 

@@ -50,3 +50,12 @@ void ce_softmax(float *x, int n) {
     const float inv = (float)(1.0 / ce_kernels_active()->exp_shifted(x, max, n));
     for (int j = 0; j < n; j++) x[j] *= inv;
 }
+
+void ce_attend(const float *q, const void *K, const void *V, int type, int pos, int head_dim, float *scores, float *out) {
+    const ce_kernels *k = ce_kernels_active();
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    k->dot_rows[type](K, q, pos + 1, head_dim, scores);
+    for (int t = 0; t <= pos; t++) scores[t] *= scale;
+    ce_softmax(scores, pos + 1);
+    k->sum_rows[type](V, scores, pos + 1, head_dim, out);
+}

@@ -319,6 +319,59 @@ static void test_attention_rows(const ce_kernels *k) {
     }
 }
 
+/* Attention of a block of prompt rows, where a set has it: each query against a double-precision
+ * softmax attention over the keys up to its position, F32 and F16 caches, head widths of one and two
+ * 64-column passes (and 32, which the set answers query by query); a query's result is the same in a
+ * block of 32, in one of 12 (the fewest the passes take) or 13, and in one of 3 (query by query). */
+static void test_attend_block(const ce_kernels *k) {
+    if (k->attend_block == NULL) return;
+    enum { KEYS = 90, NQ = 32, MAXHD = 128, LDQ = MAXHD + 8 };
+    static const int types[] = {CE_TYPE_F32, CE_TYPE_F16}, widths[] = {64, 128, 32}, firsts[] = {0, 50};
+    static float q[NQ * LDQ], out[NQ][LDQ], part[NQ][LDQ], krow[MAXHD], vrow[MAXHD];
+    float *scratch = malloc(sizeof(float) * CE_ATTEND_SCRATCH(KEYS, MAXHD));
+    for (int j = 0; j < NQ * LDQ; j++) q[j] = 2.0f * rng_uniform();
+    for (int ti = 0; ti < 2; ti++)
+        for (int wi = 0; wi < 3; wi++)
+            for (int fi = 0; fi < 2; fi++) {
+                const int type = types[ti], hd = widths[wi];
+                void *K = random_tensor(type, KEYS, hd), *V = random_tensor(type, KEYS, hd);
+                const ce_tensor kt = {K, type, hd, KEYS}, vt = {V, type, hd, KEYS};
+                int pos[NQ];
+                for (int i = 0; i < NQ; i++) pos[i] = firsts[fi] + i;
+                k->attend_block(type, K, V, hd, NQ, q, LDQ, pos, &out[0][0], LDQ, scratch);
+                for (int i = 0; i < NQ; i++) {
+                    double scores[KEYS], m = -INFINITY, sum = 0.0, ref[MAXHD] = {0}, mag[MAXHD] = {0};
+                    for (int t = 0; t <= pos[i]; t++) {
+                        ce_dequantize_row(&kt, t, krow);
+                        scores[t] = 0.0;
+                        for (int j = 0; j < hd; j++) scores[t] += (double)q[i * LDQ + j] * krow[j];
+                        scores[t] /= sqrt((double)hd);
+                        m = fmax(m, scores[t]);
+                    }
+                    for (int t = 0; t <= pos[i]; t++) sum += scores[t] = exp(scores[t] - m);
+                    for (int t = 0; t <= pos[i]; t++) {
+                        ce_dequantize_row(&vt, t, vrow);
+                        for (int j = 0; j < hd; j++) ref[j] += scores[t] / sum * vrow[j], mag[j] += scores[t] / sum * fabs(vrow[j]);
+                    }
+                    for (int j = 0; j < hd; j++)
+                        CHECK(fabs(out[i][j] - ref[j]) <= 1e-5 * mag[j] + 1e-7, "%s attend_block %s hd %d query %d (pos %d) col %d: %g vs %g",
+                              k->name, ce_type_name(type), hd, i, pos[i], j, (double)out[i][j], ref[j]);
+                }
+                static const int subsets[][2] = {{10, 12}, {19, 13}, {4, 3}}; /* first query, count */
+                for (int b = 0; b < 3; b++) {
+                    const int i0 = subsets[b][0], nq = subsets[b][1];
+                    k->attend_block(type, K, V, hd, nq, q + i0 * LDQ, LDQ, pos + i0, &part[i0][0], LDQ, scratch);
+                    for (int i = i0; i < i0 + nq; i++)
+                        for (int j = 0; j < hd; j++)
+                            CHECK(nq == 3 ? fabs(part[i][j] - out[i][j]) <= 1e-5 : part[i][j] == out[i][j],
+                                  "%s attend_block %s hd %d: query %d alone in %d differs", k->name, ce_type_name(type), hd, i, nq);
+                }
+                free(K);
+                free(V);
+            }
+    free(scratch);
+}
+
 /* The fixed-point realization of fp32 activations, where a kernel set has it: each value within
  * d / 131068 (plus float rounding) of its block, sums exact to float rounding, and dots within the
  * fp32 tolerance of double-precision dots with the original floats. */
@@ -1062,6 +1115,7 @@ int main(void) {
     if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_matmul_f32(ce_kernels_active());
     test_attention_rows(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_attention_rows(ce_kernels_active());
+    if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_attend_block(ce_kernels_active());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());
     test_silu_mul(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_silu_mul(ce_kernels_active());

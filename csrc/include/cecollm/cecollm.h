@@ -134,11 +134,21 @@ typedef struct {
      * dot_rows: out[t] = X[t, :] · q (scores);  sum_rows: y = Σ_t a[t] X[t, :] (weighted values). */
     void (*dot_rows[CE_TYPE_F16 + 1])(const void *X, const float *q, int64_t rows, int64_t n, float *out);
     void (*sum_rows[CE_TYPE_F16 + 1])(const void *X, const float *a, int64_t rows, int64_t n, float *y);
+    /* Attention of a block of prompt rows (batches above CE_SMALL_BATCH), where a set has it (NULL in
+     * the generic set): nq <= CE_ATTEND_QUERIES queries of one head (q: ldq apart) at positions pos[i]
+     * against one kv head's K, V (keys, head_dim) of a float type, each out_i (ldo apart) what
+     * ce_attend computes, to float rounding, in an order of the set's that does not depend on the
+     * other queries. scratch: CE_ATTEND_SCRATCH(max pos_i + 1, head_dim) floats. */
+    void (*attend_block)(int type, const void *K, const void *V, int head_dim, int nq, const float *q, int64_t ldq,
+                         const int *pos, float *out, int64_t ldo, float *scratch);
     /* x[j] = exp(x[j] - shift) for n elements (x[j] <= shift); returns their sum (softmax's numerator) */
     double (*exp_shifted)(float *x, float shift, int64_t n);
     /* gate[j] = silu(gate[j]) up[j] = gate[j] / (1 + exp(-gate[j])) up[j] for n elements (the SwiGLU) */
     void (*silu_mul)(float *gate, const float *up, int64_t n);
 } ce_kernels;
+
+#define CE_ATTEND_QUERIES 32
+#define CE_ATTEND_SCRATCH(keys, head_dim) (32 * ((size_t)(keys) + (size_t)(head_dim)) + 16 * (size_t)(head_dim))
 
 const ce_kernels *ce_kernels_generic(void);
 const ce_kernels *ce_kernels_active(void);
@@ -361,6 +371,9 @@ void ce_rope_table(float *cs, int head_dim, int pos, const float *inv_freq);
 void ce_rope_apply(float *v, int head_dim, const float *cs, int style);
 /* In-place softmax over n values. */
 void ce_softmax(float *x, int n);
+/* Causal attention for one query head at position pos: out = Σ_t softmax(q·k_t / √hd) v_t over t ≤ pos.
+ * K, V: (keys, head_dim) elements of `type` (F32 or F16) of the matching kv head; scores: pos + 1 floats. */
+void ce_attend(const float *q, const void *K, const void *V, int type, int pos, int head_dim, float *scores, float *out);
 
 #ifdef __cplusplus
 }
