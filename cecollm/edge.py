@@ -126,7 +126,7 @@ class EdgeRunner:
         batch = self.model.core.embed(np.array([token], np.int32))
         start = p  # the batch holds positions [start, p]
         layer, layers_run, checks, skipped, gate = 0, 0, 0, 0, 0.0
-        for boundary in self.boundaries:
+        for boundary in self._stops():
             batch, start = self._catch_up_into(batch, start, layer)
             batch = self._run(batch, start, layer, boundary)
             layers_run += len(batch) * (boundary - layer)
@@ -169,6 +169,14 @@ class EdgeRunner:
                 self.n_pos = p + 1
                 return ExitDecision(logits, boundary, conf, batch[-1], layers_run, checks, skipped)
         raise AssertionError("unreachable: the split always decides")
+
+    def _stops(self) -> list[int]:
+        """The boundaries this step stops at: the split, exits that can accept now, and layers where
+        pending positions join (catch-up). The layers between two stops run as one segment: exits
+        that cannot accept cost nothing."""
+        joining = {pending.exit_layer for pending in self.pending.values()}
+        return [b for b in self.boundaries
+                if b == self.policy.split or b in joining or self.policy.effective_threshold(b, self.cloud_cost_s) <= 1.0]  # fmt: skip
 
     def _precheck_fails(self, hidden: np.ndarray, exit_layer: int, threshold: float) -> bool:
         """True when the candidate head proves (given its top-1 is the full top-1) that the exit fails."""

@@ -64,6 +64,29 @@ def test_exits_disabled_give_the_full_models_tokens(model):
         assert generate_edge(model, PROMPT, policy, max_new_tokens=24).tokens == full.tokens
 
 
+def test_exits_that_cannot_accept_cost_no_stop(model):
+    """Exits above threshold 1 do not cut the edge's forward pass: one segment up to the split per
+    token, as without them; an exit that can accept is a stop."""
+
+    class CountingCache:
+        def __init__(self, cache):
+            self.cache, self.calls = cache, 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return self.cache.forward(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.cache, name)
+
+    for thresholds, stops in (((1.01,), 1), ((1.01, 1.01, 0.999999), 2)):
+        runner = EdgeRunner(model, ExitPolicy(exits=(8, 16, 24), split=model.n_layers, thresholds=thresholds), 64)
+        runner.prefill(model.tokenize(PROMPT))
+        runner.cache = CountingCache(runner.cache)
+        decision = runner.step(504)
+        assert runner.cache.calls == stops and decision.layers_run == model.n_layers
+
+
 def test_exit_at_the_last_layer_gives_the_full_logits(model):
     ids = model.tokenize(PROMPT)
     runner = EdgeRunner(model, ExitPolicy(exits=(model.n_layers,), split=model.n_layers, thresholds=(0.0,)), 64)
