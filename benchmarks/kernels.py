@@ -4,8 +4,8 @@
    one thread on Q4_1 1536×576 (the FFN gate shape, cache-resident), then one and two threads on a
    147456×576 Q4_1 matrix (53 MB) and a 98304×576 Q8_0 one (60 MB, the LM head's format): more than
    the 32 MB L3, so the weights stream from memory as in decode.
-2. Prefill paths: pp512 through matmul_f32, fp32 kernels on dequantized 16-row tiles (one
-   512-position call, which the core runs CE_BATCH_CHUNK = 256 rows at a time, or calls of 128
+2. Prefill paths: pp512 through matmul_f32, fp32 kernels on dequantized 32-row tiles (one
+   512-position call, which the core runs as one CE_BATCH_CHUNK (512 rows), or calls of 128
    positions; every chunk dequantizes every tile again) against the decode kernels in batches of 8
    positions (each weight row read once per 8).
 

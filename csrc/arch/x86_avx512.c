@@ -135,7 +135,6 @@ PANEL_ROWS_K(4)
  * loads 2 weight vectors per 28 multiply-adds (the row form above loads one vector per two). */
 #define BCAST_ROWS 14
 static_assert(CE_TILE_ROWS == 32, "the broadcast form holds a tile's rows in two vectors");
-static_assert(CE_SMALL_BATCH + 1 <= BCAST_ROWS, "a batch above CE_SMALL_BATCH fills a pass of CE_SMALL_BATCH + 1 rows");
 
 /* 16 vectors v[r] (rows) become their transpose: v[c] lane r = old v[r] lane c */
 TARGET static inline __attribute__((always_inline)) void transpose16(__m512 v[16]) {
@@ -219,14 +218,28 @@ TARGET static inline __attribute__((always_inline)) void bcast_pass(const float 
     }
 }
 
-TARGET static void bcast_passes_full(const float *panel, int64_t cols, const float *x, float *y, int64_t ldy,
-                                     __mmask16 m0, __mmask16 m1) {
-    bcast_pass(panel, cols, x, BCAST_ROWS, y, ldy, m0, m1);
-}
+#define BCAST_PASS(T)                                                                                      \
+    TARGET static void bcast_pass_##T(const float *panel, int64_t cols, const float *x, float *y, int64_t ldy, \
+                                      __mmask16 m0, __mmask16 m1) {                                          \
+        bcast_pass(panel, cols, x, T, y, ldy, m0, m1);                                                         \
+    }
+BCAST_PASS(1) BCAST_PASS(2) BCAST_PASS(3) BCAST_PASS(4) BCAST_PASS(5) BCAST_PASS(6) BCAST_PASS(7)
+BCAST_PASS(8) BCAST_PASS(9) BCAST_PASS(10) BCAST_PASS(11) BCAST_PASS(12) BCAST_PASS(13) BCAST_PASS(14)
+#undef BCAST_PASS
+static_assert(BCAST_ROWS == 14, "one pass function per row count up to BCAST_ROWS");
 
-TARGET static void bcast_passes_small(const float *panel, int64_t cols, const float *x, float *y, int64_t ldy,
-                                      __mmask16 m0, __mmask16 m1) {
-    bcast_pass(panel, cols, x, CE_SMALL_BATCH + 1, y, ldy, m0, m1);
+typedef void (*bcast_pass_fn)(const float *panel, int64_t cols, const float *x, float *y, int64_t ldy, __mmask16 m0,
+                              __mmask16 m1);
+static const bcast_pass_fn bcast_passes[BCAST_ROWS + 1] = {
+    NULL,           bcast_pass_1,  bcast_pass_2,  bcast_pass_3,  bcast_pass_4,  bcast_pass_5,  bcast_pass_6, bcast_pass_7,
+    bcast_pass_8,   bcast_pass_9,  bcast_pass_10, bcast_pass_11, bcast_pass_12, bcast_pass_13, bcast_pass_14};
+
+/* n activation rows (x, cols apart) against the panel: passes of BCAST_ROWS rows, the last taking the rest */
+TARGET static void bcast_rows(const float *panel, int64_t cols, const float *x, int n, float *y, int64_t ldy,
+                              __mmask16 m0, __mmask16 m1) {
+    for (int i = 0; i < n; i += BCAST_ROWS)
+        bcast_passes[n - i < BCAST_ROWS ? n - i : BCAST_ROWS](panel, cols, x + (size_t)i * cols, y + (size_t)i * ldy, ldy,
+                                                              m0, m1);
 }
 
 /* Up to CE_SMALL_BATCH rows: the row form, every output's order the same for any n (decode's); above,
@@ -242,19 +255,8 @@ TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, 
         fill_panel_by_column(type, wr, row_bytes, rows, cols, panel);
         const __mmask16 m0 = rows >= 16 ? 0xffff : (__mmask16)((1u << rows) - 1);
         const __mmask16 m1 = rows >= 32 ? 0xffff : rows > 16 ? (__mmask16)((1u << (rows - 16)) - 1) : 0;
-        /* passes of BCAST_ROWS rows; the last one ends at row n and may repeat rows of the one before,
-         * which writes the same values again (an output does not depend on its pass) */
-        if (n < BCAST_ROWS) {
-            bcast_passes_small(panel, cols, x, y, ldy, m0, m1);
-            const int last = n - (CE_SMALL_BATCH + 1);
-            bcast_passes_small(panel, cols, x + (size_t)last * cols, y + (size_t)last * ldy, ldy, m0, m1);
-            return;
-        }
-        for (int i = 0;; i += BCAST_ROWS) {
-            if (i > n - BCAST_ROWS) i = n - BCAST_ROWS;
-            bcast_passes_full(panel, cols, x + (size_t)i * cols, y + (size_t)i * ldy, ldy, m0, m1);
-            if (i == n - BCAST_ROWS) return;
-        }
+        bcast_rows(panel, cols, x, n, y, ldy, m0, m1);
+        return;
     }
     if (!ce_simd_decoded(type)) { /* K-quants: the scalar dequantization, the same values */
         const ce_tensor tile = {w, type, cols, rows};
@@ -345,7 +347,7 @@ TARGET static void attend_block_avx512(int type, const void *K, const void *V, i
                                        int64_t ldq, const int *pos, float *out, int64_t ldo, float *scratch) {
     int keys = 0;
     for (int i = 0; i < nq; i++) keys = pos[i] + 1 > keys ? pos[i] + 1 : keys;
-    if (nq < VALUE_PASS_QUERIES || keys < BCAST_ROWS || hd % 32) { /* too few for the passes: query by query */
+    if (nq < VALUE_PASS_QUERIES || hd % 32) { /* too few for the passes: query by query */
         for (int i = 0; i < nq; i++) ce_attend(q + i * ldq, K, V, type, pos[i], hd, scratch, out + i * ldo);
         return;
     }
@@ -353,18 +355,17 @@ TARGET static void attend_block_avx512(int type, const void *K, const void *V, i
     const float scale = 1.0f / sqrtf((float)hd);
     for (int d = 0; d < hd; d++)
         for (int i = 0; i < 32; i++) qt[d * 32 + i] = i < nq ? q[i * ldq + d] * scale : 0.0f;
-    /* scores, BCAST_ROWS keys a pass; the last pass ends at the last key (a repeat writes the same values) */
-    for (int t0 = 0;; t0 += BCAST_ROWS) {
-        if (t0 > keys - BCAST_ROWS) t0 = keys - BCAST_ROWS;
+    /* scores, BCAST_ROWS keys a pass (a tile of F16 keys converted to fp32 once for all 32 queries) */
+    for (int t0 = 0; t0 < keys; t0 += BCAST_ROWS) {
+        const int tile = keys - t0 < BCAST_ROWS ? keys - t0 : BCAST_ROWS;
         const float *rows = (const float *)K + (size_t)t0 * hd;
-        if (type == CE_TYPE_F16) { /* to fp32 once for all 32 queries */
+        if (type == CE_TYPE_F16) {
             const uint16_t *k16 = (const uint16_t *)K + (size_t)t0 * hd;
-            for (int j = 0; j < BCAST_ROWS * hd; j += 16)
+            for (int j = 0; j < tile * hd; j += 16)
                 _mm512_storeu_ps(kt + j, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(k16 + j))));
             rows = kt;
         }
-        bcast_passes_full(qt, hd, rows, st + (size_t)t0 * 32, 32, 0xffff, 0xffff);
-        if (t0 == keys - BCAST_ROWS) break;
+        bcast_passes[tile](qt, hd, rows, st + (size_t)t0 * 32, 32, 0xffff, 0xffff);
     }
     /* softmax down each column, query i in lane i % 16 of half i / 16: keys past the lane's position
      * (all keys, for lanes past nq) weigh 0. Maxima and sums run over even and odd keys apart (two

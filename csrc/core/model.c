@@ -310,13 +310,16 @@ static void attention_heads(void *ctx, int64_t begin, int64_t end, int thread) {
     const int hd = job->c->head_dim, nh = job->c->n_heads, group = nh / job->c->n_kv_heads, qd = nh * hd;
     float *scratch = job->scores + (size_t)thread * job->scratch;
     for (int64_t task = begin; task < end; task++) {
-        const int i = job->blocks ? job->blocks[2 * (task % job->n_blocks)] : (int)(task / nh);
+        /* a head's blocks in the order first, last, second, second to last, ...: a block's cost grows
+         * with its position, and so any run of tasks (a thread's share) holds early and late alike */
+        const int64_t k = job->blocks ? task % job->n_blocks : 0, b = k % 2 == 0 ? k / 2 : job->n_blocks - 1 - k / 2;
+        const int i = job->blocks ? job->blocks[2 * b] : (int)(task / nh);
         const int h = job->blocks ? (int)(task / job->n_blocks) : (int)(task % nh);
         const ce_kv_cache *kv = job->seqs[job->row_seq[i]].kv;
         const void *K = ce_kv_cache_k(kv, job->layer, h / group), *V = ce_kv_cache_v(kv, job->layer, h / group);
         const size_t at = (size_t)i * qd + (size_t)h * hd;
         if (job->blocks)
-            ce_kernels_active()->attend_block(kv->type, K, V, hd, job->blocks[2 * (task % job->n_blocks) + 1], job->q + at,
+            ce_kernels_active()->attend_block(kv->type, K, V, hd, job->blocks[2 * b + 1], job->q + at,
                                               qd, job->row_pos + i, job->att + at, qd, scratch);
         else
             ce_attend(job->q + at, K, V, kv->type, job->row_pos[i], hd, scratch, job->att + at);

@@ -773,7 +773,7 @@ static void test_batch_chunks(int activations) {
     tiny_model t;
     tiny_init(&t, activations);
     ce_model *m = &t.m;
-    enum { NA = 200, NB = 150, N = NA + NB, CAP = 256, D = 64 };
+    enum { NA = CE_BATCH_CHUNK - 56, NB = 150, N = NA + NB, CAP = CE_BATCH_CHUNK, D = 64 };
     int32_t tokens[N];
     for (int i = 0; i < N; i++) tokens[i] = (int32_t)(rng_u32() % 50);
     float *whole = malloc(sizeof(float) * N * D), *parts = malloc(sizeof(float) * N * D);
@@ -787,7 +787,7 @@ static void test_batch_chunks(int activations) {
     ce_kv_cache_init(&b2, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
     ce_seq_rows both[2] = {{&a, 0, NA}, {&b, 0, NB}};
     CHECK(ce_forward_multi(m, &ws, 0, 3, 2, both, whole, err, sizeof err) == CE_OK, "one call: %s", err);
-    /* by hand: rows [0, 256) = all of a and b's first 56; then b's remaining 94 */
+    /* by hand: rows [0, CE_BATCH_CHUNK) = all of a and b's first 56; then b's remaining 94 */
     const int cut = CE_BATCH_CHUNK - NA;
     ce_seq_rows first[2] = {{&a2, 0, NA}, {&b2, 0, cut}};
     CHECK(ce_forward_multi(m, &ws, 0, 3, 2, first, parts, err, sizeof err) == CE_OK, "first chunk: %s", err);

@@ -307,8 +307,8 @@ ce_status ce_matmul(const ce_tensor *w, ce_workspace *ws, int activations, int n
 
 #define CE_SMALL_BATCH 8
 /* Batches above this many rows (long prompts) run through the layers this many rows at a time, which
- * bounds the forward pass's scratch (~4 MB for SmolLM2) whatever the prompt length. */
-#define CE_BATCH_CHUNK 256
+ * bounds the forward pass's scratch (~8 MB for SmolLM2) whatever the prompt length. */
+#define CE_BATCH_CHUNK 512
 
 /* ---- early exits (exits.c) ------------------------------------------------------------------ */
 
