@@ -1,5 +1,5 @@
-/* AVX-512 kernels for fp32 activations (matmul_f32); every other entry is the AVX2 set's. Same
- * contract as the _generic kernels in core/quant.c. Compiled for any x86-64 through target attributes
+/* AVX-512 kernels for fp32 activations (matmul_f32) and prompt attention (attend_block); every other
+ * entry is the AVX2 set's. Same contract as the _generic kernels in core/quant.c. Compiled for any x86-64 through target attributes
  * and installed only when the CPU and the OS support 512-bit registers. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
