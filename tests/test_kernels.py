@@ -100,18 +100,29 @@ def test_quantize_q8a_matches_numpy(rng, kernels):
         np.testing.assert_array_equal(g, w)
 
 
+def prompt_q8_kernel(kernels: str, type_name: str) -> bool:
+    """Whether q8-mode prompts of this type take 8-bit integer kernels in this set (matmul_q8a: the
+    AVX-512 set on a CPU with VNNI, Q4 weights); elsewhere they run as in the f32 mode."""
+    with open("/proc/cpuinfo") as f:
+        return kernels == "avx512" and type_name in ("Q4_0", "Q4_1") and "avx512_vnni" in f.read()
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
-@pytest.mark.parametrize("n", [1, _core.SMALL_BATCH])
+@pytest.mark.parametrize("n", [1, _core.SMALL_BATCH, _core.SMALL_BATCH + 23])
 def test_q8_matmul_matches_numpy(rng, kernels, type_name, n):
     """With activations="q8" the product equals dequantized weights times the dequantized 8-bit
-    activations, up to float summation (the per-block integer sums are exact)."""
+    activations, up to float summation (the per-block integer sums are exact); above SMALL_BATCH rows
+    (prompts) through matmul_q8a where the kernel set has it."""
     ours, theirs = TYPES[type_name]
     rows, cols = 300, 576
     raw = quantized(rng, rows, cols, theirs)
     w = reference_dequantize(raw, theirs, rows, cols).astype(np.float64)
     x = rng.standard_normal((n, cols)).astype(np.float32)
-    xq = np.stack([np.repeat(d, 32) * q for d, _, q in map(reference_quantize_q8a, x)]).astype(np.float64)
     got = _core.matmul(raw, ours, rows, cols, x, "q8")
+    if n > _core.SMALL_BATCH and not prompt_q8_kernel(kernels, type_name):  # prompts as in the f32 mode
+        np.testing.assert_array_equal(got, _core.matmul(raw, ours, rows, cols, x))
+        return
+    xq = np.stack([np.repeat(d, 32) * q for d, _, q in map(reference_quantize_q8a, x)]).astype(np.float64)
     ref = xq @ w.T
     scale = np.abs(xq) @ np.abs(w).T
     assert np.all(np.abs(got - ref) <= cols * FP32_EPS * scale)

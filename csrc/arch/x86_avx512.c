@@ -400,6 +400,116 @@ TARGET static void attend_block_avx512(int type, const void *K, const void *V, i
     }
 }
 
+/* ---- prompts with 8-bit activations (VNNI): matmul_q8a for Q4_0 and Q4_1 ----
+ * The tile's 32 rows are repacked once into the panel, per block: the quants as unsigned bytes in
+ * groups of four columns, group g of rows 16h.. in one vector (lane r: row 16h + r's columns 4g..4g+3),
+ * then the rows' scales d_w and offset coefficients c_w (Q4_0: -8 d_w; Q4_1: the minimum m_w). A pass
+ * of T activation rows broadcasts each row's four quants of a group and accumulates the block's exact
+ * integer sums Σ q_w q_x with vpdpbusd (64 multiply-adds an instruction), then adds
+ * d_w d_x Σ q_w q_x + c_w s_x to the output in block order: matvec_q8a's terms, one fixed order. */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+#define Q8_PASS_ROWS 6 /* × 2 vectors of integer and of float sums: 24 accumulators */
+
+typedef struct {
+    int32_t quants[8][2][16]; /* [group][half][row]: four unsigned quants */
+    float d[32], c[32];
+} packed_block;
+static_assert(sizeof(packed_block) <= 4 * 32 * CE_QK, "a tile's packed blocks fit its panel");
+
+VNNI_TARGET static void pack_q4(int type, const uint8_t *w, size_t row_bytes, int64_t rows, int64_t cols,
+                                packed_block *out) {
+    const size_t block_bytes = type == CE_TYPE_Q4_0 ? sizeof(ce_block_q4_0) : sizeof(ce_block_q4_1);
+    for (int64_t b = 0; b < cols / CE_QK; b++) {
+        packed_block *p = out + b;
+        memset(p, 0, sizeof *p); /* rows past `rows` add 0 */
+        for (int64_t r = 0; r < rows; r++) {
+            const uint8_t *blk = w + r * row_bytes + b * block_bytes;
+            uint16_t dm[2];
+            memcpy(dm, blk, type == CE_TYPE_Q4_0 ? 2 : 4);
+            const float d = ce_fp16_to_fp32(dm[0]);
+            p->d[r] = d;
+            p->c[r] = type == CE_TYPE_Q4_0 ? -8.0f * d : ce_fp16_to_fp32(dm[1]);
+            /* element j in the low nibble of qs[j], element j + 16 in the high one */
+            const __m128i qs = _mm_loadu_si128((const __m128i *)(blk + block_bytes - CE_QK / 2));
+            const __m128i low = _mm_and_si128(qs, _mm_set1_epi8(0x0f));
+            const __m128i high = _mm_and_si128(_mm_srli_epi16(qs, 4), _mm_set1_epi8(0x0f));
+            int32_t groups[8];
+            _mm_storeu_si128((__m128i *)groups, low);
+            _mm_storeu_si128((__m128i *)(groups + 4), high);
+            for (int g = 0; g < 8; g++) p->quants[g][r / 16][r % 16] = groups[g];
+        }
+    }
+}
+
+/* T activation rows (x: blocks rows of cols / CE_QK blocks apart) against the packed tile */
+VNNI_TARGET static inline __attribute__((always_inline)) void q8_pass(const packed_block *pk, int64_t blocks,
+                                                                       const ce_block_q8a *x, const int T, float *y,
+                                                                       int64_t ldy, __mmask16 m0, __mmask16 m1) {
+    __m512 acc[Q8_PASS_ROWS][2];
+    _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        const packed_block *p = pk + b;
+        __m512i sum[Q8_PASS_ROWS][2];
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) sum[t][0] = sum[t][1] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 8") for (int g = 0; g < 8; g++) {
+            const __m512i w0 = _mm512_loadu_si512(p->quants[g][0]), w1 = _mm512_loadu_si512(p->quants[g][1]);
+            _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+                int32_t four;
+                memcpy(&four, x[t * blocks + b].qs + 4 * g, 4);
+                const __m512i xb = _mm512_set1_epi32(four);
+                sum[t][0] = _mm512_dpbusd_epi32(sum[t][0], w0, xb);
+                sum[t][1] = _mm512_dpbusd_epi32(sum[t][1], w1, xb);
+            }
+        }
+        _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+            const ce_block_q8a *xb = &x[t * blocks + b];
+            const __m512 dx = _mm512_set1_ps(xb->d), sx = _mm512_set1_ps(xb->s);
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+                const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(p->d + 16 * h), dx);
+                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[t][h]), scale, acc[t][h]);
+                acc[t][h] = _mm512_fmadd_ps(_mm512_loadu_ps(p->c + 16 * h), sx, acc[t][h]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int t = 0; t < T; t++) {
+        _mm512_mask_storeu_ps(y + t * ldy, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(y + t * ldy + 16, m1, acc[t][1]);
+    }
+}
+
+#define Q8_PASS(T)                                                                                              \
+    VNNI_TARGET static void q8_pass_##T(const packed_block *pk, int64_t blocks, const ce_block_q8a *x, float *y,   \
+                                        int64_t ldy, __mmask16 m0, __mmask16 m1) {                                \
+        q8_pass(pk, blocks, x, T, y, ldy, m0, m1);                                                                  \
+    }
+Q8_PASS(1) Q8_PASS(2) Q8_PASS(3) Q8_PASS(4) Q8_PASS(5) Q8_PASS(6)
+#undef Q8_PASS
+static_assert(Q8_PASS_ROWS == 6, "one pass function per row count up to Q8_PASS_ROWS");
+typedef void (*q8_pass_fn)(const packed_block *pk, int64_t blocks, const ce_block_q8a *x, float *y, int64_t ldy,
+                           __mmask16 m0, __mmask16 m1);
+static const q8_pass_fn q8_passes[Q8_PASS_ROWS + 1] = {NULL, q8_pass_1, q8_pass_2, q8_pass_3, q8_pass_4, q8_pass_5, q8_pass_6};
+
+VNNI_TARGET static void matmul_q8a_q4(int type, const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x,
+                                      int64_t cols, int n, float *y, int64_t ldy, float *panel) {
+    packed_block *pk = (packed_block *)panel;
+    pack_q4(type, w, row_bytes, rows, cols, pk);
+    const __mmask16 m0 = rows >= 16 ? 0xffff : (__mmask16)((1u << rows) - 1);
+    const __mmask16 m1 = rows >= 32 ? 0xffff : rows > 16 ? (__mmask16)((1u << (rows - 16)) - 1) : 0;
+    const int64_t blocks = cols / CE_QK;
+    for (int i = 0; i < n; i += Q8_PASS_ROWS)
+        q8_passes[n - i < Q8_PASS_ROWS ? n - i : Q8_PASS_ROWS](pk, blocks, x + i * blocks, y + (size_t)i * ldy, ldy, m0, m1);
+}
+
+VNNI_TARGET static void matmul_q8a_q4_0(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x,
+                                        int64_t cols, int n, float *y, int64_t ldy, float *panel) {
+    matmul_q8a_q4(CE_TYPE_Q4_0, w, row_bytes, rows, x, cols, n, y, ldy, panel);
+}
+
+VNNI_TARGET static void matmul_q8a_q4_1(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x,
+                                        int64_t cols, int n, float *y, int64_t ldy, float *panel) {
+    matmul_q8a_q4(CE_TYPE_Q4_1, w, row_bytes, rows, x, cols, n, y, ldy, panel);
+}
+
 static ce_kernels kernels_avx512;
 static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
 
@@ -408,6 +518,10 @@ static void kernels_avx512_init(void) {
     kernels_avx512.name = "avx512";
     kernels_avx512.matmul_f32 = matmul_f32_avx512;
     kernels_avx512.attend_block = attend_block_avx512;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
+        kernels_avx512.matmul_q8a[CE_TYPE_Q4_0] = matmul_q8a_q4_0;
+        kernels_avx512.matmul_q8a[CE_TYPE_Q4_1] = matmul_q8a_q4_1;
+    }
 }
 
 const ce_kernels *ce_kernels_avx512(void) {

@@ -184,7 +184,8 @@ typedef struct {
     const ce_tensor *w;
     float *y;                    /* (n, w->rows) */
     ce_matmul_f32_fn matmul_f32; /* fp32 activations x ... */
-    ce_matvec_q8a_fn matvec_q8a; /* ... or, when set, quantized activations x_q8 */
+    ce_matvec_q8a_fn matvec_q8a; /* ... or, when set, quantized activations x_q8 (decode-sized) */
+    ce_matmul_q8a_fn matmul_q8a; /* ... or (prompts) */
     ce_matvec_x16_fn matvec_x16; /* ... or, when set, fixed-point activations x_x16 */
 } product;
 
@@ -220,10 +221,33 @@ static void matmul_rows(void *ctx, int64_t begin, int64_t end, int thread) {
                     else
                         part->matvec_x16(tile, row_bytes, t1 - t0, job->x_x16 + i * blocks, w->cols, y);
                 }
+            else if (part->matmul_q8a)
+                part->matmul_q8a(tile, row_bytes, t1 - t0, job->x_q8, w->cols, job->n, part->y + t0, w->rows, panel);
             else
                 part->matmul_f32(w->type, tile, row_bytes, t1 - t0, w->cols, job->x, job->n, part->y + t0, w->rows, panel);
         }
     }
+}
+
+/* Row-wise steps are split across threads for batches above CE_SMALL_BATCH (below, the hand-off
+ * costs more than it saves); a row's result does not depend on the split. */
+static void run_rows(int n, ce_task_fn fn, void *ctx) {
+    if (n > CE_SMALL_BATCH)
+        ce_parallel_for(n, fn, ctx);
+    else
+        fn(ctx, 0, n, 0);
+}
+
+typedef struct {
+    ce_quantize_q8a_fn quantize_q8a;
+    const float *x;   /* (n, cols) */
+    ce_block_q8a *q8; /* (n, cols / CE_QK) */
+    int64_t cols;
+} quantize_job;
+
+static void quantize_rows(void *ctx, int64_t begin, int64_t end, int thread) {
+    const quantize_job *job = ctx;
+    for (int64_t i = begin; i < end; i++) job->quantize_q8a(job->x + i * job->cols, job->q8 + i * (job->cols / CE_QK), job->cols);
 }
 
 /* y_p (n, w_p->rows) = x (n, cols) · w_pᵀ for count products whose weights all have cols columns. */
@@ -240,6 +264,8 @@ static ce_status matmul_shared(int count, const ce_tensor *const *w, float *cons
         *part = (product){.w = w[p], .y = y[p], .matmul_f32 = k->matmul_f32};
         if (activations == CE_ACT_Q8 && n <= CE_SMALL_BATCH && k->matvec_q8a[type])
             part->matvec_q8a = k->matvec_q8a[type], need_q8 = 1;
+        else if (activations == CE_ACT_Q8 && n > CE_SMALL_BATCH && k->matmul_q8a[type])
+            part->matmul_q8a = k->matmul_q8a[type], need_q8 = 1;
         else if (activations == CE_ACT_F32 && n <= CE_SMALL_BATCH && k->matvec_x16[type])
             part->matvec_x16 = k->matvec_x16[type], need_x16 = 1;
         job.first_row[p + 1] = job.first_row[p] + w[p]->rows;
@@ -251,7 +277,8 @@ static ce_status matmul_shared(int count, const ce_tensor *const *w, float *cons
     /* activations are converted once per row, then every weight row reuses them */
     if (need_q8) {
         if ((st = grow((void **)&ws->q8, &ws->n_q8, (size_t)n * blocks, sizeof(ce_block_q8a), err, errlen))) return st;
-        for (int i = 0; i < n; i++) k->quantize_q8a(x + (size_t)i * cols, ws->q8 + i * blocks, cols);
+        quantize_job quantize = {k->quantize_q8a, x, ws->q8, cols};
+        run_rows(n, quantize_rows, &quantize);
         job.x_q8 = ws->q8;
     }
     if (need_x16) {
@@ -400,8 +427,7 @@ ce_status ce_forward(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, int l
     return ce_forward_multi(m, ws, layer_begin, layer_end, 1, &one, x, err, errlen);
 }
 
-/* ---- row-wise steps, split across threads for batches above CE_SMALL_BATCH (below, the hand-off
- * costs more than it saves); a row's result does not depend on the split ---- */
+/* ---- row-wise steps of a layer (run_rows above) ---- */
 
 typedef struct {
     float *x;        /* (n, d) residual stream */
@@ -448,12 +474,6 @@ static void silu_rows(void *ctx, int64_t begin, int64_t end, int thread) {
                                   (end - begin) * job->f);
 }
 
-static void run_rows(int n, ce_task_fn fn, void *ctx) {
-    if (n > CE_SMALL_BATCH)
-        ce_parallel_for(n, fn, ctx);
-    else
-        fn(ctx, 0, n, 0);
-}
 
 /* Layers [layer_begin, layer_end) over n rows of already validated sequences; capacity: the largest
  * of their caches. */

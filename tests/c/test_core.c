@@ -319,6 +319,65 @@ static void test_attention_rows(const ce_kernels *k) {
     }
 }
 
+/* Prompts with 8-bit activations, where a set has matmul_q8a: each output within float rounding of a
+ * double-precision dot of the dequantized weights and activations and of matvec_q8a's (the integer
+ * sums are the same, the float sums over blocks may differ in order); bit for bit the same in a batch
+ * of 31, 26 or 9 rows and in a tile of 29 or 7 weight rows. */
+static void test_matmul_q8a(const ce_kernels *k) {
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1};
+    static const int64_t sizes[] = {32, 576, 1536};
+    enum { ROWS = CE_TILE_ROWS - 3, N = 31, FEW = 7, MAXC = 1536 };
+    static ce_block_q8a xq[N * MAXC / CE_QK];
+    static float x[MAXC], row[MAXC], together[N][ROWS], part[N][ROWS], few[N][FEW], alone[ROWS];
+    float *panel = malloc(sizeof(float) * CE_TILE_ROWS * MAXC);
+    for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+        if (k->matmul_q8a[types[t]] == NULL) continue;
+        for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
+            const int64_t cols = sizes[c], blocks = cols / CE_QK;
+            for (int i = 0; i < N; i++) {
+                for (int64_t j = 0; j < cols; j++) x[j] = rng_uniform() * (j % 7 ? 1.0f : 10.0f);
+                k->quantize_q8a(x, xq + i * blocks, cols);
+            }
+            void *w = random_tensor(types[t], ROWS, cols);
+            const ce_tensor tensor = {w, types[t], cols, ROWS};
+            const size_t row_bytes = ce_row_bytes(types[t], cols);
+            const char *name = ce_type_name(types[t]);
+            const ce_matmul_q8a_fn mm = k->matmul_q8a[types[t]];
+            mm(w, row_bytes, ROWS, xq, cols, N, &together[0][0], ROWS, panel);
+            mm(w, row_bytes, FEW, xq, cols, N, &few[0][0], FEW, panel);
+            mm(w, row_bytes, ROWS, xq + 5 * blocks, cols, N - 5, &part[5][0], ROWS, panel);
+            for (int i = 5; i < N; i++)
+                CHECK(memcmp(part[i], together[i], sizeof part[i]) == 0, "%s matmul_q8a %s cols %lld: row %d differs in 26",
+                      k->name, name, (long long)cols, i);
+            mm(w, row_bytes, ROWS, xq + (N - 9) * blocks, cols, 9, &part[N - 9][0], ROWS, panel);
+            for (int i = N - 9; i < N; i++)
+                CHECK(memcmp(part[i], together[i], sizeof part[i]) == 0, "%s matmul_q8a %s cols %lld: row %d differs in 9",
+                      k->name, name, (long long)cols, i);
+            for (int i = 0; i < N; i++)
+                CHECK(memcmp(few[i], together[i], sizeof few[i]) == 0, "%s matmul_q8a %s cols %lld: a tile of %d rows differs",
+                      k->name, name, (long long)cols, FEW);
+            for (int i = 0; i < N; i++) {
+                k->matvec_q8a[types[t]](w, row_bytes, ROWS, xq + i * blocks, cols, alone);
+                for (int64_t r = 0; r < ROWS; r++) {
+                    ce_dequantize_row(&tensor, r, row);
+                    double ref = 0.0, mag = 0.0;
+                    for (int64_t j = 0; j < cols; j++) {
+                        const ce_block_q8a *b = &xq[i * blocks + j / CE_QK];
+                        ref += (double)row[j] * b->d * b->qs[j % CE_QK];
+                        mag += fabs((double)row[j] * b->d * b->qs[j % CE_QK]);
+                    }
+                    CHECK(fabs(together[i][r] - ref) <= TOL_DOT_REL * mag + 1e-30 &&
+                              fabs(together[i][r] - alone[r]) <= TOL_DOT_REL * mag + 1e-30,
+                          "%s matmul_q8a %s cols %lld (%d, %lld): %g vs %g, matvec %g", k->name, name, (long long)cols, i,
+                          (long long)r, (double)together[i][r], ref, (double)alone[r]);
+                }
+            }
+            free(w);
+        }
+    }
+    free(panel);
+}
+
 /* Attention of a block of prompt rows, where a set has it: each query against a double-precision
  * softmax attention over the keys up to its position, F32 and F16 caches, head widths of one and two
  * 64-column passes (and 32, which the set answers query by query); a query's result is the same in a
@@ -1116,6 +1175,7 @@ int main(void) {
     test_attention_rows(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_attention_rows(ce_kernels_active());
     if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_attend_block(ce_kernels_active());
+    if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_matmul_q8a(ce_kernels_active());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());
     test_silu_mul(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_silu_mul(ce_kernels_active());

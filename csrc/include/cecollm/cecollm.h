@@ -102,6 +102,14 @@ typedef void (*ce_quantize_q8a_fn)(const float *x, ce_block_q8a *out, int64_t co
 typedef void (*ce_matvec_q8a_fn)(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, int64_t cols,
                                  float *y);
 
+/* Batches above CE_SMALL_BATCH with quantized activations (prompts in CE_ACT_Q8): y[i * ldy + r] =
+ * w_r · x_i as ce_matvec_q8a_fn computes it (exact integer sums per block, scaled by the same factors),
+ * for the rows <= CE_TILE_ROWS weight rows at w and i < n (x: n rows of cols / CE_QK blocks); the
+ * float sum over blocks runs in block order, whatever n. panel: CE_TILE_ROWS × cols floats of
+ * scratch, where the kernel repacks the tile's weights once for all n rows. */
+typedef void (*ce_matmul_q8a_fn)(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, int64_t cols,
+                                 int n, float *y, int64_t ldy, float *panel);
+
 /* fp32 activations as 30-bit fixed point, for integer dot products that keep fp32 accuracy:
  * x_j = d * (hi[j] + lo[j] / 65534) up to d / 131068 (2^-32 of the block's max |x|), with
  * d = max_j |x_j| / 32767, hi = nearest(x / d), lo = nearest((x - d hi) / d * 65534); sum = Σ_j x_j. */
@@ -126,6 +134,7 @@ typedef struct {
     ce_matmul_f32_fn matmul_f32; /* every weight type (the type is its first argument) */
     ce_quantize_q8a_fn quantize_q8a;
     ce_matvec_q8a_fn matvec_q8a[CE_TYPE_COUNT];
+    ce_matmul_q8a_fn matmul_q8a[CE_TYPE_COUNT]; /* prompts in CE_ACT_Q8, where a set has it (else matmul_f32) */
     /* A faster realization of matmul_f32 for decode-sized batches (n <= CE_SMALL_BATCH) on quantized
      * weights, where a set has it (NULL in the generic set). */
     ce_quantize_x16_fn quantize_x16;
@@ -200,8 +209,9 @@ typedef struct {
 typedef enum {
     CE_ACT_F32 = 0, /* fp32 accuracy: batches up to CE_SMALL_BATCH rows through matvec_x16 where the
                      * set has it, larger ones (prompts) through matmul_f32 on dequantized weights */
-    CE_ACT_Q8 = 1,  /* batches up to CE_SMALL_BATCH rows quantized to ce_block_q8a, integer dots
-                     * (llama.cpp's numerics); larger batches as CE_ACT_F32 */
+    CE_ACT_Q8 = 1,  /* activations quantized to ce_block_q8a, integer dots (llama.cpp's numerics):
+                     * matvec_q8a up to CE_SMALL_BATCH rows, matmul_q8a above where the set has it;
+                     * otherwise as CE_ACT_F32 */
 } ce_activations;
 
 typedef struct {
