@@ -107,7 +107,7 @@ def prompt_q8_kernel(kernels: str, type_name: str) -> bool:
         return kernels == "avx512" and type_name in ("Q4_0", "Q4_1") and "avx512_vnni" in f.read()
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
 @pytest.mark.parametrize("n", [1, _core.SMALL_BATCH, _core.SMALL_BATCH + 23])
 def test_q8_matmul_matches_numpy(rng, kernels, type_name, n):
     """With activations="q8" the product equals dequantized weights times the dequantized 8-bit

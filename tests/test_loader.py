@@ -36,7 +36,10 @@ def test_tiny_model_loads_and_runs(tiny_path):
 def test_k_quant_and_q5_layers_run_as_their_dequantized_values(tmp_path, activations):
     """A model whose layers are Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 (random blocks with sane scales, the
     K-quant mixes' types) against the same model with those matrices stored as gguf's dequantization
-    of them in F32: the same logits (q8 mode takes fp32 activations for these types)."""
+    of them in F32: the same prompt logits in both modes (prompts of these types take fp32
+    activations), and in the f32 mode the same decoded tokens. q8-mode decode runs Q5_0/Q5_1 through
+    8-bit activations as it does Q4 (test_kernels checks those products against NumPy), so its
+    tokens are not the F32 twin's."""
     from .test_kernels import TYPES, quantized
 
     rng = np.random.default_rng(4)
@@ -65,7 +68,8 @@ def test_k_quant_and_q5_layers_run_as_their_dequantized_values(tmp_path, activat
     assert k_model.info()["tensor_types"].keys() >= {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"}
     ids = k_model.tokenize("hello world, and more words to fill a few positions")
     np.testing.assert_allclose(k_model.logits(ids), f32_model.logits(ids), atol=1e-4)
-    assert k_model.generate(ids, max_new_tokens=6).tokens == f32_model.generate(ids, max_new_tokens=6).tokens
+    if activations == "f32":
+        assert k_model.generate(ids, max_new_tokens=6).tokens == f32_model.generate(ids, max_new_tokens=6).tokens
 
 
 def test_garbage_file(tmp_path):

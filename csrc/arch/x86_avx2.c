@@ -110,19 +110,22 @@ TARGET static inline __attribute__((always_inline)) void prefetch_ahead(const ui
     for (size_t k = 0; k < bytes; k += 64) _mm_prefetch((const char *)(p + k), _MM_HINT_T0);
 }
 
-/* The three quantized weight formats through one code path: a block is d (fp16), m (fp16, Q4_1 only)
- * and its quants. */
-enum { Q4_0, Q4_1, Q8_0 };
-#define BLOCK_BYTES(kind) ((kind) == Q4_0 ? 18 : (kind) == Q4_1 ? 20 : 34)
-#define QS_OFFSET(kind) ((kind) == Q4_1 ? 4 : 2)
-/* coefficient of the offset term Σ_blocks (d_w or m_w) × s_x: Q4_0 stores q + 8, Q4_1 adds m */
-#define OFFSET_COEF(kind) ((kind) == Q4_0 ? -8.0f : (kind) == Q4_1 ? 1.0f : 0.0f)
+/* The quantized weight formats through one code path: a block is d (fp16), m (fp16, Q4_1 and Q5_1
+ * only), the fifth bits (qh, Q5 only) and its quants. */
+enum { Q4_0, Q4_1, Q8_0, Q5_0, Q5_1 };
+#define BLOCK_BYTES(kind) ((kind) == Q4_0 ? 18 : (kind) == Q4_1 ? 20 : (kind) == Q5_0 ? 22 : (kind) == Q5_1 ? 24 : 34)
+#define QS_OFFSET(kind) ((kind) == Q4_1 ? 4 : (kind) == Q5_0 ? 6 : (kind) == Q5_1 ? 8 : 2)
+#define QH_OFFSET(kind) ((kind) == Q5_1 ? 4 : 2)
+#define HAS_M(kind) ((kind) == Q4_1 || (kind) == Q5_1)
+/* coefficient of the offset term Σ_blocks (d_w or m_w) × s_x: Q4_0 stores q + 8, Q5_0 q + 16, Q4_1
+ * and Q5_1 add m */
+#define OFFSET_COEF(kind) ((kind) == Q4_0 ? -8.0f : (kind) == Q5_0 ? -16.0f : HAS_M(kind) ? 1.0f : 0.0f)
 
-/* The block's (d, m) as two fp16 in the low 32 bits, for one conversion; Q4_0 and Q8_0, which have
- * no m, give (d, d). */
+/* The block's (d, m) as two fp16 in the low 32 bits, for one conversion; the formats without m give
+ * (d, d). */
 TARGET static inline __m128i block_dm_bits(const uint8_t *block, int kind) {
     uint32_t bits;
-    if (kind == Q4_1) {
+    if (HAS_M(kind)) {
         memcpy(&bits, block, sizeof bits);
     } else {
         uint16_t d;
@@ -163,7 +166,26 @@ TARGET static inline __m256i dot_u8_i8(__m256i u, __m256i s) {
 /* (d_x, s_x) of an activation block in lanes 0 and 1 */
 TARGET static inline __m128 load_ds(const void *x) { return _mm_castpd_ps(_mm_load_sd((const double *)x)); }
 
-/* n_rows (GROUP_ROWS or 1) rows of Q4_0 / Q4_1 · 8-bit activations: Σ_blocks d_w d_x Σ_j q_j y_j
+/* Q5 fifth bits as bytes 0x10 or 0: bits[k] of the 32-bit words in each 128-bit lane of qh, for
+ * byte k of the lane from byte first + k / 8 of the word (lane by lane: first_lo, first_hi) */
+TARGET static inline __m256i fifth_bits(__m256i qh, int first_lo, int first_hi) {
+    const __m256i pick = _mm256_setr_epi8(first_lo, first_lo, first_lo, first_lo, first_lo, first_lo, first_lo, first_lo,
+                                          first_lo + 1, first_lo + 1, first_lo + 1, first_lo + 1, first_lo + 1, first_lo + 1,
+                                          first_lo + 1, first_lo + 1, first_hi, first_hi, first_hi, first_hi, first_hi, first_hi,
+                                          first_hi, first_hi, first_hi + 1, first_hi + 1, first_hi + 1, first_hi + 1, first_hi + 1,
+                                          first_hi + 1, first_hi + 1, first_hi + 1);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, pick), bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+TARGET static inline uint32_t block_qh(const uint8_t *block, int kind) {
+    uint32_t qh;
+    memcpy(&qh, block + QH_OFFSET(kind), sizeof qh);
+    return qh;
+}
+
+/* n_rows (GROUP_ROWS or 1) rows of Q4_0 / Q4_1 / Q5_0 / Q5_1 · 8-bit activations: Σ_blocks d_w d_x Σ_j q_j y_j
  * + coef Σ_blocks (d_w or m_w) s_x. Blocks go in pairs A, B: one 32-byte register holds both blocks'
  * nibbles, its low nibbles are elements 0-15 of A and of B, the high ones 16-31, and the activations
  * are rearranged to match once per pair for all rows. */
@@ -185,8 +207,13 @@ TARGET static inline __attribute__((always_inline)) void q4_q8a_rows(const uint8
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb, *b = a + bb;
             const __m256i raw = _mm256_loadu2_m128i((const __m128i *)(b + qs), (const __m128i *)(a + qs));
-            const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            /* int16 pair sums of both halves, |·| <= 4 × 15 × 127: lanes 0-3 of dot are A's, 4-7 B's */
+            __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            if (kind == Q5_0 || kind == Q5_1) { /* elements 0-15 take qh bits 0-15, elements 16-31 bits 16-31 */
+                const __m256i qh = _mm256_setr_epi32((int32_t)block_qh(a, kind), 0, 0, 0, (int32_t)block_qh(b, kind), 0, 0, 0);
+                lo = _mm256_or_si256(lo, fifth_bits(qh, 0, 0));
+                hi = _mm256_or_si256(hi, fifth_bits(qh, 2, 2));
+            }
+            /* int16 pair sums of both halves, |·| <= 4 × 31 × 127: lanes 0-3 of dot are A's, 4-7 B's */
             const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
             const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
             const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(block_dm_bits(a, kind), block_dm_bits(b, kind)));
@@ -202,7 +229,9 @@ TARGET static inline __attribute__((always_inline)) void q4_q8a_rows(const uint8
         for (int r = 0; r < n_rows; r++) {
             const uint8_t *a = w + r * row_bytes + i * bb;
             const __m128i raw = _mm_loadu_si128((const __m128i *)(a + qs));
-            const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
+            if (kind == Q5_0 || kind == Q5_1) /* lane 0: elements 0-15 (qh bits 0-15), lane 1: 16-31 */
+                q = _mm256_or_si256(q, fifth_bits(_mm256_set1_epi32((int32_t)block_qh(a, kind)), 0, 2));
             const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(block_dm_bits(a, kind)), ds); /* (d_w d_x, m_w s_x, 0, 0) */
             acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(dot_u8_i8(q, xq)), acc[r]);
             off[r] = _mm_add_ps(off[r], scales);
@@ -244,9 +273,13 @@ TARGET static inline __attribute__((always_inline)) void q8_0_q8a_rows(const uin
 #define Q4_0_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q4_0, x, cols / CE_QK, yr)
 #define Q4_1_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q4_1, x, cols / CE_QK, yr)
 #define Q8_0_ROWS(wr, n, yr) q8_0_q8a_rows(wr, row_bytes, n, x, cols / CE_QK, yr)
+#define Q5_0_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q5_0, x, cols / CE_QK, yr)
+#define Q5_1_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q5_1, x, cols / CE_QK, yr)
 MATVEC_Q8A(q4_0, Q4_0_ROWS)
 MATVEC_Q8A(q4_1, Q4_1_ROWS)
 MATVEC_Q8A(q8_0, Q8_0_ROWS)
+MATVEC_Q8A(q5_0, Q5_0_ROWS)
+MATVEC_Q8A(q5_1, Q5_1_ROWS)
 
 /* ---- fp32 activations as 30-bit fixed point (ce_block_x16) ---- */
 
@@ -465,6 +498,12 @@ TARGET static void matmul_f32_avx2(int type, const void *w, size_t row_bytes, in
         return;
     }
     const uint8_t *wr = w;
+    if (rows > CE_TILE_ROWS / 2) { /* half a tile at a time: the panel stays in L1 */
+        const int64_t half = CE_TILE_ROWS / 2;
+        matmul_f32_avx2(type, w, row_bytes, half, cols, x, n, y, ldy, panel);
+        matmul_f32_avx2(type, wr + half * row_bytes, row_bytes, rows - half, cols, x, n, y + half, ldy, panel);
+        return;
+    }
     if (!ce_simd_decoded(type)) { /* Q5 and K-quants: the scalar dequantization, the same values */
         const ce_tensor tile = {w, type, cols, rows};
         for (int64_t r = 0; r < rows; r++) ce_dequantize_row(&tile, r, panel + r * cols);
@@ -639,6 +678,8 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q4_0] = matvec_q4_0_q8a_avx2,
             [CE_TYPE_Q4_1] = matvec_q4_1_q8a_avx2,
             [CE_TYPE_Q8_0] = matvec_q8_0_q8a_avx2,
+            [CE_TYPE_Q5_0] = matvec_q5_0_q8a_avx2,
+            [CE_TYPE_Q5_1] = matvec_q5_1_q8a_avx2,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_avx2, [CE_TYPE_F16] = dot_rows_f16_avx2},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_avx2, [CE_TYPE_F16] = sum_rows_f16_avx2},

@@ -258,6 +258,12 @@ TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, 
         bcast_rows(panel, cols, x, n, y, ldy, m0, m1);
         return;
     }
+    if (rows > CE_TILE_ROWS / 2) { /* the row form, half a tile at a time: its panel stays in L1 */
+        const int64_t half = CE_TILE_ROWS / 2;
+        matmul_f32_avx512(type, w, row_bytes, half, cols, x, n, y, ldy, panel);
+        matmul_f32_avx512(type, wr + half * row_bytes, row_bytes, rows - half, cols, x, n, y + half, ldy, panel);
+        return;
+    }
     if (!ce_simd_decoded(type)) { /* K-quants: the scalar dequantization, the same values */
         const ce_tensor tile = {w, type, cols, rows};
         for (int64_t r = 0; r < rows; r++) ce_dequantize_row(&tile, r, panel + r * cols);

@@ -369,6 +369,36 @@ static float vec_dot_q8_0_q8a_generic(const void *wrow, const ce_block_q8a *x, i
     return sum;
 }
 
+/* Q5_0: Σ_blocks d_w d_x Σ_j (q_j - 16) y_j; Q5_1: Σ_blocks d_w d_x Σ_j q_j y_j + m_w s_x, with
+ * q_j = nibble | (bit j of qh) << 4 */
+static float vec_dot_q5_q8a_generic(const uint8_t *b, int q51, const ce_block_q8a *x, int64_t n) {
+    const size_t stride = q51 ? sizeof(ce_block_q5_1) : sizeof(ce_block_q5_0);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK; i++, b += stride) {
+        uint16_t dh, mh = 0;
+        uint32_t qh;
+        memcpy(&dh, b, 2);
+        if (q51) memcpy(&mh, b + 2, 2);
+        memcpy(&qh, b + (q51 ? 4 : 2), 4);
+        const uint8_t *qs = b + (q51 ? 8 : 6);
+        int32_t acc = 0;
+        for (int j = 0; j < CE_QK / 2; j++) {
+            const int lo = (qs[j] & 0x0f) | (int)((qh >> j) << 4 & 0x10), hi = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
+            acc += (q51 ? lo : lo - 16) * x[i].qs[j] + (q51 ? hi : hi - 16) * x[i].qs[j + CE_QK / 2];
+        }
+        sum += ce_fp16_to_fp32(dh) * x[i].d * (float)acc + (q51 ? ce_fp16_to_fp32(mh) * x[i].s : 0.0f);
+    }
+    return sum;
+}
+
+static float vec_dot_q5_0_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    return vec_dot_q5_q8a_generic(wrow, 0, x, n);
+}
+
+static float vec_dot_q5_1_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    return vec_dot_q5_q8a_generic(wrow, 1, x, n);
+}
+
 /* y[r] = w_r · x, one row at a time */
 #define MATVEC_Q8A_GENERIC(name)                                                                              \
     static void matvec_##name##_q8a_generic(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, \
@@ -378,6 +408,8 @@ static float vec_dot_q8_0_q8a_generic(const void *wrow, const ce_block_q8a *x, i
 MATVEC_Q8A_GENERIC(q4_0)
 MATVEC_Q8A_GENERIC(q4_1)
 MATVEC_Q8A_GENERIC(q8_0)
+MATVEC_Q8A_GENERIC(q5_0)
+MATVEC_Q8A_GENERIC(q5_1)
 #undef MATVEC_Q8A_GENERIC
 
 static float vec_dot_f32_generic(const float *w, const float *x, int64_t n) {
@@ -431,6 +463,8 @@ static const ce_kernels kernels_generic = {
             [CE_TYPE_Q4_0] = matvec_q4_0_q8a_generic,
             [CE_TYPE_Q4_1] = matvec_q4_1_q8a_generic,
             [CE_TYPE_Q8_0] = matvec_q8_0_q8a_generic,
+            [CE_TYPE_Q5_0] = matvec_q5_0_q8a_generic,
+            [CE_TYPE_Q5_1] = matvec_q5_1_q8a_generic,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_generic, [CE_TYPE_F16] = dot_rows_f16_generic},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_generic, [CE_TYPE_F16] = sum_rows_f16_generic},

@@ -214,7 +214,7 @@ static void test_q8a(const ce_kernels *k) {
                       k->name, b, j);
     }
     /* 7 rows: a group of four and three alone; 3 blocks: a pair and one alone */
-    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0, CE_TYPE_Q5_1};
     static const int64_t sizes[] = {32, 96, 576, COLS};
     enum { ROWS = 7 };
     float *row = malloc(sizeof(float) * COLS), dots[ROWS], alone[ROWS];

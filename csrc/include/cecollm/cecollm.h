@@ -127,7 +127,7 @@ typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, 
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
- * matvec_q8a and matvec_x16 are NULL for the float types, Q5_0, Q5_1 and the K-quants, which always
+ * matvec_q8a is NULL for the float types and the K-quants, matvec_x16 also for Q5_0 and Q5_1: those
  * take fp32 activations (matmul_f32). */
 typedef struct {
     const char *name;
