@@ -98,6 +98,23 @@ const char *ce_type_name(int type) {
 
 /* ---- dequantization: value = d * (q - 8) | d * q + m | d * q ---- */
 
+/* A Q5_0 / Q5_1 block's 32 quants q_j = nibble | (bit j of qh) << 4 (elements 0-15 in the low
+ * nibbles, 16-31 in the high ones) and its d and m (0 for Q5_0). */
+static void q5_block(const uint8_t *b, int q51, int q[CE_QK], float *d, float *m) {
+    uint16_t dh, mh = 0;
+    uint32_t qh;
+    memcpy(&dh, b, 2);
+    if (q51) memcpy(&mh, b + 2, 2);
+    memcpy(&qh, b + (q51 ? 4 : 2), 4);
+    const uint8_t *qs = b + (q51 ? 8 : 6);
+    for (int j = 0; j < CE_QK / 2; j++) {
+        q[j] = (qs[j] & 0x0f) | (int)((qh >> j) << 4 & 0x10);
+        q[j + CE_QK / 2] = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
+    }
+    *d = ce_fp16_to_fp32(dh);
+    *m = ce_fp16_to_fp32(mh);
+}
+
 void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
     const int64_t nb = w->cols / CE_QK;
     const uint8_t *p = (const uint8_t *)w->data + (size_t)row * ce_row_bytes(w->type, w->cols);
@@ -139,24 +156,14 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
         break;
     }
     case CE_TYPE_Q5_0:
-    case CE_TYPE_Q5_1: { /* the fifth bit of element j is bit j of qh (elements 16..31: bits 16..31) */
+    case CE_TYPE_Q5_1: {
         const int q51 = w->type == CE_TYPE_Q5_1;
         const size_t stride = q51 ? sizeof(ce_block_q5_1) : sizeof(ce_block_q5_0);
         for (int64_t i = 0; i < nb; i++) {
-            const uint8_t *b = p + (size_t)i * stride;
-            uint16_t dh, mh = 0;
-            uint32_t qh;
-            memcpy(&dh, b, 2);
-            if (q51) memcpy(&mh, b + 2, 2);
-            memcpy(&qh, b + (q51 ? 4 : 2), 4);
-            const uint8_t *qs = b + (q51 ? 8 : 6);
-            const float d = ce_fp16_to_fp32(dh), m = ce_fp16_to_fp32(mh);
-            for (int j = 0; j < CE_QK / 2; j++) {
-                const int lo = (qs[j] & 0x0f) | (int)((qh >> j) << 4 & 0x10);
-                const int hi = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
-                out[i * CE_QK + j] = q51 ? d * (float)lo + m : d * (float)(lo - 16);
-                out[i * CE_QK + j + CE_QK / 2] = q51 ? d * (float)hi + m : d * (float)(hi - 16);
-            }
+            int q[CE_QK];
+            float d, m;
+            q5_block(p + (size_t)i * stride, q51, q, &d, &m);
+            for (int j = 0; j < CE_QK; j++) out[i * CE_QK + j] = q51 ? d * (float)q[j] + m : d * (float)(q[j] - 16);
         }
         break;
     }
@@ -369,24 +376,17 @@ static float vec_dot_q8_0_q8a_generic(const void *wrow, const ce_block_q8a *x, i
     return sum;
 }
 
-/* Q5_0: Σ_blocks d_w d_x Σ_j (q_j - 16) y_j; Q5_1: Σ_blocks d_w d_x Σ_j q_j y_j + m_w s_x, with
- * q_j = nibble | (bit j of qh) << 4 */
+/* Q5_0: Σ_blocks d_w d_x Σ_j (q_j - 16) y_j; Q5_1: Σ_blocks d_w d_x Σ_j q_j y_j + m_w s_x */
 static float vec_dot_q5_q8a_generic(const uint8_t *b, int q51, const ce_block_q8a *x, int64_t n) {
     const size_t stride = q51 ? sizeof(ce_block_q5_1) : sizeof(ce_block_q5_0);
     float sum = 0.0f;
     for (int64_t i = 0; i < n / CE_QK; i++, b += stride) {
-        uint16_t dh, mh = 0;
-        uint32_t qh;
-        memcpy(&dh, b, 2);
-        if (q51) memcpy(&mh, b + 2, 2);
-        memcpy(&qh, b + (q51 ? 4 : 2), 4);
-        const uint8_t *qs = b + (q51 ? 8 : 6);
+        int q[CE_QK];
+        float d, m;
+        q5_block(b, q51, q, &d, &m);
         int32_t acc = 0;
-        for (int j = 0; j < CE_QK / 2; j++) {
-            const int lo = (qs[j] & 0x0f) | (int)((qh >> j) << 4 & 0x10), hi = (qs[j] >> 4) | (int)((qh >> (j + 12)) & 0x10);
-            acc += (q51 ? lo : lo - 16) * x[i].qs[j] + (q51 ? hi : hi - 16) * x[i].qs[j + CE_QK / 2];
-        }
-        sum += ce_fp16_to_fp32(dh) * x[i].d * (float)acc + (q51 ? ce_fp16_to_fp32(mh) * x[i].s : 0.0f);
+        for (int j = 0; j < CE_QK; j++) acc += (q51 ? q[j] : q[j] - 16) * x[i].qs[j];
+        sum += d * x[i].d * (float)acc + (q51 ? m * x[i].s : 0.0f);
     }
     return sum;
 }
