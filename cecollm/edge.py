@@ -10,7 +10,7 @@ skipped layers' inputs at once (approximate, as in CALM).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,21 +44,16 @@ class ExitDecision:
     logits: np.ndarray | None  # full-vocabulary logits at the exit taken (None: not exited)
     exit_layer: int
     confidence: float
-    hidden: np.ndarray  # (dim,) hidden state of the token at exit_layer
     layers_run: int
     head_checks: int
     prechecks_skipped: int
     split_hidden: np.ndarray | None = None  # (k, dim): positions [n_pos - k, n_pos) at the split (collaborative mode)
-
-
-@dataclass
-class _Pending:
-    exit_layer: int
-    hidden: np.ndarray = field(repr=False)
+    segments: int = 0  # forward calls: one per stop (an exit that can accept, a catch-up join, the split)
 
 
 class EdgeRunner:
-    """Runs one sequence through the edge layers with early exits.
+    """Runs one sequence through the edge layers with early exits: a thin face of the C edge
+    (`_core.Edge`: the step, catch-up, flush, rollback and standalone token loop are ce_edge_*).
 
     >>> runner = EdgeRunner(model, ExitPolicy(exits=(6, 10), split=15), capacity=256)  # doctest: +SKIP
     >>> runner.prefill(prompt_ids)                                                      # doctest: +SKIP
@@ -70,49 +65,54 @@ class EdgeRunner:
         self.model, self.policy = model, policy
         self.cache = model.new_cache(capacity, 0, policy.split)
         self.boundaries = [e for e in policy.exits if e < policy.split] + [policy.split]
-        self.pending: dict[int, _Pending] = {}  # position -> exit layer and hidden state there
-        self.n_pos = 0
-        # every position's hidden state at the split, rows [0, split_len) (complete in order: catch-up
-        # carries earlier positions along), for the cloud
-        self.split_states = np.zeros((capacity, model.config["dim"]), np.float32)
-        self.split_len = 0
+        metric = _core.METRIC_GATE if policy.metric == GATE else METRICS[policy.metric]
+        heads = [policy.head(b).spec(b) for b in self.boundaries]
+        self.core = _core.Edge(self.cache, heads, metric, policy.kv == "propagate", policy.precheck_rows or 0)
         self.cloud_cost_s: float | None = None  # what a cloud token costs now (latency-aware exits)
-        self.layer_positions = 0  # positions × layers run here, prompt and rolled-back drafts included
-        self.metric = METRICS.get(policy.metric, _core.METRIC_MAX_PROB)  # the gate's exits report their gate
 
-    # ---- running layers ----
-    def _run(self, hidden: np.ndarray, pos0: int, begin: int, end: int) -> np.ndarray:
-        """Layers [begin, end) for positions pos0.., in slices of at most SMALL_BATCH positions so that
-        catch-up is bitwise identical to one position at a time."""
-        if begin == end:
-            return hidden
-        self.layer_positions += len(hidden) * (end - begin)
-        out = np.empty_like(hidden)
-        for i in range(0, len(hidden), _core.SMALL_BATCH):
-            out[i : i + _core.SMALL_BATCH] = self.cache.forward(hidden[i : i + _core.SMALL_BATCH], pos0 + i, begin, end)
-        return out
+    @property
+    def n_pos(self) -> int:
+        return self.core.n_pos
+
+    @property
+    def split_len(self) -> int:
+        """Every position's hidden state at the split is final in split_states[:split_len]."""
+        return self.core.split_len
+
+    @property
+    def split_states(self) -> np.ndarray:
+        """(capacity, dim) hidden states at the split, read-only (complete in order: catch-up carries
+        earlier positions along), for the cloud."""
+        return self.core.split_states
+
+    @property
+    def layer_positions(self) -> int:
+        """Positions × layers run here, prompt and rolled-back drafts included."""
+        return self.core.layer_positions
+
+    @property
+    def pending(self) -> dict[int, int]:
+        """{position: exit layer} of the positions waiting for catch-up."""
+        return self.core.pending()
+
+    def thresholds(self) -> list[float]:
+        """Each stop's threshold now (latency-aware exits move with the cloud's cost); the split's
+        applies in collaborative mode only, when the split is an exit."""
+        split = self.policy.split
+        own = self.policy.effective_threshold(split, self.cloud_cost_s) if split in self.policy.exits else 2.0
+        return [self.policy.effective_threshold(b, self.cloud_cost_s) for b in self.boundaries[:-1]] + [own]
 
     def prefill(self, ids) -> np.ndarray:
         """Runs the prompt through all edge layers (one batch); returns hidden states at the split."""
-        if self.n_pos or self.pending:
+        if self.n_pos:
             raise RuntimeError("prefill starts a fresh sequence")
         ids = np.asarray(ids, np.int32)
-        hidden = self.cache.forward(self.model.core.embed(ids), 0)
-        self.layer_positions += len(ids) * self.policy.split
-        self.n_pos = len(ids)
-        self._at_split(0, hidden)
-        return hidden
-
-    def _at_split(self, start: int, batch: np.ndarray) -> None:
-        self.split_states[start : start + len(batch)] = batch
-        self.split_len = start + len(batch)
+        self.core.prefill(ids)
+        return self.split_states[: len(ids)].copy()
 
     def rollback(self, n: int) -> None:
         """Forgets positions n.. (rejected drafts): their keys/values, pending catch-up and split states."""
-        self.cache.truncate(n)
-        self.n_pos = min(self.n_pos, n)
-        self.pending = {q: v for q, v in self.pending.items() if q < n}
-        self.split_len = min(self.split_len, n)
+        self.core.rollback(n)
 
     def step(self, token: int, finish_at_split: bool = True) -> ExitDecision:
         """Runs token (at the next position) up the edge layers until an exit accepts it.
@@ -120,107 +120,27 @@ class EdgeRunner:
         At the split the token is finished locally when finish_at_split (standalone mode);
         otherwise the decision comes back with logits=None and the split hidden state, for the cloud.
         """
-        p = self.n_pos
-        if p >= self.cache.capacity:
-            raise IndexError(f"the sequence is full ({self.cache.capacity} positions)")
-        batch = self.model.core.embed(np.array([token], np.int32))
-        start = p  # the batch holds positions [start, p]
-        layer, layers_run, checks, skipped, gate = 0, 0, 0, 0, 0.0
-        for boundary in self._stops():
-            batch, start = self._catch_up_into(batch, start, layer)
-            batch = self._run(batch, start, layer, boundary)
-            layers_run += len(batch) * (boundary - layer)
-            layer = boundary
-            at_split = boundary == self.policy.split
-            if at_split:
-                self._at_split(start, batch)
-            if at_split and not finish_at_split:  # collaborative: the split's own exit, else the cloud
-                self.n_pos = p + 1
-                threshold = self.policy.effective_threshold(boundary, self.cloud_cost_s) if boundary in self.policy.exits else 2.0
-                if threshold <= 1.0 and self.policy.metric != GATE:
-                    logits = self.policy.head(boundary).logits(self.model, batch[-1:])[0]
-                    accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
-                    if accept:
-                        return ExitDecision(logits, boundary, conf, batch[-1], layers_run, checks + 1, skipped,
-                                            split_hidden=batch)  # fmt: skip
-                    checks += 1
-                return ExitDecision(None, boundary, 0.0, batch[-1], layers_run, checks, skipped, split_hidden=batch)
-            threshold = 0.0 if at_split else self.policy.effective_threshold(boundary, self.cloud_cost_s)
-            if threshold > 1.0:
-                continue
-            head = self.policy.head(boundary)
-            if not at_split and self.policy.metric == GATE:  # the gate decides; the head only names the token
-                gate = float(head.gate(batch[-1:], gate)[0])
-                if gate < threshold:
-                    continue
-                checks += 1
-                self._leave_pending(batch, start, boundary)
-                self.n_pos = p + 1
-                return ExitDecision(head.logits(self.model, batch[-1:])[0], boundary, gate, batch[-1], layers_run,
-                                    checks, skipped)  # fmt: skip
-            if not at_split and self._precheck_fails(batch[-1], boundary, threshold):
-                skipped += 1
-                continue
-            logits = head.logits(self.model, batch[-1:])[0]
-            checks += 1
-            accept, _, conf = _core.exit_decide(logits, self.metric, threshold)
-            if accept:  # the split's threshold is 0: it always accepts
-                self._leave_pending(batch, start, boundary)
-                self.n_pos = p + 1
-                return ExitDecision(logits, boundary, conf, batch[-1], layers_run, checks, skipped)
-        raise AssertionError("unreachable: the split always decides")
+        logits, decision, segments, split_start = self.core.step(token, self.thresholds(), finish_at_split)
+        split_hidden = None
+        if not finish_at_split and split_start >= 0:
+            split_hidden = self.split_states[split_start : self.n_pos].copy()
+        return ExitDecision(logits, *decision, split_hidden=split_hidden, segments=segments)
 
-    def _stops(self) -> list[int]:
-        """The boundaries this step stops at: the split, exits that can accept now, and layers where
-        pending positions join (catch-up). The layers between two stops run as one segment: exits
-        that cannot accept cost nothing."""
-        joining = {pending.exit_layer for pending in self.pending.values()}
-        return [b for b in self.boundaries
-                if b == self.policy.split or b in joining or self.policy.effective_threshold(b, self.cloud_cost_s) <= 1.0]  # fmt: skip
-
-    def _precheck_fails(self, hidden: np.ndarray, exit_layer: int, threshold: float) -> bool:
-        """True when the candidate head proves (given its top-1 is the full top-1) that the exit fails."""
-        rows = self.policy.precheck_rows
-        if rows is None:
-            return False
-        logits = self.policy.head(exit_layer).logits(self.model, hidden[None], rows)
-        bound, _ = _core.confidence(logits, _core.METRIC_MAX_PROB)  # ≥ full p(top1) and ≥ full margin
-        return bool(bound[0] < threshold)
-
-    def _leave_pending(self, batch: np.ndarray, start: int, exit_layer: int) -> None:
-        """Positions [start, start+len(batch)) stop at exit_layer: their deeper keys/values come later
-        (catch-up) or now from their own hidden states (propagate)."""
-        if exit_layer == self.policy.split:
-            return
-        if self.policy.kv == "propagate":
-            self.cache.fill_kv(batch, start, exit_layer, self.policy.split)
-            return
-        for i, h in enumerate(batch):
-            self.pending[start + i] = _Pending(exit_layer, h.copy())
-
-    def _catch_up_into(self, batch: np.ndarray, start: int, layer: int) -> tuple[np.ndarray, int]:
-        """Puts in front of the batch the pending positions that exited at `layer`: those in
-        [filled length of layer, start), whose hidden states entering `layer` were kept."""
-        first = self.cache.lengths()[layer]
-        if first >= start:
-            return batch, start
-        waiting = range(first, start)
-        assert all(self.pending[q].exit_layer == layer for q in waiting), "catch-up out of order"
-        return np.concatenate([np.stack([self.pending.pop(q).hidden for q in waiting]), batch]), first
+    def generate(self, logits: np.ndarray, sample: Sampler, pending: int, n_max: int) -> tuple[list, list, bool]:
+        """Standalone generation's token loop in C, without the GIL (ce_edge_generate): feeds `pending`
+        (-1: none), picks from the logits, up to n_max tokens or an end token. Returns (tokens,
+        per-token (exit_layer, confidence, layers_run, head_checks, prechecks_skipped) or None where
+        nothing was fed, ended)."""
+        tokens, decisions, ended = self.core.generate(
+            logits, sample.rng, pending, n_max, np.fromiter(self.model.tokenizer.end_ids, np.int32), self.thresholds(),
+            sample.temperature, sample.top_k, sample.top_p)  # fmt: skip
+        return tokens.tolist(), decisions, ended
 
     def flush(self) -> tuple[int, np.ndarray] | None:
         """Completes all pending catch-up now, without a new token. Returns (first position, split
         hidden states of the positions it finished), or None when nothing was pending."""
-        if not self.pending:
-            return None
-        layer = min(pending.exit_layer for pending in self.pending.values())
-        batch, start = np.empty((0, self.model.config["dim"]), np.float32), self.n_pos
-        for boundary in (b for b in self.boundaries if b > layer):
-            batch, start = self._catch_up_into(batch, start, layer)
-            batch = self._run(batch, start, layer, boundary)
-            layer = boundary
-        self._at_split(start, batch)
-        return start, batch
+        first = self.core.flush()
+        return None if first < 0 else (first, self.split_states[first : self.n_pos].copy())
 
 
 class FullModelShadow:
@@ -288,19 +208,34 @@ def generate_edge(
     ids = model._prompt_ids(prompt, chat)
     capacity = len(ids) + max_new_tokens
     runner = EdgeRunner(model, policy, capacity)
-
-    def step(token: int) -> tuple[int, TokenTrace]:
-        d = runner.step(token)
-        return sample(d.logits), TokenTrace(-1, d.exit_layer, d.confidence, d.layers_run, d.head_checks,
-                                            d.prechecks_skipped)  # fmt: skip
-
     t0 = time.perf_counter()
     hidden = runner.prefill(ids)
-    logits = policy.head(policy.split).logits(model, hidden[-1:])[0]  # the first token: the split's exit
+    logits = np.ascontiguousarray(policy.head(policy.split).logits(model, hidden[-1:])[0])  # the first token: the split's exit
     shadow = FullModelShadow(model, ids, capacity) if trace_full else None
     t1 = time.perf_counter()
-    first = (sample(logits), TokenTrace(-1, policy.split, 0.0, 0, 1))  # prompt work is not a decode step's
-    tokens, traces, finish = decode_loop(model, first, step, max_new_tokens, shadow, on_token)
+    # The token loop runs in C (EdgeRunner.generate): all at once, or one token per call when a
+    # caller sees each token or the full model runs alongside.
+    per_token = on_token is not None or shadow is not None
+    tokens: list[int] = []
+    traces: list[TokenTrace] = []
+    finish = "length"
+    while len(tokens) < max_new_tokens:
+        n_max = 1 if per_token else max_new_tokens - len(tokens)
+        new, decisions, ended = runner.generate(logits, sample, tokens[-1] if tokens else -1, n_max)
+        for token, decision in zip(new, decisions):
+            # the first token's decision is the prompt's (the split's exit; prompt work is not a step's)
+            trace = TokenTrace(token, *decision) if decision else TokenTrace(token, policy.split, 0.0, 0, 1)
+            if shadow is not None:
+                trace.full_token = shadow.choice
+                if len(tokens) + 1 < max_new_tokens:
+                    shadow.advance(token)
+            tokens.append(token)
+            traces.append(trace)
+            if on_token is not None:
+                on_token(len(tokens) - 1, trace)
+        if ended:
+            finish = "stop"
+            break
     return GenerationResult.of_run(model, tokens, ids, finish, t0, t1, time.perf_counter(),
                                    {"traces": traces, "policy": policy,
                                     "edge_layer_positions": runner.layer_positions})  # fmt: skip

@@ -28,23 +28,17 @@ class ExitHead:
     gate_w: np.ndarray | None = None  # (dim + 1,)
     gate_b: float = 0.0
 
-    def adapt(self, h: np.ndarray) -> np.ndarray:
-        if self.down is None:
-            return h
-        return np.ascontiguousarray(h + (h @ self.down.T) @ self.up.T, dtype=np.float32)
-
     def logits(self, model, h: np.ndarray, rows: int | None = None) -> np.ndarray:
-        """(n, rows or vocab) logits of hidden states h (n, dim) at this exit, LM head in C."""
-        norm = None if self.norm is None else np.ascontiguousarray(self.norm, np.float32)
-        if rows is None:
-            return model.core.head(self.adapt(h), norm)
-        return model.core.head(self.adapt(h), norm, rows)
+        """(n, rows or vocab) logits of hidden states h (n, dim) at this exit, in C (ce_exit_logits)."""
+        return model.core.head(h, self.norm, model.config["vocab"] if rows is None else rows, self.down, self.up)
 
     def gate(self, h: np.ndarray, prev: np.ndarray | float) -> np.ndarray:
-        """Gate probabilities for hidden states h (n, dim) given the previous exit's (n,) or scalar."""
-        hn = h / np.sqrt(np.mean(h.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6)
-        z = hn @ self.gate_w[:-1] + np.asarray(prev, np.float64) * self.gate_w[-1] + self.gate_b
-        return 1.0 / (1.0 + np.exp(-z))
+        """Gate probabilities for hidden states h (n, dim) given the previous exit's (n,) or scalar (ce_exit_gate)."""
+        return _core.exit_gate(np.asarray(h, np.float32).reshape(-1, len(self.gate_w) - 1), self.gate_w, self.gate_b, prev)
+
+    def spec(self, layer: int) -> tuple:
+        """What the C edge (_core.Edge) takes for this head at `layer`."""
+        return (layer, self.norm, self.down, self.up, self.gate_w, self.gate_b)
 
 
 def weights_fingerprint(config: dict, tensors: dict) -> str:

@@ -65,26 +65,13 @@ def test_exits_disabled_give_the_full_models_tokens(model):
 
 
 def test_exits_that_cannot_accept_cost_no_stop(model):
-    """Exits above threshold 1 do not cut the edge's forward pass: one segment up to the split per
-    token, as without them; an exit that can accept is a stop."""
-
-    class CountingCache:
-        def __init__(self, cache):
-            self.cache, self.calls = cache, 0
-
-        def forward(self, *args):
-            self.calls += 1
-            return self.cache.forward(*args)
-
-        def __getattr__(self, name):
-            return getattr(self.cache, name)
-
+    """Exits above threshold 1 do not cut the edge's forward pass: one segment (forward call) up to the
+    split per token, as without them; an exit that can accept is a stop."""
     for thresholds, stops in (((1.01,), 1), ((1.01, 1.01, 0.999999), 2)):
         runner = EdgeRunner(model, ExitPolicy(exits=(8, 16, 24), split=model.n_layers, thresholds=thresholds), 64)
         runner.prefill(model.tokenize(PROMPT))
-        runner.cache = CountingCache(runner.cache)
         decision = runner.step(504)
-        assert runner.cache.calls == stops and decision.layers_run == model.n_layers
+        assert decision.segments == stops and decision.layers_run == model.n_layers
 
 
 def test_exit_at_the_last_layer_gives_the_full_logits(model):
@@ -210,3 +197,38 @@ def test_trace_records_full_model_agreement(model):
     result = generate_edge(model, PROMPT, policy, max_new_tokens=8, trace_full=True)
     assert all(t.matches_full for t in result.extra["traces"])
     assert [t.exit_layer for t in result.extra["traces"]] == [model.n_layers] * 8
+
+
+# ---- the token loop in C ----
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_edge_loop_in_c_equals_the_per_token_loop(model, temperature):
+    """generate_edge's loop runs in C (all tokens in one call) unless a caller sees each token; both
+    give the same tokens and traces, early exits and catch-up included."""
+    policy = ExitPolicy(exits=(4, 8, 12), split=15, thresholds=(0.4,))
+    seen = []
+    whole = generate_edge(model, PROMPT, policy, max_new_tokens=24, temperature=temperature, seed=3)
+    stepped = generate_edge(model, PROMPT, policy, max_new_tokens=24, temperature=temperature, seed=3,
+                            on_token=lambda i, trace: seen.append((i, trace.token)))  # fmt: skip
+    assert whole.tokens == stepped.tokens and seen == list(enumerate(stepped.tokens))
+    key = [(t.token, t.exit_layer, t.confidence, t.layers_run, t.head_checks) for t in whole.extra["traces"]]
+    assert key == [(t.token, t.exit_layer, t.confidence, t.layers_run, t.head_checks) for t in stepped.extra["traces"]]
+    assert len({t.exit_layer for t in whole.extra["traces"]}) > 1, "the exits mix"
+    assert whole.extra["edge_layer_positions"] == stepped.extra["edge_layer_positions"]
+
+
+def test_exit_head_adapter_and_gate_match_numpy(model, rng):
+    """The C exit head (x + up (down x), its norm, the LM head) and gate against the NumPy formulas."""
+    dim = model.config["dim"]
+    h = rng.standard_normal((3, dim)).astype(np.float32)
+    head = ExitHead(norm=(1 + 0.1 * rng.standard_normal(dim)).astype(np.float32),
+                    down=(0.05 * rng.standard_normal((4, dim))).astype(np.float32),
+                    up=(0.05 * rng.standard_normal((dim, 4))).astype(np.float32),
+                    gate_w=rng.standard_normal(dim + 1).astype(np.float32), gate_b=0.25)  # fmt: skip
+    adapted = (h.astype(np.float64) + (h.astype(np.float64) @ head.down.T) @ head.up.T).astype(np.float32)
+    np.testing.assert_allclose(head.logits(model, h), model.core.head(adapted, head.norm), rtol=1e-4, atol=1e-4)
+    prev = np.array([0.0, 0.3, 0.9])
+    hn = h / np.sqrt(np.mean(h.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-6)
+    z = hn @ head.gate_w[:-1].astype(np.float64) + prev * head.gate_w[-1] + head.gate_b
+    np.testing.assert_allclose(head.gate(h, prev), 1 / (1 + np.exp(-z)), rtol=1e-12)

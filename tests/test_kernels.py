@@ -107,14 +107,14 @@ def prompt_q8_kernel(kernels: str, type_name: str) -> bool:
         return kernels == "avx512" and type_name in ("Q4_0", "Q4_1") and "avx512_vnni" in f.read()
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n", [1, _core.SMALL_BATCH, _core.SMALL_BATCH + 23])
 def test_q8_matmul_matches_numpy(rng, kernels, type_name, n):
     """With activations="q8" the product equals dequantized weights times the dequantized 8-bit
     activations, up to float summation (the per-block integer sums are exact); above SMALL_BATCH rows
     (prompts) through matmul_q8a where the kernel set has it."""
     ours, theirs = TYPES[type_name]
-    rows, cols = 300, 576
+    rows, cols = 300, 1536 if type_name.endswith("_K") else 576  # K-quant rows: whole super-blocks
     raw = quantized(rng, rows, cols, theirs)
     w = reference_dequantize(raw, theirs, rows, cols).astype(np.float64)
     x = rng.standard_normal((n, cols)).astype(np.float32)

@@ -281,6 +281,91 @@ MATVEC_Q8A(q8_0, Q8_0_ROWS)
 MATVEC_Q8A(q5_0, Q5_0_ROWS)
 MATVEC_Q8A(q5_1, Q5_1_ROWS)
 
+/* n_rows rows of Q4_K / Q5_K (q5) · 8-bit activations, as vec_dot_k_q8a_generic: per sub-block s (one
+ * activation block) the exact int32 sums of q × y in eight lanes, scaled by d scale_s d_x; the
+ * minimums' term dmin min_s s_x apart. A 32-byte load of qs holds sub-blocks 2k (low nibbles) and
+ * 2k + 1 (high); Q5_K's fifth bits are bit s of the 32 bytes of qh. Each row is summed alone. */
+TARGET static inline __attribute__((always_inline)) void k_q8a_rows(const uint8_t *w, size_t row_bytes, int n_rows,
+                                                                     int q5, const ce_block_q8a *x, int64_t superblocks,
+                                                                     float *y) {
+    const size_t bb = q5 ? sizeof(ce_block_q5_k) : sizeof(ce_block_q4_k);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256 acc[GROUP_ROWS];
+    float off[GROUP_ROWS];
+    for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
+        for (int r = 0; r < n_rows; r++) {
+            const ce_block_q5_k *k5 = (const ce_block_q5_k *)(w + r * row_bytes + i * bb);
+            const ce_block_q4_k *k4 = (const ce_block_q4_k *)k5;
+            const uint8_t *qs = q5 ? k5->qs : k4->qs;
+            const float d = half(k4->d), dmin = half(k4->dmin);
+            const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)k5->qh) : _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * k));
+                __m256i q[2] = {_mm256_and_si256(raw, low4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4)};
+                for (int h = 0; h < 2; h++) {
+                    const int sub = 2 * k + h;
+                    if (q5) /* bit sub of each qh byte, moved to bit 4 */
+                        q[h] = _mm256_or_si256(q[h], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), one), 4));
+                    int scale, min;
+                    ce_k_scale_min(k4->scales, sub, &scale, &min);
+                    const __m256i dot = dot_u8_i8(q[h], _mm256_loadu_si256((const __m256i *)x[sub].qs));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)scale * x[sub].d), _mm256_cvtepi32_ps(dot), acc[r]);
+                    off[r] += dmin * (float)min * x[sub].s;
+                }
+            }
+        }
+    }
+    for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]) - off[r];
+}
+
+/* n_rows rows of Q6_K · 8-bit activations, as vec_dot_q6_k_q8a_generic: per activation block the 32
+ * quants q (0-63) from ql's nibbles and qh's bit pairs; maddubs(q, y) - maddubs(32, y) gives int16
+ * pair sums of (q - 32) y (|.| <= 8128), lanes 0-7 the first sub-block of 16 and 8-15 the second, and
+ * one madd by their scales the block's int32 sums. Each row is summed alone. */
+TARGET static inline __attribute__((always_inline)) void q6_k_q8a_rows(const uint8_t *w, size_t row_bytes, int n_rows,
+                                                                        const ce_block_q8a *x, int64_t superblocks,
+                                                                        float *y) {
+    const size_t bb = sizeof(ce_block_q6_k);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    __m256 acc[GROUP_ROWS];
+    for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
+        for (int r = 0; r < n_rows; r++) {
+            const ce_block_q6_k *b = (const ce_block_q6_k *)(w + r * row_bytes + i * bb);
+            const float d = half(b->d);
+            for (int h = 0; h < 2; h++) {
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+                for (int g = 0; g < 4; g++) {
+                    const ce_block_q8a *xb = &x[4 * h + g];
+                    const __m256i low = g < 2 ? _mm256_and_si256(g ? ql1 : ql0, low4)
+                                              : _mm256_and_si256(_mm256_srli_epi16(g == 3 ? ql1 : ql0, 4), low4);
+                    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), three), 4);
+                    const __m256i y8 = _mm256_loadu_si256((const __m256i *)xb->qs);
+                    const __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_or_si256(low, high), y8),
+                                                           _mm256_maddubs_epi16(bias, y8));
+                    const int8_t *sc = b->scales + 8 * h + 2 * g;
+                    const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+                    const __m256i isum = _mm256_madd_epi16(pairs, scales);
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(isum), acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]);
+}
+
+#define Q4_K_ROWS(wr, n, yr) k_q8a_rows(wr, row_bytes, n, 0, x, cols / CE_QK_K, yr)
+#define Q5_K_ROWS(wr, n, yr) k_q8a_rows(wr, row_bytes, n, 1, x, cols / CE_QK_K, yr)
+#define Q6_K_ROWS(wr, n, yr) q6_k_q8a_rows(wr, row_bytes, n, x, cols / CE_QK_K, yr)
+MATVEC_Q8A(q4_k, Q4_K_ROWS)
+MATVEC_Q8A(q5_k, Q5_K_ROWS)
+MATVEC_Q8A(q6_k, Q6_K_ROWS)
+
 /* ---- fp32 activations as 30-bit fixed point (ce_block_x16) ---- */
 
 /* Eight int32 lanes of v narrowed to int16 and stored in order at out[0..7]. */
@@ -680,6 +765,9 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q8_0] = matvec_q8_0_q8a_avx2,
             [CE_TYPE_Q5_0] = matvec_q5_0_q8a_avx2,
             [CE_TYPE_Q5_1] = matvec_q5_1_q8a_avx2,
+            [CE_TYPE_Q4_K] = matvec_q4_k_q8a_avx2,
+            [CE_TYPE_Q5_K] = matvec_q5_k_q8a_avx2,
+            [CE_TYPE_Q6_K] = matvec_q6_k_q8a_avx2,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_avx2, [CE_TYPE_F16] = dot_rows_f16_avx2},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_avx2, [CE_TYPE_F16] = sum_rows_f16_avx2},

@@ -54,3 +54,45 @@ ce_status ce_exit_decide(const float *logits, int n, int metric, float threshold
     *accept = st == CE_OK && threshold <= 1.0f && *conf >= threshold;
     return st;
 }
+
+/* h' = h + up (down h) for each row: t = down h in double, rounded to float as the adapter's own
+ * output; the up projection in double, rounded, then added (the roundings of a float32 reference). */
+static void adapt(const ce_exit_head *h, int dim, int n, const float *x, float *out, float *t) {
+    for (int i = 0; i < n; i++) {
+        const float *xi = x + (size_t)i * dim;
+        float *oi = out + (size_t)i * dim;
+        for (int r = 0; r < h->rank; r++) {
+            double acc = 0.0;
+            for (int j = 0; j < dim; j++) acc += (double)h->down[(size_t)r * dim + j] * xi[j];
+            t[r] = (float)acc;
+        }
+        for (int j = 0; j < dim; j++) {
+            double acc = 0.0;
+            for (int r = 0; r < h->rank; r++) acc += (double)h->up[(size_t)j * h->rank + r] * t[r];
+            oi[j] = xi[j] + (float)acc;
+        }
+    }
+}
+
+ce_status ce_exit_logits(const ce_model *m, ce_workspace *ws, const ce_exit_head *h, int n, const float *x, int rows,
+                         float *logits, float *scratch, char *err, size_t errlen) {
+    const int dim = m->cfg.dim;
+    if (h->down != NULL) {
+        if (h->up == NULL || h->rank < 1 || scratch == NULL)
+            return ce_fail(err, errlen, CE_EINVAL, "an exit adapter needs down, up, rank >= 1 and scratch");
+        adapt(h, dim, n, x, scratch, scratch + (size_t)n * dim);
+        x = scratch;
+    }
+    const ce_tensor norm = {h->norm, CE_TYPE_F32, dim, 1};
+    return ce_head(m, ws, h->norm != NULL ? &norm : NULL, n, x, rows, logits, err, errlen);
+}
+
+double ce_exit_gate(const ce_exit_head *h, int dim, const float *x, double prev) {
+    double squares = 0.0;
+    for (int j = 0; j < dim; j++) squares += (double)x[j] * x[j];
+    const double rms = sqrt(squares / dim + 1e-6);
+    double z = 0.0;
+    for (int j = 0; j < dim; j++) z += x[j] / rms * h->gate_w[j];
+    z += prev * h->gate_w[dim] + h->gate_b;
+    return 1.0 / (1.0 + exp(-z));
+}

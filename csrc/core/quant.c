@@ -175,24 +175,14 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
             const uint8_t *b = p + (size_t)i * stride;
             const ce_block_q5_k *k5 = (const ce_block_q5_k *)b;
             const ce_block_q4_k *k4 = (const ce_block_q4_k *)b;
-            const uint8_t *sc = k4->scales, *qs = q5 ? k5->qs : k4->qs, *qh = k5->qh;
             const float d = ce_fp16_to_fp32(k4->d), dmin = ce_fp16_to_fp32(k4->dmin);
             float *y = out + i * CE_QK_K;
-            for (int s = 0; s < 8; s++) { /* sub-block s: nibbles of qs[32 (s/2) ..], low for even s */
-                uint8_t scale, min; /* 6 bits each: the first four in bytes 0-7, the rest split */
-                if (s < 4) {
-                    scale = sc[s] & 63, min = sc[s + 4] & 63;
-                } else {
-                    scale = (uint8_t)((sc[s + 4] & 0x0f) | ((sc[s - 4] >> 6) << 4));
-                    min = (uint8_t)((sc[s + 4] >> 4) | ((sc[s] >> 6) << 4));
-                }
+            for (int s = 0; s < 8; s++) {
+                int scale, min;
+                ce_k_scale_min(k4->scales, s, &scale, &min);
                 const float ds = d * (float)scale, ms = dmin * (float)min;
-                const uint8_t *q = qs + 32 * (s / 2);
-                for (int l = 0; l < 32; l++) {
-                    int v = s % 2 ? q[l] >> 4 : q[l] & 0x0f;
-                    if (q5 && (qh[l] >> s & 1)) v += 16;
-                    y[32 * s + l] = ds * (float)v - ms;
-                }
+                for (int l = 0; l < 32; l++)
+                    y[32 * s + l] = ds * (float)ce_k_quant(q5 ? k5->qs : k4->qs, q5 ? k5->qh : NULL, s, l) - ms;
             }
         }
         break;
@@ -201,22 +191,8 @@ void ce_dequantize_row(const ce_tensor *w, int64_t row, float *out) {
         const ce_block_q6_k *b = (const ce_block_q6_k *)p;
         for (int64_t i = 0; i < w->cols / CE_QK_K; i++) {
             const float d = ce_fp16_to_fp32(b[i].d);
-            float *y = out + i * CE_QK_K;
-            for (int half = 0; half < 2; half++) { /* elements 128 half .. 128 half + 127 */
-                const uint8_t *ql = b[i].ql + 64 * half, *qh = b[i].qh + 32 * half;
-                const int8_t *sc = b[i].scales + 8 * half;
-                for (int l = 0; l < 32; l++) {
-                    const int is = l / 16;
-                    const int q1 = ((ql[l] & 0x0f) | ((qh[l] >> 0 & 3) << 4)) - 32;
-                    const int q2 = ((ql[l + 32] & 0x0f) | ((qh[l] >> 2 & 3) << 4)) - 32;
-                    const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4 & 3) << 4)) - 32;
-                    const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6 & 3) << 4)) - 32;
-                    y[128 * half + l] = d * (float)sc[is] * (float)q1;
-                    y[128 * half + l + 32] = d * (float)sc[is + 2] * (float)q2;
-                    y[128 * half + l + 64] = d * (float)sc[is + 4] * (float)q3;
-                    y[128 * half + l + 96] = d * (float)sc[is + 6] * (float)q4;
-                }
-            }
+            for (int e = 0; e < CE_QK_K; e++)
+                out[i * CE_QK_K + e] = d * (float)b[i].scales[e / 16] * (float)(ce_q6_k_quant(&b[i], e) - 32);
         }
         break;
     }
@@ -399,6 +375,52 @@ static float vec_dot_q5_1_q8a_generic(const void *wrow, const ce_block_q8a *x, i
     return vec_dot_q5_q8a_generic(wrow, 1, x, n);
 }
 
+/* Q4_K / Q5_K, one activation block per sub-block: Σ_sub-blocks (d scale_s) d_x Σ_j q_j y_j - (dmin min_s) s_x */
+static float vec_dot_k_q8a_generic(const uint8_t *b, int q5, const ce_block_q8a *x, int64_t n) {
+    const size_t stride = q5 ? sizeof(ce_block_q5_k) : sizeof(ce_block_q4_k);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK_K; i++, b += stride, x += CE_QK_K / CE_QK) {
+        const ce_block_q4_k *k4 = (const ce_block_q4_k *)b;
+        const ce_block_q5_k *k5 = (const ce_block_q5_k *)b;
+        const float d = ce_fp16_to_fp32(k4->d), dmin = ce_fp16_to_fp32(k4->dmin);
+        for (int s = 0; s < 8; s++) {
+            int scale, min;
+            ce_k_scale_min(k4->scales, s, &scale, &min);
+            int32_t acc = 0;
+            for (int l = 0; l < 32; l++) acc += ce_k_quant(q5 ? k5->qs : k4->qs, q5 ? k5->qh : NULL, s, l) * x[s].qs[l];
+            sum += d * (float)scale * x[s].d * (float)acc - dmin * (float)min * x[s].s;
+        }
+    }
+    return sum;
+}
+
+static float vec_dot_q4_k_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    return vec_dot_k_q8a_generic(wrow, 0, x, n);
+}
+
+static float vec_dot_q5_k_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    return vec_dot_k_q8a_generic(wrow, 1, x, n);
+}
+
+/* Q6_K, two sub-blocks of 16 per activation block: Σ_blocks d d_x Σ_halves scale_h Σ_j (q_j - 32) y_j */
+static float vec_dot_q6_k_q8a_generic(const void *wrow, const ce_block_q8a *x, int64_t n) {
+    const ce_block_q6_k *w = wrow;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n / CE_QK_K; i++, x += CE_QK_K / CE_QK) {
+        const float d = ce_fp16_to_fp32(w[i].d);
+        for (int blk = 0; blk < CE_QK_K / CE_QK; blk++) {
+            int32_t isum = 0;
+            for (int h = 0; h < 2; h++) {
+                int32_t acc = 0;
+                for (int l = 0; l < 16; l++) acc += (ce_q6_k_quant(&w[i], 32 * blk + 16 * h + l) - 32) * x[blk].qs[16 * h + l];
+                isum += w[i].scales[2 * blk + h] * acc;
+            }
+            sum += d * x[blk].d * (float)isum;
+        }
+    }
+    return sum;
+}
+
 /* y[r] = w_r · x, one row at a time */
 #define MATVEC_Q8A_GENERIC(name)                                                                              \
     static void matvec_##name##_q8a_generic(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, \
@@ -410,6 +432,9 @@ MATVEC_Q8A_GENERIC(q4_1)
 MATVEC_Q8A_GENERIC(q8_0)
 MATVEC_Q8A_GENERIC(q5_0)
 MATVEC_Q8A_GENERIC(q5_1)
+MATVEC_Q8A_GENERIC(q4_k)
+MATVEC_Q8A_GENERIC(q5_k)
+MATVEC_Q8A_GENERIC(q6_k)
 #undef MATVEC_Q8A_GENERIC
 
 static float vec_dot_f32_generic(const float *w, const float *x, int64_t n) {
@@ -465,6 +490,9 @@ static const ce_kernels kernels_generic = {
             [CE_TYPE_Q8_0] = matvec_q8_0_q8a_generic,
             [CE_TYPE_Q5_0] = matvec_q5_0_q8a_generic,
             [CE_TYPE_Q5_1] = matvec_q5_1_q8a_generic,
+            [CE_TYPE_Q4_K] = matvec_q4_k_q8a_generic,
+            [CE_TYPE_Q5_K] = matvec_q5_k_q8a_generic,
+            [CE_TYPE_Q6_K] = matvec_q6_k_q8a_generic,
         },
     .dot_rows = {[CE_TYPE_F32] = dot_rows_f32_generic, [CE_TYPE_F16] = dot_rows_f16_generic},
     .sum_rows = {[CE_TYPE_F32] = sum_rows_f32_generic, [CE_TYPE_F16] = sum_rows_f16_generic},

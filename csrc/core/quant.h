@@ -65,6 +65,33 @@ typedef struct {
 } ce_block_q6_k;              /* x = d * scale_s * (q - 32) */
 static_assert(sizeof(ce_block_q6_k) == 210, "q6_K block is 210 bytes");
 
+/* The 6-bit scale and minimum of sub-block s (0-7) of a Q4_K / Q5_K super-block: sub-blocks 0-3 in
+ * the low six bits of bytes s and s + 4; sub-blocks 4-7 in the nibbles of byte s + 4, with the top two
+ * bits of bytes s - 4 (scale) and s (minimum) above them. */
+static inline void ce_k_scale_min(const uint8_t *sc, int s, int *scale, int *min) {
+    if (s < 4) {
+        *scale = sc[s] & 63, *min = sc[s + 4] & 63;
+    } else {
+        *scale = (sc[s + 4] & 0x0f) | (sc[s - 4] >> 6) << 4;
+        *min = (sc[s + 4] >> 4) | (sc[s] >> 6) << 4;
+    }
+}
+
+/* The 4- or 5-bit quant of element 32 s + l of a Q4_K / Q5_K super-block (qh: NULL for Q4_K): the
+ * low nibbles of qs[32 (s / 2) ..] for even s, the high ones for odd s, and bit s of qh[l] as 16. */
+static inline int ce_k_quant(const uint8_t *qs, const uint8_t *qh, int s, int l) {
+    return (qs[32 * (s / 2) + l] >> (4 * (s % 2)) & 0x0f) | (qh != NULL ? (qh[l] >> s & 1) << 4 : 0);
+}
+
+/* The 6-bit quant of element e (0-255) of a Q6_K super-block, x = d * scales[e / 16] * (q - 32): in
+ * each half of 128, elements 32 g + l take the low (g < 2) or high nibble of ql[32 (g % 2) + l] and
+ * bits 2g, 2g + 1 of qh[l]. */
+static inline int ce_q6_k_quant(const ce_block_q6_k *b, int e) {
+    const int half = e / 128, g = e % 128 / 32, l = e % 32;
+    const int low = b->ql[64 * half + 32 * (g & 1) + l] >> (4 * (g >> 1)) & 0x0f;
+    return low | (b->qh[32 * half + l] >> (2 * g) & 3) << 4;
+}
+
 /* The types whose blocks the SIMD sets decode themselves in matmul_f32; they dequantize the others
  * (the K-quants) with ce_dequantize_row: the same values either way. */
 static inline int ce_simd_decoded(int type) {

@@ -17,6 +17,7 @@
 typedef struct {
     PyTypeObject *model_type;
     PyTypeObject *cache_type;
+    PyTypeObject *edge_type;
     PyObject *error; /* cecollm._core.CoreError */
 } module_state;
 
@@ -267,48 +268,56 @@ fail:
     return NULL;
 }
 
-/* head(x, norm=None, rows=vocab) -> logits float32 (n, rows) over the first rows vocabulary entries */
+static int head_from_tuple(PyObject *tup, int dim, ce_exit_head *h, PyObject *keep);
+
+/* head(x, norm=None, rows=vocab, down=None, up=None) -> logits float32 (n, rows) over the first rows
+ * vocabulary entries: an exit head (ce_exit_logits), the model's final norm and LM head by default */
 static PyObject *Model_head(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"x", "norm", "rows", NULL};
-    PyObject *xo, *normo = Py_None;
-    PyArrayObject *x = NULL, *norm = NULL, *out = NULL;
+    static char *kwlist[] = {"x", "norm", "rows", "down", "up", NULL};
+    PyObject *xo, *normo = Py_None, *downo = Py_None, *upo = Py_None;
+    PyArrayObject *x = NULL, *out = NULL;
+    float *scratch = NULL;
     int rows = -1;
-    if (!model_ready(self) || !PyArg_ParseTupleAndKeywords(args, kwds, "O|Oi", kwlist, &xo, &normo, &rows)) return NULL;
+    if (!model_ready(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "O|OiOO", kwlist, &xo, &normo, &rows, &downo, &upo))
+        return NULL;
     if (rows == -1) rows = self->model.cfg.vocab;
     if (rows <= 0 || rows > self->model.cfg.vocab)
         return PyErr_Format(PyExc_ValueError, "rows %d outside [1, %d]", rows, self->model.cfg.vocab);
     const int d = self->model.cfg.dim;
+    PyObject *keep = PyList_New(0), *spec = Py_BuildValue("(iOOOOd)", 0, normo, downo, upo, Py_None, 0.0);
+    ce_exit_head h;
+    if (keep == NULL || spec == NULL || head_from_tuple(spec, d, &h, keep) < 0) goto fail;
     if ((x = as_rows(xo, d, "x")) == NULL) goto fail;
-    ce_tensor norm_t = {0};
-    if (normo != Py_None) {
-        if ((norm = as_rows(normo, d, "norm")) == NULL) goto fail;
-        if (n_rows(norm) != 1) {
-            PyErr_SetString(PyExc_ValueError, "norm must be one vector");
-            goto fail;
-        }
-        norm_t = (ce_tensor){PyArray_DATA(norm), CE_TYPE_F32, d, 1};
-    }
     npy_intp n = n_rows(x);
     npy_intp dims[2] = {n, rows};
     if ((out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32)) == NULL) goto fail;
+    if (h.down != NULL && (scratch = PyMem_Malloc(sizeof(float) * ((size_t)n * d + h.rank))) == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
     char err[CE_ERRLEN] = "";
     ce_status st;
     Py_BEGIN_ALLOW_THREADS
     PyThread_acquire_lock(self->lock, WAIT_LOCK);
-    st = ce_head(&self->model, &self->ws, norm ? &norm_t : NULL, (int)n, PyArray_DATA(x), rows, PyArray_DATA(out),
-                 err, sizeof err);
+    st = ce_exit_logits(&self->model, &self->ws, &h, (int)n, PyArray_DATA(x), rows, PyArray_DATA(out), scratch, err,
+                        sizeof err);
     PyThread_release_lock(self->lock);
     Py_END_ALLOW_THREADS
     if (st != CE_OK) {
         raise_status(state_of_type(Py_TYPE(self))->error, st, err);
         goto fail;
     }
+    PyMem_Free(scratch);
     Py_DECREF(x);
-    Py_XDECREF(norm);
+    Py_DECREF(keep);
+    Py_DECREF(spec);
     return (PyObject *)out;
 fail:
+    PyMem_Free(scratch);
     Py_XDECREF(x);
-    Py_XDECREF(norm);
+    Py_XDECREF(keep);
+    Py_XDECREF(spec);
     Py_XDECREF(out);
     return NULL;
 }
@@ -616,6 +625,306 @@ static PyObject *Cache_get_int(CacheObject *self, void *which) {
     case 1: return PyLong_FromLong(self->kv.layer_begin);
     default: return PyLong_FromLong(self->kv.layer_end);
     }
+}
+
+/* ======================= Edge ======================= */
+
+/* An exit head from (layer, norm, down, up, gate_w, gate_b), Nones for absent parts; the float32
+ * arrays it points into are appended to keep. */
+static int head_from_tuple(PyObject *tup, int dim, ce_exit_head *h, PyObject *keep) {
+    PyObject *parts[4];
+    double gate_b;
+    if (!PyArg_ParseTuple(tup, "iOOOOd", &h->layer, &parts[0], &parts[1], &parts[2], &parts[3], &gate_b)) return -1;
+    h->gate_b = (float)gate_b;
+    const float *data[4] = {NULL, NULL, NULL, NULL};
+    npy_intp shape[4][2] = {{0, 0}};
+    for (int i = 0; i < 4; i++) {
+        if (parts[i] == Py_None) continue;
+        PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(parts[i], NPY_FLOAT32, 1, 2, NPY_ARRAY_IN_ARRAY);
+        if (a == NULL || PyList_Append(keep, (PyObject *)a) < 0) {
+            Py_XDECREF(a);
+            return -1;
+        }
+        Py_DECREF(a); /* keep holds it */
+        data[i] = PyArray_DATA(a);
+        shape[i][0] = PyArray_NDIM(a) == 2 ? PyArray_DIM(a, 0) : 1;
+        shape[i][1] = PyArray_DIM(a, PyArray_NDIM(a) - 1);
+    }
+    h->norm = data[0], h->down = data[1], h->up = data[2], h->gate_w = data[3];
+    h->rank = (int)shape[1][0];
+    const int bad_norm = data[0] && shape[0][0] * shape[0][1] != dim;
+    const int bad_adapter = (data[1] == NULL) != (data[2] == NULL) ||
+                            (data[1] && (shape[1][1] != dim || shape[2][0] != dim || shape[2][1] != shape[1][0]));
+    const int bad_gate = data[3] && shape[3][0] * shape[3][1] != dim + 1;
+    if (bad_norm || bad_adapter || bad_gate) {
+        PyErr_Format(PyExc_ValueError, "the exit head at %d: norm (%d,), down (rank, %d) with up (%d, rank), gate_w (%d,)",
+                     h->layer, dim, dim, dim, dim + 1);
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    PyObject_HEAD
+    CacheObject *cache; /* its lock guards the edge too */
+    PyObject *keep;     /* the arrays the heads point into */
+    ce_exit_head *heads;
+    ce_edge edge;
+} EdgeObject;
+
+static int Edge_init(EdgeObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"cache", "heads", "metric", "propagate", "precheck_rows", NULL};
+    PyObject *cache, *heads;
+    int metric, propagate, precheck_rows = 0;
+    module_state *ms = state_of_type(Py_TYPE(self));
+    if (self->cache != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Edge is already initialized");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!Oip|i", kwlist, ms->cache_type, &cache, &heads, &metric, &propagate,
+                                     &precheck_rows) ||
+        !cache_ready((CacheObject *)cache))
+        return -1;
+    PyObject *seq = PySequence_Fast(heads, "heads must be a sequence of (layer, norm, down, up, gate_w, gate_b)");
+    if (seq == NULL) return -1;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    const ce_model *m = &((CacheObject *)cache)->model->model;
+    self->keep = PyList_New(0);
+    self->heads = PyMem_Calloc(n > 0 ? (size_t)n : 1, sizeof(ce_exit_head));
+    int ok = self->keep != NULL && self->heads != NULL && n <= INT_MAX;
+    if (!ok && !PyErr_Occurred()) PyErr_NoMemory();
+    for (Py_ssize_t i = 0; ok && i < n; i++)
+        ok = head_from_tuple(PySequence_Fast_GET_ITEM(seq, i), m->cfg.dim, &self->heads[i], self->keep) == 0;
+    Py_DECREF(seq);
+    if (!ok) return -1;
+    char err[CE_ERRLEN] = "";
+    CacheObject *c = (CacheObject *)cache;
+    ce_status st = ce_edge_init(&self->edge, m, &c->kv, &c->ws, self->heads, (int)n, metric, propagate, precheck_rows,
+                                err, sizeof err);
+    if (st != CE_OK) {
+        raise_status(ms->error, st, err);
+        return -1;
+    }
+    Py_INCREF(cache);
+    self->cache = c;
+    return 0;
+}
+
+static void Edge_dealloc(EdgeObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    ce_edge_free(&self->edge);
+    PyMem_Free(self->heads);
+    Py_CLEAR(self->keep);
+    Py_CLEAR(self->cache);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int Edge_traverse(EdgeObject *self, visitproc visit, void *arg) {
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->cache);
+    Py_VISIT(self->keep);
+    return 0;
+}
+
+static int edge_ready(EdgeObject *self) {
+    if (self->cache == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Edge is not initialized");
+        return 0;
+    }
+    return 1;
+}
+
+#define EDGE_LOCKED(self, stmt)                                  \
+    Py_BEGIN_ALLOW_THREADS                                       \
+    PyThread_acquire_lock((self)->cache->lock, WAIT_LOCK);       \
+    stmt;                                                        \
+    PyThread_release_lock((self)->cache->lock);                  \
+    Py_END_ALLOW_THREADS
+
+/* thresholds: one float per head, as a float64 array (a new reference), else NULL with an error */
+static PyArrayObject *thresholds_of(EdgeObject *self, PyObject *obj) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROMANY(obj, NPY_FLOAT64, 1, 1, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (a != NULL && PyArray_DIM(a, 0) != self->edge.n_heads) {
+        PyErr_Format(PyExc_ValueError, "%zd thresholds for %d exits", (Py_ssize_t)PyArray_DIM(a, 0), self->edge.n_heads);
+        Py_CLEAR(a);
+    }
+    return a;
+}
+
+/* (exit_layer, confidence, layers_run, head_checks, prechecks_skipped) */
+static PyObject *decision_tuple(const ce_edge_decision *d) {
+    return Py_BuildValue("(idiii)", d->exit_layer, (double)d->confidence, d->layers_run, d->head_checks,
+                         d->prechecks_skipped);
+}
+
+/* prefill(ids): the prompt through every edge layer */
+static PyObject *Edge_prefill(EdgeObject *self, PyObject *arg) {
+    if (!edge_ready(self)) return NULL;
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROMANY(arg, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (ids == NULL) return NULL;
+    if (PyArray_DIM(ids, 0) > INT_MAX) {
+        Py_DECREF(ids);
+        return PyErr_Format(PyExc_ValueError, "the prompt is too long");
+    }
+    char err[CE_ERRLEN] = "";
+    ce_status st;
+    EDGE_LOCKED(self, st = ce_edge_prefill(&self->edge, (int)PyArray_DIM(ids, 0), PyArray_DATA(ids), err, sizeof err));
+    Py_DECREF(ids);
+    if (st != CE_OK) return raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+    Py_RETURN_NONE;
+}
+
+/* step(token, thresholds, finish_at_split) -> (logits or None, decision, segments, split_start) */
+static PyObject *Edge_step(EdgeObject *self, PyObject *args) {
+    int token, finish;
+    PyObject *to;
+    if (!edge_ready(self) || !PyArg_ParseTuple(args, "iOp", &token, &to, &finish)) return NULL;
+    PyArrayObject *thresholds = thresholds_of(self, to);
+    if (thresholds == NULL) return NULL;
+    npy_intp dims[1] = {self->edge.m->cfg.vocab};
+    PyArrayObject *logits = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    if (logits == NULL) {
+        Py_DECREF(thresholds);
+        return NULL;
+    }
+    char err[CE_ERRLEN] = "";
+    ce_edge_decision d;
+    ce_status st;
+    EDGE_LOCKED(self, st = ce_edge_step(&self->edge, token, PyArray_DATA(thresholds), finish, PyArray_DATA(logits), &d,
+                                        err, sizeof err));
+    Py_DECREF(thresholds);
+    if (st != CE_OK) {
+        Py_DECREF(logits);
+        return raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+    }
+    if (!d.exited) Py_SETREF(logits, (PyArrayObject *)Py_NewRef(Py_None));
+    return Py_BuildValue("(NNii)", logits, decision_tuple(&d), d.segments, d.split_start);
+}
+
+/* generate(logits, rng, pending, n_max, end_ids, thresholds, temperature=0, top_k=0, top_p=1)
+ *   -> (tokens, decisions, ended): ce_edge_generate without the GIL; logits and rng updated in place;
+ *   decisions[i] is None where no token was fed */
+static PyObject *Edge_generate(EdgeObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"logits", "rng", "pending", "n_max", "end_ids", "thresholds", "temperature", "top_k",
+                             "top_p", NULL};
+    PyObject *logits_o, *rng_o, *end_o, *to;
+    int pending, n_max;
+    ce_sampler sampler = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .repetition_penalty = 1.0f};
+    if (!edge_ready(self) ||
+        !PyArg_ParseTupleAndKeywords(args, kwds, "OOiiOO|fif", kwlist, &logits_o, &rng_o, &pending, &n_max, &end_o, &to,
+                                     &sampler.temperature, &sampler.top_k, &sampler.top_p))
+        return NULL;
+    float *logits = writable_vector(logits_o, NPY_FLOAT32, self->edge.m->cfg.vocab, "logits");
+    uint64_t *rng = logits ? writable_vector(rng_o, NPY_UINT64, 4, "rng") : NULL;
+    if (rng == NULL) return NULL;
+    if (n_max < 1) return PyErr_Format(PyExc_ValueError, "n_max must be at least 1, got %d", n_max);
+    PyArrayObject *end = (PyArrayObject *)PyArray_FROMANY(end_o, NPY_INT32, 1, 1, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    PyArrayObject *thresholds = end ? thresholds_of(self, to) : NULL;
+    npy_intp dims[1] = {n_max};
+    PyArrayObject *out = thresholds ? (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT32) : NULL;
+    ce_edge_decision *decisions = out ? PyMem_Malloc(sizeof(ce_edge_decision) * (size_t)n_max) : NULL;
+    PyObject *result = NULL;
+    if (decisions == NULL) {
+        if (out != NULL) PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(sampler.rng, rng, sizeof sampler.rng);
+    char err[CE_ERRLEN] = "";
+    int n_out = 0, ended = 0;
+    ce_status st;
+    EDGE_LOCKED(self, st = ce_edge_generate(&self->edge, &sampler, PyArray_DATA(thresholds), logits, pending, n_max,
+                                            PyArray_DATA(end), (int)PyArray_DIM(end, 0), PyArray_DATA(out), decisions,
+                                            &n_out, &ended, err, sizeof err));
+    memcpy(rng, sampler.rng, sizeof sampler.rng);
+    if (st != CE_OK) {
+        raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+        goto done;
+    }
+    PyObject *tokens = PySequence_GetSlice((PyObject *)out, 0, n_out), *list = PyList_New(n_out);
+    for (int i = 0; tokens && list && i < n_out; i++) {
+        PyObject *item = decisions[i].exit_layer < 0 ? Py_NewRef(Py_None) : decision_tuple(&decisions[i]);
+        if (item == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, item);
+    }
+    if (tokens && list) result = Py_BuildValue("(NNO)", tokens, list, ended ? Py_True : Py_False);
+    else {
+        Py_XDECREF(tokens);
+        Py_XDECREF(list);
+    }
+done:
+    PyMem_Free(decisions);
+    Py_XDECREF(out);
+    Py_XDECREF(thresholds);
+    Py_XDECREF(end);
+    return result;
+}
+
+/* flush() -> first position whose split state it finished, or -1 when nothing was waiting */
+static PyObject *Edge_flush(EdgeObject *self, PyObject *noargs) {
+    (void)noargs;
+    if (!edge_ready(self)) return NULL;
+    char err[CE_ERRLEN] = "";
+    int first;
+    ce_status st;
+    EDGE_LOCKED(self, st = ce_edge_flush(&self->edge, &first, err, sizeof err));
+    if (st != CE_OK) return raise_status(state_of_type(Py_TYPE(self))->error, st, err);
+    return PyLong_FromLong(first);
+}
+
+/* rollback(n): forgets positions n.. */
+static PyObject *Edge_rollback(EdgeObject *self, PyObject *arg) {
+    if (!edge_ready(self)) return NULL;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) return PyErr_Format(PyExc_ValueError, "rollback to %ld positions: must be >= 0", n);
+    EDGE_LOCKED(self, ce_edge_rollback(&self->edge, n > INT_MAX ? INT_MAX : (int)n));
+    Py_RETURN_NONE;
+}
+
+/* pending() -> {position: exit layer} of the positions waiting for catch-up */
+static PyObject *Edge_pending(EdgeObject *self, PyObject *noargs) {
+    (void)noargs;
+    if (!edge_ready(self)) return NULL;
+    const int cap = self->edge.kv->capacity;
+    int32_t *copy = PyMem_Malloc(sizeof(int32_t) * (size_t)(cap > 0 ? cap : 1));
+    if (copy == NULL) return PyErr_NoMemory();
+    int n_pos;
+    EDGE_LOCKED(self, n_pos = self->edge.n_pos; memcpy(copy, self->edge.pending, sizeof(int32_t) * (size_t)n_pos));
+    PyObject *dict = PyDict_New();
+    for (int q = 0; dict && q < n_pos; q++) {
+        if (copy[q] < 0) continue;
+        PyObject *k = PyLong_FromLong(q), *v = PyLong_FromLong(copy[q]);
+        if (k == NULL || v == NULL || PyDict_SetItem(dict, k, v) < 0) Py_CLEAR(dict);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    PyMem_Free(copy);
+    return dict;
+}
+
+static PyObject *Edge_get_int(EdgeObject *self, void *which) {
+    if (!edge_ready(self)) return NULL;
+    long long v;
+    EDGE_LOCKED(self, v = which == (void *)0 ? self->edge.n_pos
+                        : which == (void *)1 ? self->edge.split_len
+                                             : (long long)self->edge.layer_positions);
+    return PyLong_FromLongLong(v);
+}
+
+/* split_states: a read-only (capacity, dim) view of the hidden states at the split */
+static PyObject *Edge_get_split_states(EdgeObject *self, void *closure) {
+    if (!edge_ready(self)) return NULL;
+    npy_intp dims[2] = {self->edge.kv->capacity, self->edge.m->cfg.dim};
+    PyObject *a = PyArray_New(&PyArray_Type, 2, dims, NPY_FLOAT32, NULL, self->edge.split_states, 0, NPY_ARRAY_CARRAY_RO,
+                              NULL);
+    if (a == NULL) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)a, Py_NewRef(self)) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
 }
 
 /* forward_multi(items, layer_begin, layer_end) -> list of outputs; items: [(KVCache, x (n, dim), pos0), ...]
@@ -1175,6 +1484,35 @@ static PyObject *core_hidden_decode(PyObject *mod, PyObject *args) {
     return (PyObject *)out;
 }
 
+/* exit_gate(h (n, dim), gate_w (dim + 1,), gate_b, prev) -> float64 (n,): ce_exit_gate per row, prev a
+ * scalar or one value per row */
+static PyObject *core_exit_gate(PyObject *mod, PyObject *args) {
+    PyObject *ho, *wo, *prevo;
+    double gate_b;
+    if (!PyArg_ParseTuple(args, "OOdO", &ho, &wo, &gate_b, &prevo)) return NULL;
+    PyArrayObject *h = (PyArrayObject *)PyArray_FROMANY(ho, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+    PyArrayObject *w = h ? (PyArrayObject *)PyArray_FROMANY(wo, NPY_FLOAT32, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
+    PyArrayObject *prev = w ? (PyArrayObject *)PyArray_FROMANY(prevo, NPY_FLOAT64, 0, 1, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST) : NULL;
+    PyArrayObject *out = NULL;
+    if (prev == NULL) goto done;
+    const npy_intp n = PyArray_DIM(h, 0), dim = PyArray_DIM(h, 1), n_prev = PyArray_SIZE(prev);
+    if (PyArray_DIM(w, 0) != dim + 1 || (n_prev != 1 && n_prev != n) || dim > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "exit_gate: h (n, dim), gate_w (dim + 1,) and prev a scalar or (n,)");
+        goto done;
+    }
+    if ((out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_FLOAT64)) == NULL) goto done;
+    const ce_exit_head head = {.gate_w = PyArray_DATA(w), .gate_b = (float)gate_b};
+    const double *p = PyArray_DATA(prev);
+    for (npy_intp i = 0; i < n; i++)
+        ((double *)PyArray_DATA(out))[i] =
+            ce_exit_gate(&head, (int)dim, (const float *)PyArray_DATA(h) + i * dim, p[n_prev == 1 ? 0 : i]);
+done:
+    Py_XDECREF(h);
+    Py_XDECREF(w);
+    Py_XDECREF(prev);
+    return (PyObject *)out;
+}
+
 /* exit_decide(logits (vocab,), metric, threshold) -> (accept: bool, top1, conf) */
 static PyObject *core_exit_decide(PyObject *mod, PyObject *args) {
     PyObject *lo;
@@ -1301,6 +1639,8 @@ static PyMethodDef core_methods[] = {
     {"hidden_decode", core_hidden_decode, METH_VARARGS, "hidden_decode(data, n, dim, dtype) -> float32 (n, dim)"},
     {"forward_multi", core_forward_multi, METH_VARARGS,
      "forward_multi([(cache, x, pos0), ...], layer_begin, layer_end) -> outputs: sessions in one pass"},
+    {"exit_gate", core_exit_gate, METH_VARARGS,
+     "exit_gate(h (n, dim), gate_w (dim + 1,), gate_b, prev) -> float64 (n,) gate probabilities"},
     {"exit_decide", core_exit_decide, METH_VARARGS, "exit_decide(logits, metric, threshold) -> (accept, top1, conf)"},
     {"pick", (PyCFunction)(void (*)(void))core_pick, METH_VARARGS | METH_KEYWORDS,
      "pick(logits, rng, temperature=0, top_k=0, top_p=1, repetition_penalty=1, seen=None) -> the next token"},
@@ -1312,7 +1652,7 @@ static PyMethodDef core_methods[] = {
 static PyMethodDef Model_methods[] = {
     {"embed", (PyCFunction)Model_embed, METH_O, "embed(tokens) -> float32 (n, dim)"},
     {"head", (PyCFunction)(void (*)(void))Model_head, METH_VARARGS | METH_KEYWORDS,
-     "head(x, norm=None) -> logits (n, vocab): rmsnorm then LM head"},
+     "head(x, norm=None, rows=vocab, down=None, up=None) -> logits (n, rows): [x + up (down x)], rmsnorm, LM head"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1371,6 +1711,42 @@ static PyType_Slot Cache_slots[] = {
 static PyType_Spec Cache_spec = {"cecollm._core.KVCache", sizeof(CacheObject), 0,
                                  Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, Cache_slots};
 
+static PyMethodDef Edge_methods[] = {
+    {"prefill", (PyCFunction)Edge_prefill, METH_O, "prefill(ids): the prompt through every edge layer in one batch"},
+    {"step", (PyCFunction)Edge_step, METH_VARARGS,
+     "step(token, thresholds, finish_at_split) -> (logits or None, (exit_layer, confidence, layers_run, head_checks, "
+     "prechecks_skipped), segments, split_start)"},
+    {"generate", (PyCFunction)(void (*)(void))Edge_generate, METH_VARARGS | METH_KEYWORDS,
+     "generate(logits, rng, pending, n_max, end_ids, thresholds, temperature=0, top_k=0, top_p=1) -> "
+     "(tokens, decisions, ended): standalone generation's token loop in C"},
+    {"flush", (PyCFunction)Edge_flush, METH_NOARGS, "flush() -> first position finished at the split, or -1"},
+    {"rollback", (PyCFunction)Edge_rollback, METH_O, "rollback(n): forget positions n.."},
+    {"pending", (PyCFunction)Edge_pending, METH_NOARGS, "pending() -> {position: exit layer} waiting for catch-up"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Edge_getset[] = {
+    {"n_pos", (getter)Edge_get_int, NULL, "positions fed", (void *)0},
+    {"split_len", (getter)Edge_get_int, NULL, "rows of split_states that are final", (void *)1},
+    {"layer_positions", (getter)Edge_get_int, NULL, "position-layers computed so far", (void *)2},
+    {"split_states", (getter)Edge_get_split_states, NULL, "read-only (capacity, dim) hidden states at the split", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Edge_slots[] = {
+    {Py_tp_doc, "Edge(cache, heads, metric, propagate, precheck_rows=0): one sequence on an edge device; heads: "
+                "(layer, norm, down, up, gate_w, gate_b) per exit, the split's last"},
+    {Py_tp_init, Edge_init},
+    {Py_tp_dealloc, Edge_dealloc},
+    {Py_tp_traverse, Edge_traverse},
+    {Py_tp_methods, Edge_methods},
+    {Py_tp_getset, Edge_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Edge_spec = {"cecollm._core.Edge", sizeof(EdgeObject), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+                                Edge_slots};
+
 static int core_exec(PyObject *mod) {
     if (PyArray_ImportNumPyAPI() < 0) return -1;
     module_state *st = PyModule_GetState(mod);
@@ -1381,9 +1757,11 @@ static int core_exec(PyObject *mod) {
     }
     st->model_type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &Model_spec, NULL);
     st->cache_type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &Cache_spec, NULL);
+    st->edge_type = (PyTypeObject *)PyType_FromModuleAndSpec(mod, &Edge_spec, NULL);
     st->error = PyErr_NewException("cecollm._core.CoreError", PyExc_RuntimeError, NULL);
-    if (st->model_type == NULL || st->cache_type == NULL || st->error == NULL) return -1;
+    if (st->model_type == NULL || st->cache_type == NULL || st->edge_type == NULL || st->error == NULL) return -1;
     if (PyModule_AddType(mod, st->model_type) < 0 || PyModule_AddType(mod, st->cache_type) < 0 ||
+        PyModule_AddType(mod, st->edge_type) < 0 ||
         PyModule_AddObjectRef(mod, "CoreError", st->error) < 0)
         return -1;
     if (PyModule_AddIntConstant(mod, "TYPE_F32", CE_TYPE_F32) || PyModule_AddIntConstant(mod, "TYPE_F16", CE_TYPE_F16) ||
@@ -1407,6 +1785,7 @@ static int core_exec(PyObject *mod) {
         PyModule_AddIntConstant(mod, "METRIC_MAX_PROB", CE_METRIC_MAX_PROB) ||
         PyModule_AddIntConstant(mod, "METRIC_MARGIN", CE_METRIC_MARGIN) ||
         PyModule_AddIntConstant(mod, "METRIC_ENTROPY", CE_METRIC_ENTROPY) ||
+        PyModule_AddIntConstant(mod, "METRIC_GATE", CE_METRIC_GATE) ||
         PyModule_AddIntConstant(mod, "WIRE_F16", CE_WIRE_F16) || PyModule_AddIntConstant(mod, "WIRE_Q8_0", CE_WIRE_Q8_0) ||
         PyModule_AddIntConstant(mod, "WIRE_F32", CE_WIRE_F32) ||
         PyModule_AddIntConstant(mod, "WIRE_VERSION", CE_WIRE_VERSION))
@@ -1421,6 +1800,7 @@ static int core_traverse(PyObject *mod, visitproc visit, void *arg) {
     module_state *st = PyModule_GetState(mod);
     Py_VISIT(st->model_type);
     Py_VISIT(st->cache_type);
+    Py_VISIT(st->edge_type);
     Py_VISIT(st->error);
     return 0;
 }
@@ -1429,6 +1809,7 @@ static int core_clear(PyObject *mod) {
     module_state *st = PyModule_GetState(mod);
     Py_CLEAR(st->model_type);
     Py_CLEAR(st->cache_type);
+    Py_CLEAR(st->edge_type);
     Py_CLEAR(st->error);
     return 0;
 }

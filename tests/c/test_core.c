@@ -214,8 +214,9 @@ static void test_q8a(const ce_kernels *k) {
                       k->name, b, j);
     }
     /* 7 rows: a group of four and three alone; 3 blocks: a pair and one alone */
-    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0, CE_TYPE_Q5_1};
-    static const int64_t sizes[] = {32, 96, 576, COLS};
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0, CE_TYPE_Q5_1,
+                                CE_TYPE_Q4_K, CE_TYPE_Q5_K, CE_TYPE_Q6_K};
+    static const int64_t sizes[] = {32, 96, 256, 576, COLS};
     enum { ROWS = 7 };
     float *row = malloc(sizeof(float) * COLS), dots[ROWS], alone[ROWS];
     for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
@@ -223,6 +224,7 @@ static void test_q8a(const ce_kernels *k) {
         for (int j = 0; j < cols; j++) x[j] = rng_uniform();
         k->quantize_q8a(x, got, cols);
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+            if (ce_row_bytes(types[t], cols) == 0) continue; /* K-quant rows are whole super-blocks of 256 */
             void *w = random_tensor(types[t], ROWS, cols); /* random bytes: Q8_0 rows include -128 */
             ce_tensor tensor = {w, types[t], cols, ROWS};
             const size_t row_bytes = ce_row_bytes(types[t], cols);
@@ -963,6 +965,202 @@ static void test_generate(int activations) {
     tiny_free(&t);
 }
 
+/* The C edge, driven through an exact exit pattern (the thresholds of each step choose its exit): the
+ * exits' logits, the cache and the split states equal a plain pass's bit for bit, catch-up runs
+ * longer than CE_SMALL_BATCH included; flush, rollback and a full sequence behave. */
+static void test_edge_step(int activations) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_init(&t, activations);
+    const ce_model *m = &t.m;
+    enum { PROMPT = 3, N = 26, V = 50, D = 64, CAP = PROMPT + N };
+    const int32_t prompt[PROMPT] = {4, 17, 30};
+    /* exits per step: 11 at layer 1 (a catch-up run longer than CE_SMALL_BATCH), then mixed */
+    const int pattern[N] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 3, 1, 2, 2, 3, 1, 1, 3, 2, 1, 3, 3, 1, 2};
+    int32_t tokens[N];
+    for (int i = 0; i < N; i++) tokens[i] = (int32_t)(rng_u32() % V);
+    const ce_exit_head heads[3] = {{.layer = 1}, {.layer = 2}, {.layer = 3}};
+    ce_workspace ws = {0}, ws_ref = {0};
+    ce_kv_cache kv, ref;
+    ce_edge e;
+    ce_kv_cache_init(&kv, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
+    ce_kv_cache_init(&ref, &m->cfg, 0, 3, CAP, test_kv_type, err, sizeof err);
+    CHECK(ce_edge_init(&e, m, &kv, &ws, heads, 3, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err) == CE_OK, "edge: %s", err);
+    CHECK(ce_edge_prefill(&e, PROMPT, prompt, err, sizeof err) == CE_OK && e.layer_positions == PROMPT * 3, "prefill");
+    float plain[CAP * D], h[D], logits[V], expect[V];
+    tiny_forward_tokens(m, &ref, &ws_ref, prompt, PROMPT, plain);
+    int ok = 1, ok_logits = 1;
+    for (int i = 0; i < N; i++) {
+        const int p = PROMPT + i, exit_layer = pattern[i];
+        const double thresholds[3] = {exit_layer == 1 ? 0.0 : 2.0, exit_layer == 2 ? 0.0 : 2.0, 2.0};
+        ce_edge_decision d;
+        CHECK(ce_edge_step(&e, tokens[i], thresholds, 1, logits, &d, err, sizeof err) == CE_OK, "step %d: %s", i, err);
+        ok &= d.exited && d.exit_layer == exit_layer && e.n_pos == p + 1 && d.head_checks == 1;
+        /* the plain pass: the exit's logits are the head over its hidden state after exit_layer layers */
+        ce_embed(m, 1, &tokens[i], h, err, sizeof err);
+        ce_forward(m, &ref, &ws_ref, 0, exit_layer, 1, p, h, err, sizeof err);
+        ce_head(m, &ws_ref, NULL, 1, h, V, expect, err, sizeof err);
+        ce_forward(m, &ref, &ws_ref, exit_layer, 3, 1, p, h, err, sizeof err);
+        memcpy(plain + (size_t)p * D, h, sizeof h);
+        ok_logits &= memcmp(logits, expect, sizeof logits) == 0;
+        for (int l = 0; l < 3; l++) /* every layer's filled prefix is already the plain pass's */
+            for (int g = 0; g < 2; g++)
+                ok &= memcmp(ce_kv_cache_k(&kv, l, g), ce_kv_cache_k(&ref, l, g), kv_bytes(kv.len[l])) == 0 &&
+                      memcmp(ce_kv_cache_v(&kv, l, g), ce_kv_cache_v(&ref, l, g), kv_bytes(kv.len[l])) == 0;
+    }
+    CHECK(ok, "the exits follow the thresholds and every filled prefix equals the plain pass");
+    CHECK(ok_logits, "each exit's logits equal the head over the plain pass's hidden state");
+    int first;
+    CHECK(ce_edge_flush(&e, &first, err, sizeof err) == CE_OK && first >= 0 && e.split_len == CAP, "flush: %s", err);
+    CHECK(kv.len[0] == CAP && kv.len[1] == CAP && kv.len[2] == CAP, "flush completes every layer");
+    for (int l = 0; l < 3; l++)
+        for (int g = 0; g < 2; g++)
+            CHECK(memcmp(ce_kv_cache_k(&kv, l, g), ce_kv_cache_k(&ref, l, g), kv_bytes(CAP)) == 0 &&
+                      memcmp(ce_kv_cache_v(&kv, l, g), ce_kv_cache_v(&ref, l, g), kv_bytes(CAP)) == 0,
+                  "after the flush the cache equals the plain pass (layer %d head %d)", l, g);
+    CHECK(memcmp(e.split_states, plain, sizeof plain) == 0, "split states equal the plain pass's last hidden states");
+    CHECK(ce_edge_flush(&e, &first, err, sizeof err) == CE_OK && first == -1, "nothing left to flush");
+    /* a full sequence refuses another token */
+    ce_edge_decision d;
+    const double split_only[3] = {2.0, 2.0, 2.0};
+    CHECK(ce_edge_step(&e, 1, split_only, 1, logits, &d, err, sizeof err) == CE_ERANGE && strstr(err, "full"),
+          "a full sequence: %s", err);
+    /* rollback: positions PROMPT + 5.. again, all at the split: the cache is the plain pass's again */
+    ce_edge_rollback(&e, PROMPT + 5);
+    CHECK(e.n_pos == PROMPT + 5 && e.split_len == PROMPT + 5 && kv.len[2] == PROMPT + 5, "rollback");
+    for (int i = 5; i < N; i++) {
+        CHECK(ce_edge_step(&e, tokens[i], split_only, 1, logits, &d, err, sizeof err) == CE_OK && d.exit_layer == 3 &&
+                  d.segments == 1 && d.layers_run == 3,
+              "step %d after the rollback", i);
+    }
+    for (int l = 0; l < 3; l++)
+        CHECK(memcmp(ce_kv_cache_k(&kv, l, 0), ce_kv_cache_k(&ref, l, 0), kv_bytes(CAP)) == 0,
+              "re-fed positions equal the plain pass (layer %d)", l);
+    /* collaborative: no exit accepts, the split's states go to the cloud */
+    ce_edge_rollback(&e, PROMPT);
+    CHECK(ce_edge_step(&e, tokens[0], split_only, 0, logits, &d, err, sizeof err) == CE_OK && !d.exited &&
+              d.split_start == PROMPT && d.head_checks == 0 &&
+              memcmp(e.split_states + (size_t)PROMPT * D, plain + (size_t)PROMPT * D, sizeof h) == 0,
+          "collaborative step without an exit");
+    ce_edge_free(&e);
+    /* invalid configurations */
+    const ce_exit_head backwards[2] = {{.layer = 2}, {.layer = 1}};
+    ce_kv_cache short_kv;
+    ce_kv_cache_init(&short_kv, &m->cfg, 0, 1, CAP, test_kv_type, err, sizeof err);
+    CHECK(ce_edge_init(&e, m, &short_kv, &ws, backwards, 2, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err) == CE_EINVAL,
+          "exit layers must increase: %s", err);
+    CHECK(ce_edge_init(&e, m, &kv, &ws, heads, 3, CE_METRIC_GATE, 0, 0, err, sizeof err) == CE_EINVAL && strstr(err, "gate"),
+          "gates needed: %s", err);
+    CHECK(ce_edge_init(&e, m, &kv, &ws, heads, 2, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err) == CE_EINVAL,
+          "the last head must be at the cache's end: %s", err);
+    ce_kv_cache_free(&short_kv);
+    ce_kv_cache_free(&kv);
+    ce_kv_cache_free(&ref);
+    ce_workspace_free(&ws);
+    ce_workspace_free(&ws_ref);
+    tiny_free(&t);
+}
+
+/* Standalone generation's loop: with the exits disabled it is ce_generate, token for token; with exits,
+ * it is ce_edge_step + ce_pick one token at a time; an adapter head is x + up (down x) before the head. */
+static void test_edge_generate(int activations) {
+    char err[CE_ERRLEN];
+    tiny_model t;
+    tiny_init(&t, activations);
+    const ce_model *m = &t.m;
+    enum { PROMPT = 3, N = 14, V = 50, D = 64 };
+    const int32_t prompt[PROMPT] = {7, 8, 9}, no_end = -1;
+    const ce_exit_head heads[3] = {{.layer = 1}, {.layer = 2}, {.layer = 3}};
+    for (int sampled = 0; sampled <= 1; sampled++) {
+        const ce_sampler base = {sampled ? 0.8f : 0.0f, sampled ? 10 : 0, 1.0f, 1.0f, {5, 6, 7, 8}};
+        int32_t full[N], got[N], step_tokens[N];
+        ce_edge_decision dec[N];
+        float h[PROMPT * D], logits[V];
+        int n_out, ended;
+        { /* the full model's loop */
+            ce_workspace ws = {0};
+            ce_kv_cache kv;
+            ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
+            uint8_t seen[V] = {0};
+            ce_sampler s = base;
+            tiny_forward_tokens(m, &kv, &ws, prompt, PROMPT, h);
+            ce_head(m, &ws, NULL, 1, h + (PROMPT - 1) * D, V, logits, err, sizeof err);
+            ce_generate(m, &kv, &ws, &s, logits, seen, -1, PROMPT, N, &no_end, 1, 0, full, NULL, NULL, NULL, &n_out,
+                        &ended, err, sizeof err);
+            ce_kv_cache_free(&kv);
+            ce_workspace_free(&ws);
+        }
+        /* the exit at 1 at the first step's confidence there: that step certainly exits at 1, later ones may */
+        double first_conf;
+        {
+            ce_workspace ws = {0};
+            ce_kv_cache kv;
+            ce_edge e;
+            ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
+            ce_edge_init(&e, m, &kv, &ws, heads, 3, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err);
+            ce_edge_prefill(&e, PROMPT, prompt, err, sizeof err);
+            ce_head(m, &ws, NULL, 1, e.split_states + (PROMPT - 1) * D, V, logits, err, sizeof err);
+            ce_sampler s = base;
+            const double at_one[3] = {0.0, 2.0, 2.0};
+            ce_edge_generate(&e, &s, at_one, logits, -1, 2, &no_end, 1, got, dec, &n_out, &ended, err, sizeof err);
+            first_conf = dec[1].confidence;
+            ce_kv_cache_free(&kv);
+            ce_workspace_free(&ws);
+            ce_edge_free(&e);
+        }
+        for (int exits_on = 0; exits_on <= 1; exits_on++) {
+            const double thresholds[3] = {exits_on ? first_conf : 2.0, exits_on ? first_conf : 2.0, 2.0};
+            for (int per_step = 0; per_step <= 1; per_step++) {
+                ce_workspace ws = {0};
+                ce_kv_cache kv;
+                ce_edge e;
+                ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
+                ce_edge_init(&e, m, &kv, &ws, heads, 3, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err);
+                ce_edge_prefill(&e, PROMPT, prompt, err, sizeof err);
+                ce_head(m, &ws, NULL, 1, e.split_states + (PROMPT - 1) * D, V, logits, err, sizeof err);
+                ce_sampler s = base;
+                if (!per_step) {
+                    CHECK(ce_edge_generate(&e, &s, thresholds, logits, -1, N, &no_end, 1, got, dec, &n_out, &ended, err,
+                                           sizeof err) == CE_OK && n_out == N,
+                          "edge generate: %s", err);
+                    int early = 0;
+                    for (int i = 1; i < N; i++) early += dec[i].exit_layer < 3;
+                    CHECK(exits_on ? dec[1].exit_layer == 1 : early == 0, "early exits: %d of %d", early, N - 1);
+                } else { /* the reference: one step and one pick at a time */
+                    for (int i = 0; i < N; i++) {
+                        if (i > 0) ce_edge_step(&e, step_tokens[i - 1], thresholds, 1, logits, &dec[i], err, sizeof err);
+                        ce_pick(&s, logits, V, NULL, NULL, &step_tokens[i], err, sizeof err);
+                    }
+                }
+                ce_kv_cache_free(&kv);
+                ce_workspace_free(&ws);
+                ce_edge_free(&e);
+            }
+            CHECK(memcmp(got, step_tokens, sizeof got) == 0, "edge generate = step + pick (sampled %d, exits %d)", sampled,
+                  exits_on);
+            if (!exits_on) CHECK(memcmp(got, full, sizeof got) == 0, "exits disabled: the full model's tokens (sampled %d)", sampled);
+        }
+    }
+    /* an adapter head: the head over x + up (down x) */
+    ce_workspace ws = {0};
+    float x[D], adapted[D], down[2 * D], up[D * 2], scratch[D + 2], with[V], expect[V];
+    for (int j = 0; j < D; j++) x[j] = rng_uniform(), down[j] = rng_uniform(), down[D + j] = rng_uniform();
+    for (int j = 0; j < 2 * D; j++) up[j] = 0.1f * rng_uniform();
+    for (int j = 0; j < D; j++) {
+        double t0 = 0, t1 = 0;
+        for (int k = 0; k < D; k++) t0 += (double)down[k] * x[k], t1 += (double)down[D + k] * x[k];
+        adapted[j] = (float)(x[j] + up[2 * j] * t0 + up[2 * j + 1] * t1);
+    }
+    const ce_exit_head adapter = {.layer = 1, .down = down, .up = up, .rank = 2};
+    CHECK(ce_exit_logits(m, &ws, &adapter, 1, x, V, with, scratch, err, sizeof err) == CE_OK, "adapter head: %s", err);
+    ce_head(m, &ws, NULL, 1, adapted, V, expect, err, sizeof err);
+    double worst = 0;
+    for (int j = 0; j < V; j++) worst = fmax(worst, fabs((double)with[j] - expect[j]) / (1.0 + fabs((double)expect[j])));
+    CHECK(worst < 1e-3, "adapter head within %g of the double-precision adapter", worst);
+    ce_workspace_free(&ws);
+    tiny_free(&t);
+}
+
 static void test_matmul_paths(void) {
     /* fp32 activations: a batch above CE_SMALL_BATCH (matmul_f32 on dequantized tiles) agrees with
      * decode (the integer kernels where the set has them) within float rounding, and a row of a
@@ -1194,6 +1392,8 @@ int main(void) {
                 test_forward_multi(act);
                 test_batch_chunks(act);
                 test_generate(act);
+                test_edge_step(act);
+                test_edge_generate(act);
             }
         }
         test_kv_type = CE_TYPE_F32;

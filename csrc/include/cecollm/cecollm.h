@@ -127,7 +127,7 @@ typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, 
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
- * matvec_q8a is NULL for the float types and the K-quants, matvec_x16 also for Q5_0 and Q5_1: those
+ * matvec_q8a is NULL for the float types, matvec_x16 also for Q5_0, Q5_1 and the K-quants: those
  * take fp32 activations (matmul_f32). */
 typedef struct {
     const char *name;
@@ -326,6 +326,7 @@ typedef enum {
     CE_METRIC_MAX_PROB = 0, /* max_j p_j */
     CE_METRIC_MARGIN = 1,   /* p_top1 - p_top2 */
     CE_METRIC_ENTROPY = 2,  /* 1 - H(p) / ln(n): 1 for a one-hot, 0 for uniform */
+    CE_METRIC_GATE = 3,     /* an exit's trained gate (ce_exit_gate); the edge's decision only */
 } ce_metric;
 
 /* Confidence in [0, 1] of p = softmax(logits) over n entries, and its argmax in top1. */
@@ -335,6 +336,29 @@ ce_status ce_confidence(const float *logits, int n, int metric, float *conf, int
  * top1 are filled either way. A threshold above 1 never accepts. */
 ce_status ce_exit_decide(const float *logits, int n, int metric, float threshold, int *accept, float *conf, int *top1,
                          char *err, size_t errlen);
+
+/* What an exit applies to a hidden state h (dim): an optional low-rank adapter h' = h + up (down h),
+ * an RMSNorm with its own weights (or the model's final norm), then the model's shared LM head; and
+ * optionally a gate predicting from h alone whether this exit's top-1 is the full model's. */
+typedef struct {
+    int layer;            /* layers run before the exit: it reads the hidden state leaving layer-1 */
+    const float *norm;    /* (dim) RMSNorm weights, or NULL: the model's final norm */
+    const float *down;    /* (rank, dim), with up (dim, rank); NULL: no adapter */
+    const float *up;
+    int rank;
+    const float *gate_w;  /* (dim + 1), or NULL: no gate */
+    float gate_b;
+} ce_exit_head;
+
+/* Logits (n, rows) of the exit head over x (n, dim), for the first `rows` vocabulary entries.
+ * scratch: n * dim + rank floats when the head has an adapter (else unused; may be NULL). */
+ce_status ce_exit_logits(const ce_model *m, ce_workspace *ws, const ce_exit_head *h, int n, const float *x, int rows,
+                         float *logits, float *scratch, char *err, size_t errlen);
+
+/* The gate's probability for one hidden state x (dim), in double precision:
+ * sigmoid(gate_w[:dim] · x / sqrt(mean(x²) + 1e-6) + gate_w[dim] · prev + gate_b), prev being the
+ * previous exit's gate probability (0 at the first exit). */
+double ce_exit_gate(const ce_exit_head *h, int dim, const float *x, double prev);
 
 /* ---- generation (decode.c) ------------------------------------------------------------------ */
 
@@ -368,6 +392,78 @@ ce_status ce_generate(const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, ce_s
                       uint8_t *seen, int32_t pending, int pos, int n_max, const int32_t *end_ids, int n_end, int n_top,
                       int32_t *out, float *logprob, int32_t *top_ids, float *top_lp, int *n_out, int *ended, char *err,
                       size_t errlen);
+
+/* ---- the edge device (edge.c) --------------------------------------------------------------- */
+
+/* One sequence on an edge device: layers [0, split) of kv with early exits. A token that exits at
+ * layer e has no keys/values yet in layers [e, split); they are computed with a later token's pass
+ * ("catch-up": the waiting positions ride along in its batch, at most CE_SMALL_BATCH positions per
+ * forward call, so the cache ends up bit for bit as a plain pass leaves it) or at once from the
+ * exit's hidden state ("propagate", approximate, as CALM). The state lives in buffers indexed by
+ * position. Set the configuration with ce_edge_init; the rest is the state. */
+typedef struct {
+    const ce_model *m;
+    ce_kv_cache *kv;            /* layers [0, split) */
+    ce_workspace *ws;
+    const ce_exit_head *heads;  /* n_heads exits by layer; the last is the split's own head */
+    int n_heads;
+    int metric;                 /* CE_METRIC_*, or CE_METRIC_GATE: the gates decide, max_prob reports */
+    int propagate;              /* 0: catch-up, 1: propagate */
+    int precheck_rows;          /* > 0: an exit first bounds its confidence on this many leading rows */
+    int n_pos;                  /* positions fed */
+    int split_len;              /* split_states rows [0, split_len) are final */
+    int64_t layer_positions;    /* position-layers computed: prompt, catch-up and rolled-back drafts included */
+    int32_t *pending;           /* (capacity) the exit layer a position waits at for catch-up, or -1 */
+    float *pending_hidden;      /* (capacity, dim) its hidden state entering that layer */
+    float *split_states;        /* (capacity, dim) hidden states leaving layer split-1 (for the cloud) */
+    float *rows;                /* (capacity, dim) a step's batch: row q holds position q */
+    float *scratch;             /* dim + largest rank + precheck_rows floats */
+} ce_edge;
+
+/* What one step decided. */
+typedef struct {
+    int exited;            /* 1: logits are the exit's; 0: no exit accepted up to the split (the cloud decides) */
+    int exit_layer;        /* where the token was decided, or the split when it was not */
+    float confidence;      /* at that exit, in the metric (the gate's probability for gates) */
+    int layers_run;        /* position-layers computed in the step, catch-up included */
+    int head_checks;       /* full LM-head evaluations */
+    int prechecks_skipped; /* exits skipped by the candidate pre-check */
+    int segments;          /* forward calls (one per stop: exits that can accept, catch-up joins, the split) */
+    int split_start;       /* positions [split_start, n_pos) reached the split in this step, or -1 */
+} ce_edge_decision;
+
+/* heads: n_heads >= 1 exits by increasing layer in [1, split], the last at kv->layer_end (the split);
+ * kv must start at layer 0. The edge keeps pointers to m, kv, ws and heads. */
+ce_status ce_edge_init(ce_edge *e, const ce_model *m, ce_kv_cache *kv, ce_workspace *ws, const ce_exit_head *heads,
+                       int n_heads, int metric, int propagate, int precheck_rows, char *err, size_t errlen);
+void ce_edge_free(ce_edge *e);
+
+/* The prompt (n tokens) through every edge layer in one batch; its split states become rows [0, n). */
+ce_status ce_edge_prefill(ce_edge *e, int n, const int32_t *ids, char *err, size_t errlen);
+
+/* Runs `token` at position n_pos up the edge layers until an exit accepts it. It stops at the exits
+ * whose threshold (thresholds[i] for heads[i]; above 1: cannot accept) allows, at the layers where
+ * waiting positions join, and at the split. At the split the token is finished there when
+ * finish_at_split (standalone: its head always accepts); otherwise the split's exit accepts at its
+ * threshold (never with gates) or the decision says not exited, for the cloud. logits: vocab floats,
+ * the exit's when d->exited. */
+ce_status ce_edge_step(ce_edge *e, int32_t token, const double *thresholds, int finish_at_split, float *logits,
+                       ce_edge_decision *d, char *err, size_t errlen);
+
+/* Completes every waiting catch-up now, without a new token. *first: the first position whose split
+ * state it finished (rows [*first, n_pos)), or -1 when nothing was waiting. */
+ce_status ce_edge_flush(ce_edge *e, int *first, char *err, size_t errlen);
+
+/* Forgets positions n.. (rejected drafts): their keys/values, waiting catch-up and split states. */
+void ce_edge_rollback(ce_edge *e, int n);
+
+/* Standalone generation's token loop (ce_generate's shape): up to n_max steps; each first feeds
+ * `pending` (when >= 0) through ce_edge_step into logits and decisions[i] (decisions[i].exit_layer is
+ * -1 when nothing was fed), then picks a token (no repetition penalty) and stops without storing it
+ * at an end id (*ended = 1); else stores it in out, and it is the next pending token. */
+ce_status ce_edge_generate(ce_edge *e, ce_sampler *s, const double *thresholds, float *logits, int32_t pending,
+                           int n_max, const int32_t *end_ids, int n_end, int32_t *out, ce_edge_decision *decisions,
+                           int *n_out, int *ended, char *err, size_t errlen);
 
 /* ---- element-wise operations (ops.c) -------------------------------------------------------- */
 
