@@ -410,10 +410,15 @@ TARGET static inline void pair_epi16(const uint8_t *a, const uint8_t *b, int kin
         w[1] = _mm256_srai_epi16(_mm256_unpackhi_epi8(v0, v0), 8);
         w[2] = _mm256_srai_epi16(_mm256_unpacklo_epi8(v1, v1), 8);
         w[3] = _mm256_srai_epi16(_mm256_unpackhi_epi8(v1, v1), 8);
-    } else { /* nibbles: low ones are elements 0-15, high ones 16-31 */
+    } else { /* nibbles: low ones are elements 0-15, high ones 16-31; Q5's fifth bits as in q4_q8a_rows */
         const __m256i low4 = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
         const __m256i raw = _mm256_loadu2_m128i((const __m128i *)(b + qs), (const __m128i *)(a + qs));
-        const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        if (kind == Q5_0 || kind == Q5_1) {
+            const __m256i qh = _mm256_setr_epi32((int32_t)block_qh(a, kind), 0, 0, 0, (int32_t)block_qh(b, kind), 0, 0, 0);
+            lo = _mm256_or_si256(lo, fifth_bits(qh, 0, 0));
+            hi = _mm256_or_si256(hi, fifth_bits(qh, 2, 2));
+        }
         w[0] = _mm256_unpacklo_epi8(lo, zero);
         w[1] = _mm256_unpackhi_epi8(lo, zero);
         w[2] = _mm256_unpacklo_epi8(hi, zero);
@@ -474,10 +479,13 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
             if (kind == Q8_0) {
                 w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + qs)));
                 w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + qs + 16)));
-            } else {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(a + qs)), low4 = _mm_set1_epi8(0x0f);
-                w0 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
-                w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+            } else { /* lane 0: elements 0-15 (qh bits 0-15), lane 1: 16-31 */
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(a + qs));
+                __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+                if (kind == Q5_0 || kind == Q5_1)
+                    q = _mm256_or_si256(q, fifth_bits(_mm256_set1_epi32((int32_t)block_qh(a, kind)), 0, 2));
+                w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+                w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
             }
             const __m256i s_hi =
                 _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
@@ -504,6 +512,103 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
 MATVEC_X16(q4_0, Q4_0)
 MATVEC_X16(q4_1, Q4_1)
 MATVEC_X16(q8_0, Q8_0)
+MATVEC_X16(q5_0, Q5_0)
+MATVEC_X16(q5_1, Q5_1)
+
+/* Σ_j w_j (hi_j + lo_j / 65534) of one activation block, w the block's 32 weights as int16 (w0:
+ * elements 0-15, w1: 16-31), in eight float lanes: exact int32 sums of w × hi and w × lo (|w| <= 4096,
+ * two products per madd lane and two madds per sum: below 2^31), then one float combination. */
+TARGET static inline __m256 x16_block_dot(__m256i w0, __m256i w1, const ce_block_x16 *x) {
+    const __m256i *hi = (const __m256i *)x->hi, *lo = (const __m256i *)x->lo;
+    const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
+    const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), _mm256_set1_ps(1.0f / 65534.0f), _mm256_cvtepi32_ps(s_hi));
+}
+
+/* n_rows rows of Q4_K / Q5_K (q5) · fixed-point activations: Σ_sub-blocks s (d scale_s) d_x dot_s -
+ * (dmin min_s) Σx_s, with dot_s = Σ_j q_j (hi_j + lo_j / 65534) over the activation block of s; the
+ * quants as in k_q8a_rows. Each row is summed alone. */
+TARGET static inline __attribute__((always_inline)) void k_x16_rows(const uint8_t *w, size_t row_bytes, int n_rows,
+                                                                     int q5, const ce_block_x16 *x, int64_t superblocks,
+                                                                     float *y) {
+    const size_t bb = q5 ? sizeof(ce_block_q5_k) : sizeof(ce_block_q4_k);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256 acc[GROUP_ROWS];
+    float off[GROUP_ROWS];
+    for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
+    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
+        for (int r = 0; r < n_rows; r++) {
+            const ce_block_q5_k *k5 = (const ce_block_q5_k *)(w + r * row_bytes + i * bb);
+            const ce_block_q4_k *k4 = (const ce_block_q4_k *)k5;
+            const uint8_t *qs = q5 ? k5->qs : k4->qs;
+            const float d = half(k4->d), dmin = half(k4->dmin);
+            const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)k5->qh) : _mm256_setzero_si256();
+            for (int sub = 0; sub < 8; sub++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (sub / 2)));
+                __m256i q = _mm256_and_si256(sub % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
+                if (q5) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), one), 4));
+                int scale, min;
+                ce_k_scale_min(k4->scales, sub, &scale, &min);
+                const __m256 dot = x16_block_dot(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                                 _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), &x[sub]);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)scale * x[sub].d), dot, acc[r]);
+                off[r] += dmin * (float)min * x[sub].sum;
+            }
+        }
+    }
+    for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]) - off[r];
+}
+
+/* n_rows rows of Q6_K · fixed-point activations: Σ_blocks d d_x Σ_j (scale_j (q_j - 32)) (hi_j + lo_j /
+ * 65534), the scaled quants (|.| <= 4096) as int16; the quants as in q6_k_q8a_rows. */
+TARGET static inline __attribute__((always_inline)) void q6_k_x16_rows(const uint8_t *w, size_t row_bytes, int n_rows,
+                                                                        const ce_block_x16 *x, int64_t superblocks,
+                                                                        float *y) {
+    const size_t bb = sizeof(ce_block_q6_k);
+    const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    __m256 acc[GROUP_ROWS];
+    for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
+        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
+        for (int r = 0; r < n_rows; r++) {
+            const ce_block_q6_k *b = (const ce_block_q6_k *)(w + r * row_bytes + i * bb);
+            const float d = half(b->d);
+            for (int h = 0; h < 2; h++) {
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+                for (int g = 0; g < 4; g++) {
+                    const ce_block_x16 *xb = &x[4 * h + g];
+                    const __m256i low = g < 2 ? _mm256_and_si256(g ? ql1 : ql0, low4)
+                                              : _mm256_and_si256(_mm256_srli_epi16(g == 3 ? ql1 : ql0, 4), low4);
+                    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), three), 4);
+                    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), bias); /* q - 32 */
+                    const int8_t *sc = b->scales + 8 * h + 2 * g;
+                    const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_set1_epi16(sc[0]));
+                    const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)), _mm256_set1_epi16(sc[1]));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), x16_block_dot(w0, w1, xb), acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]);
+}
+
+#define MATVEC_K_X16(name, call)                                                                                \
+    TARGET static void matvec_##name##_x16_avx2(const void *w, size_t row_bytes, int64_t rows, const ce_block_x16 *x, \
+                                                int64_t cols, float *y) {                                       \
+        const uint8_t *wr = w;                                                                                  \
+        int64_t r = 0;                                                                                          \
+        for (; r + GROUP_ROWS <= rows; r += GROUP_ROWS) call(wr + r * row_bytes, GROUP_ROWS, y + r);           \
+        for (; r < rows; r++) call(wr + r * row_bytes, 1, y + r);                                               \
+    }
+#define Q4_K_X16(wr, n, yr) k_x16_rows(wr, row_bytes, n, 0, x, cols / CE_QK_K, yr)
+#define Q5_K_X16(wr, n, yr) k_x16_rows(wr, row_bytes, n, 1, x, cols / CE_QK_K, yr)
+#define Q6_K_X16(wr, n, yr) q6_k_x16_rows(wr, row_bytes, n, x, cols / CE_QK_K, yr)
+MATVEC_K_X16(q4_k, Q4_K_X16)
+MATVEC_K_X16(q5_k, Q5_K_X16)
+MATVEC_K_X16(q6_k, Q6_K_X16)
 
 /* ---- fp32 activations on dequantized weights ---- */
 
@@ -756,6 +861,11 @@ static const ce_kernels kernels_avx2 = {
             [CE_TYPE_Q4_0] = matvec_q4_0_x16_avx2,
             [CE_TYPE_Q4_1] = matvec_q4_1_x16_avx2,
             [CE_TYPE_Q8_0] = matvec_q8_0_x16_avx2,
+            [CE_TYPE_Q5_0] = matvec_q5_0_x16_avx2,
+            [CE_TYPE_Q5_1] = matvec_q5_1_x16_avx2,
+            [CE_TYPE_Q4_K] = matvec_q4_k_x16_avx2,
+            [CE_TYPE_Q5_K] = matvec_q5_k_x16_avx2,
+            [CE_TYPE_Q6_K] = matvec_q6_k_x16_avx2,
         },
     .quantize_q8a = quantize_q8a_avx2,
     .matvec_q8a =

@@ -456,13 +456,15 @@ static void test_x16(const ce_kernels *k) {
         CHECK(fabs(b[i].sum - sum) <= 1e-6 * (fabs(sum) + amax), "%s x16 block %d sum", k->name, i);
     }
     /* 7 rows: a group of four and three alone; the first 96 columns (3 blocks) and all of them */
-    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0};
-    static const int64_t sizes[] = {96, COLS};
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0,
+                                CE_TYPE_Q5_1, CE_TYPE_Q4_K, CE_TYPE_Q5_K, CE_TYPE_Q6_K};
+    static const int64_t sizes[] = {96, 512, COLS};
     enum { ROWS = 7 };
     float *row = malloc(sizeof(float) * COLS), dots[ROWS], alone[ROWS];
     for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
         const int64_t cols = sizes[c];
         for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+            if (ce_row_bytes(types[t], cols) == 0) continue; /* K-quant rows are whole super-blocks of 256 */
             void *w = random_tensor(types[t], ROWS, cols);
             ce_tensor tensor = {w, types[t], cols, ROWS};
             const size_t row_bytes = ce_row_bytes(types[t], cols);

@@ -127,8 +127,8 @@ typedef void (*ce_matvec_x16_fn)(const void *w, size_t row_bytes, int64_t rows, 
 
 /* The kernel table: one entry per weight type. The scalar _generic kernels are the specification;
  * ce_kernels_select() installs the fastest set this CPU supports (the one dispatch point).
- * matvec_q8a is NULL for the float types, matvec_x16 also for Q5_0, Q5_1 and the K-quants: those
- * take fp32 activations (matmul_f32). */
+ * matvec_q8a and matvec_x16 are NULL for the float types, and matvec_x16 in the generic set (its
+ * fp32-accuracy specification is matmul_f32): those take fp32 activations (matmul_f32). */
 typedef struct {
     const char *name;
     ce_matmul_f32_fn matmul_f32; /* every weight type (the type is its first argument) */
