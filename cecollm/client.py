@@ -84,21 +84,23 @@ class TcpLink:
     def request(self, message: dict, want_reply: bool) -> Future | None:
         """Queues a message; returns a Future of its reply when want_reply."""
         future = Future() if want_reply else None
+        frame = _core.wire_encode(message)  # now: the message's hidden states as they are at the request
         with self.lock:
             if not self.alive:
                 raise ConnectionError("the link is down")
             if future is not None:
                 self.futures[message["seq"]] = future
-        self.outbox.put(message)
+        self.outbox.put(frame)
         return future
 
     def _sender(self) -> None:
         while True:
-            message = self.outbox.get()
-            if message is None:
+            frame = self.outbox.get()
+            if frame is None:
                 return
             try:
-                self.bytes_sent += send_message(self.sock, message)
+                self.sock.sendall(frame)
+                self.bytes_sent += len(frame)
             except OSError as exc:
                 self._fail(exc)
                 return
@@ -308,9 +310,10 @@ class CollabSession:
         self.known = max(self.known, start + len(hidden))
 
     def _message(self, kind: Msg, start: int, end: int) -> dict:
-        data = _core.hidden_encode(self.split_hidden[start:end], self.dtype)
+        """A request carrying positions [start, end); the link encodes the states into its frame (one
+        C call: wire_encode takes the array) when the request is made."""
         return {"type": kind, "seq": self._next_seq(), "sid": self.sid, "pos": start, "n": end - start,
-                "dim": self.dim, "dtype": self.dtype, "data": data}  # fmt: skip
+                "dim": self.dim, "dtype": self.dtype, "data": self.split_hidden[start:end]}  # fmt: skip
 
     def upload_gap(self, end: int) -> None:
         """Queues uploads of [held, end) (not waited for), in frames of at most MAX_UPLOAD_POSITIONS."""

@@ -363,9 +363,10 @@ class Handler:
             raise CloudError(Code.MISMATCH, f"unknown wire dtype {hello['dtype']}")
 
     def handle(self, body: bytes, owner: str | None = None) -> bytes:
-        """One request frame body -> the reply frame (length prefix included)."""
+        """One request frame body -> the reply frame (length prefix included). A request's hidden
+        states come out of the frame as float32 (n, dim) in the same C call (wire_decode's hidden)."""
         try:
-            request = _core.wire_decode(body, MAX_BODY)
+            request = _core.wire_decode(body, MAX_BODY, True)
         except ValueError as exc:
             self._count("errors")
             return _core.wire_encode({"type": Msg.ERROR, "code": Code.BAD_FRAME, "msg": str(exc)[:200]})
@@ -395,7 +396,7 @@ class Handler:
             if exc.code == Code.BUSY:
                 log.warning("limit reached (%s): %s", owner or "in process", exc)
             return {"type": Msg.ERROR, "code": exc.code, "msg": str(exc)[:200], "seq": seq}
-        except (ValueError, IndexError) as exc:  # e.g. a payload that decodes to non-finite values
+        except (ValueError, IndexError) as exc:
             self._count("errors")
             return {"type": Msg.ERROR, "code": Code.BAD_REQUEST, "msg": str(exc)[:200], "seq": seq}
 
@@ -409,7 +410,9 @@ class Handler:
             raise CloudError(Code.BAD_REQUEST, f"hidden size {req['dim']}, the model's is {self.cloud.dim}")
         if req["n"] > self.max_positions:
             raise CloudError(Code.BAD_REQUEST, f"{req['n']} positions in one request; at most {self.max_positions}")
-        hidden = _core.hidden_decode(req["data"], req["n"], req["dim"], req["dtype"])
+        hidden = req.get("data")
+        if not isinstance(hidden, np.ndarray):
+            raise CloudError(Code.BAD_REQUEST, "the request carries no hidden states (data with n, dim and dtype)")
         if kind == Msg.UPLOAD:
             held = self.cloud.upload(session, req["pos"], hidden)
             return {"type": Msg.REPLY, "code": Code.OK, "seq": seq, "pos": held}

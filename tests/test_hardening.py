@@ -289,6 +289,25 @@ def test_in_process_link_runs_the_servers_handler(model, cloud):
     assert wrong["code"] == Code.BAD_REQUEST and "hidden size" in wrong["msg"]
 
 
+def test_hidden_states_cross_the_codec_once_each_way(rng):
+    """The edge's array goes into its frame in one call (the same bytes as encoding the payload apart),
+    the cloud's frame comes out as float32 (n, dim) in one call, non-finite states refused there."""
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for dtype in (_core.WIRE_F32, _core.WIRE_F16, _core.WIRE_Q8_0):
+        message = {"type": Msg.UPLOAD, "seq": 5, "sid": b"s" * 16, "pos": 4, "n": 3, "dim": 64, "dtype": dtype}
+        frame = _core.wire_encode({**message, "data": x})
+        assert frame == _core.wire_encode({**message, "data": _core.hidden_encode(x, dtype)})
+        decoded = _core.wire_decode(frame[4:], 1 << 20, True)["data"]
+        assert decoded.dtype == np.float32 and decoded.shape == (3, 64)
+        np.testing.assert_array_equal(decoded, _core.hidden_decode(_core.hidden_encode(x, dtype), 3, 64, dtype))
+        assert isinstance(_core.wire_decode(frame[4:], 1 << 20)["data"], bytes), "without hidden: the raw payload"
+    nan = {**message, "dtype": _core.WIRE_F32, "data": np.full((3, 64), np.nan, np.float32).tobytes()}
+    with pytest.raises(ValueError, match="not finite"):
+        _core.wire_decode(_core.wire_encode(nan)[4:], 1 << 20, True)
+    with pytest.raises(ValueError, match="matching n, dim"):
+        _core.wire_encode({**message, "n": 2, "data": x})
+
+
 def test_error_codes_come_from_c():
     assert [c.value for c in Code] == [getattr(_core, f"CODE_{c.name}") for c in Code]
 

@@ -1284,6 +1284,7 @@ static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
     if (!PyDict_Check(dict)) return PyErr_Format(PyExc_TypeError, "wire_encode takes a dict");
     ce_msg m;
     memset(&m, 0, sizeof m);
+    PyObject *hidden = NULL; /* "data" given as float32 (n, dim) hidden states */
     PyObject *t = PyDict_GetItemString(dict, "type");
     if (t == NULL) return PyErr_Format(PyExc_ValueError, "message has no 'type'");
     m.type = (int)PyLong_AsLong(t);
@@ -1299,6 +1300,10 @@ static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
             if (strcmp(WIRE_FIELDS[i].key, k) == 0) f = &WIRE_FIELDS[i];
         if (f == NULL) return PyErr_Format(PyExc_ValueError, "unknown message field '%s'", k);
         m.fields |= f->bit;
+        if (f->bit == CE_F_DATA && PyArray_Check(val)) { /* hidden states: encoded below, once dtype is known */
+            hidden = val;
+            continue;
+        }
         if (f->kind == 'b') {
             char *p;
             Py_ssize_t n;
@@ -1354,21 +1359,60 @@ static PyObject *core_wire_encode(PyObject *mod, PyObject *dict) {
         }
         if (PyErr_Occurred()) return NULL;
     }
-    uint8_t *out = NULL;
+    uint8_t *out = NULL, *payload = NULL;
     size_t out_len = 0;
     char err[CE_ERRLEN] = "";
-    ce_status st = ce_wire_encode(&m, &out, &out_len, err, sizeof err);
+    ce_status st = CE_OK;
+    if (hidden != NULL) { /* the payload straight from the array, in the message's wire dtype */
+        PyArrayObject *x = (PyArrayObject *)PyArray_FROMANY(hidden, NPY_FLOAT32, 2, 2, NPY_ARRAY_IN_ARRAY);
+        if (x == NULL) return NULL;
+        const int64_t n = PyArray_DIM(x, 0), dim = PyArray_DIM(x, 1);
+        if (!(m.fields & CE_F_DTYPE) || ((m.fields & CE_F_N) && m.n != n) || ((m.fields & CE_F_DIM) && m.dim != dim)) {
+            Py_DECREF(x);
+            return PyErr_Format(PyExc_ValueError, "hidden states of shape (%lld, %lld) need a dtype and matching n, dim",
+                                (long long)n, (long long)dim);
+        }
+        m.data_len = ce_wire_hidden_bytes(m.dtype, n, dim);
+        if (m.data_len == 0 || (payload = malloc(m.data_len)) == NULL) {
+            Py_DECREF(x);
+            return m.data_len == 0 ? PyErr_Format(PyExc_ValueError, "hidden states of shape (%lld, %lld) in wire dtype %d",
+                                                  (long long)n, (long long)dim, m.dtype)
+                                   : PyErr_NoMemory();
+        }
+        st = ce_wire_hidden_encode(m.dtype, PyArray_DATA(x), n, dim, payload, err, sizeof err);
+        Py_DECREF(x);
+        m.data = payload;
+    }
+    if (st == CE_OK) st = ce_wire_encode(&m, &out, &out_len, err, sizeof err);
+    free(payload);
     if (st != CE_OK) return raise_status(((module_state *)PyModule_GetState(mod))->error, st, err);
     PyObject *bytes = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)out_len);
     free(out);
     return bytes;
 }
 
-/* wire_decode(body: bytes, max_data) -> dict; ValueError on any frame outside the schema */
+/* The message's payload as float32 (n, dim) hidden states (its size against n, dim and dtype was
+ * checked by the schema); NULL with ValueError when a state is not finite */
+static PyObject *hidden_array(const ce_msg *m) {
+    npy_intp dims[2] = {m->n, m->dim};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out == NULL) return NULL;
+    char err[CE_ERRLEN] = "";
+    ce_status st = ce_wire_hidden_decode(m->dtype, m->data, m->data_len, m->n, m->dim, PyArray_DATA(out), err, sizeof err);
+    if (st != CE_OK) {
+        Py_DECREF(out);
+        return raise_status(PyExc_ValueError, st, err);
+    }
+    return (PyObject *)out;
+}
+
+/* wire_decode(body: bytes, max_data, hidden=False) -> dict; ValueError on any frame outside the schema.
+ * With hidden, a payload that comes with n, dim and dtype is decoded straight into float32 (n, dim). */
 static PyObject *core_wire_decode(PyObject *mod, PyObject *args) {
     Py_buffer body;
     Py_ssize_t max_data;
-    if (!PyArg_ParseTuple(args, "y*n", &body, &max_data)) return NULL;
+    int hidden = 0;
+    if (!PyArg_ParseTuple(args, "y*n|p", &body, &max_data, &hidden)) return NULL;
     ce_msg m;
     char err[CE_ERRLEN] = "";
     ce_status st;
@@ -1390,7 +1434,11 @@ static PyObject *core_wire_decode(PyObject *mod, PyObject *args) {
         case CE_F_N: v = PyLong_FromLong(m.n); break;
         case CE_F_DIM: v = PyLong_FromLong(m.dim); break;
         case CE_F_DTYPE: v = PyLong_FromLong(m.dtype); break;
-        case CE_F_DATA: v = PyBytes_FromStringAndSize((const char *)m.data, (Py_ssize_t)m.data_len); break;
+        case CE_F_DATA:
+            v = hidden && (m.fields & CE_F_N) && (m.fields & CE_F_DIM) && (m.fields & CE_F_DTYPE)
+                    ? hidden_array(&m)
+                    : PyBytes_FromStringAndSize((const char *)m.data, (Py_ssize_t)m.data_len);
+            break;
         case CE_F_TOKEN: v = PyLong_FromLong(m.token); break;
         case CE_F_CONF: v = PyFloat_FromDouble(m.conf); break;
         case CE_F_CODE: v = PyLong_FromLong(m.code); break;
@@ -1632,8 +1680,10 @@ static PyMethodDef core_methods[] = {
     {"rope", core_rope, METH_VARARGS, "rope(x, pos, theta, style) -> heads of x rotated for pos"},
     {"confidence", core_confidence, METH_VARARGS,
      "confidence(logits, metric) -> (conf, top1) per row; metric METRIC_MAX_PROB, METRIC_MARGIN or METRIC_ENTROPY"},
-    {"wire_encode", core_wire_encode, METH_O, "wire_encode(message: dict) -> frame bytes (length prefix included)"},
-    {"wire_decode", core_wire_decode, METH_VARARGS, "wire_decode(body: bytes, max_data) -> message dict"},
+    {"wire_encode", core_wire_encode, METH_O,
+     "wire_encode(message: dict) -> frame bytes (length prefix included); data: bytes, or float32 (n, dim) hidden states"},
+    {"wire_decode", core_wire_decode, METH_VARARGS,
+     "wire_decode(body: bytes, max_data, hidden=False) -> message dict (hidden: payloads as float32 (n, dim))"},
     {"frame_length", core_frame_length, METH_VARARGS, "frame_length(header, max_body) -> body length"},
     {"hidden_encode", core_hidden_encode, METH_VARARGS, "hidden_encode(x, dtype) -> payload bytes"},
     {"hidden_decode", core_hidden_decode, METH_VARARGS, "hidden_decode(data, n, dim, dtype) -> float32 (n, dim)"},
