@@ -262,109 +262,26 @@ TARGET static inline __attribute__((always_inline)) void q8_0_q8a_rows(const uin
     store_rows(acc, off, n_rows, 0.0f, y);
 }
 
-#define MATVEC_Q8A(name, call)                                                                               \
-    TARGET static void matvec_##name##_q8a_avx2(const void *w, size_t row_bytes, int64_t rows, const ce_block_q8a *x, \
-                                                int64_t cols, float *y) {                                    \
-        const uint8_t *wr = w;                                                                               \
-        int64_t r = 0;                                                                                       \
-        for (; r + GROUP_ROWS <= rows; r += GROUP_ROWS) call(wr + r * row_bytes, GROUP_ROWS, y + r);         \
-        for (; r < rows; r++) call(wr + r * row_bytes, 1, y + r);                                            \
+/* matvec_<name>_<act>_avx2: the rows in groups of GROUP_ROWS, the rest one at a time, through call
+ * (a macro of the group's first row, its row count and its outputs; row_bytes, x and cols in scope) */
+#define MATVEC(name, act_type, call)                                                                            \
+    TARGET static void matvec_##name##_##act_type##_avx2(const void *w, size_t row_bytes, int64_t rows,         \
+                                                         const ce_block_##act_type *x, int64_t cols, float *y) { \
+        const uint8_t *wr = w;                                                                                  \
+        int64_t r = 0;                                                                                          \
+        for (; r + GROUP_ROWS <= rows; r += GROUP_ROWS) call(wr + r * row_bytes, GROUP_ROWS, y + r);           \
+        for (; r < rows; r++) call(wr + r * row_bytes, 1, y + r);                                               \
     }
 #define Q4_0_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q4_0, x, cols / CE_QK, yr)
 #define Q4_1_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q4_1, x, cols / CE_QK, yr)
 #define Q8_0_ROWS(wr, n, yr) q8_0_q8a_rows(wr, row_bytes, n, x, cols / CE_QK, yr)
 #define Q5_0_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q5_0, x, cols / CE_QK, yr)
 #define Q5_1_ROWS(wr, n, yr) q4_q8a_rows(wr, row_bytes, n, Q5_1, x, cols / CE_QK, yr)
-MATVEC_Q8A(q4_0, Q4_0_ROWS)
-MATVEC_Q8A(q4_1, Q4_1_ROWS)
-MATVEC_Q8A(q8_0, Q8_0_ROWS)
-MATVEC_Q8A(q5_0, Q5_0_ROWS)
-MATVEC_Q8A(q5_1, Q5_1_ROWS)
-
-/* n_rows rows of Q4_K / Q5_K (q5) · 8-bit activations, as vec_dot_k_q8a_generic: per sub-block s (one
- * activation block) the exact int32 sums of q × y in eight lanes, scaled by d scale_s d_x; the
- * minimums' term dmin min_s s_x apart. A 32-byte load of qs holds sub-blocks 2k (low nibbles) and
- * 2k + 1 (high); Q5_K's fifth bits are bit s of the 32 bytes of qh. Each row is summed alone. */
-TARGET static inline __attribute__((always_inline)) void k_q8a_rows(const uint8_t *w, size_t row_bytes, int n_rows,
-                                                                     int q5, const ce_block_q8a *x, int64_t superblocks,
-                                                                     float *y) {
-    const size_t bb = q5 ? sizeof(ce_block_q5_k) : sizeof(ce_block_q4_k);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    __m256 acc[GROUP_ROWS];
-    float off[GROUP_ROWS];
-    for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
-    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
-        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
-        for (int r = 0; r < n_rows; r++) {
-            const ce_block_q5_k *k5 = (const ce_block_q5_k *)(w + r * row_bytes + i * bb);
-            const ce_block_q4_k *k4 = (const ce_block_q4_k *)k5;
-            const uint8_t *qs = q5 ? k5->qs : k4->qs;
-            const float d = half(k4->d), dmin = half(k4->dmin);
-            const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)k5->qh) : _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * k));
-                __m256i q[2] = {_mm256_and_si256(raw, low4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4)};
-                for (int h = 0; h < 2; h++) {
-                    const int sub = 2 * k + h;
-                    if (q5) /* bit sub of each qh byte, moved to bit 4 */
-                        q[h] = _mm256_or_si256(q[h], _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), one), 4));
-                    int scale, min;
-                    ce_k_scale_min(k4->scales, sub, &scale, &min);
-                    const __m256i dot = dot_u8_i8(q[h], _mm256_loadu_si256((const __m256i *)x[sub].qs));
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)scale * x[sub].d), _mm256_cvtepi32_ps(dot), acc[r]);
-                    off[r] += dmin * (float)min * x[sub].s;
-                }
-            }
-        }
-    }
-    for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]) - off[r];
-}
-
-/* n_rows rows of Q6_K · 8-bit activations, as vec_dot_q6_k_q8a_generic: per activation block the 32
- * quants q (0-63) from ql's nibbles and qh's bit pairs; maddubs(q, y) - maddubs(32, y) gives int16
- * pair sums of (q - 32) y (|.| <= 8128), lanes 0-7 the first sub-block of 16 and 8-15 the second, and
- * one madd by their scales the block's int32 sums. Each row is summed alone. */
-TARGET static inline __attribute__((always_inline)) void q6_k_q8a_rows(const uint8_t *w, size_t row_bytes, int n_rows,
-                                                                        const ce_block_q8a *x, int64_t superblocks,
-                                                                        float *y) {
-    const size_t bb = sizeof(ce_block_q6_k);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
-    __m256 acc[GROUP_ROWS];
-    for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
-        prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
-        for (int r = 0; r < n_rows; r++) {
-            const ce_block_q6_k *b = (const ce_block_q6_k *)(w + r * row_bytes + i * bb);
-            const float d = half(b->d);
-            for (int h = 0; h < 2; h++) {
-                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
-                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
-                const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
-                for (int g = 0; g < 4; g++) {
-                    const ce_block_q8a *xb = &x[4 * h + g];
-                    const __m256i low = g < 2 ? _mm256_and_si256(g ? ql1 : ql0, low4)
-                                              : _mm256_and_si256(_mm256_srli_epi16(g == 3 ? ql1 : ql0, 4), low4);
-                    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), three), 4);
-                    const __m256i y8 = _mm256_loadu_si256((const __m256i *)xb->qs);
-                    const __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_or_si256(low, high), y8),
-                                                           _mm256_maddubs_epi16(bias, y8));
-                    const int8_t *sc = b->scales + 8 * h + 2 * g;
-                    const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
-                    const __m256i isum = _mm256_madd_epi16(pairs, scales);
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), _mm256_cvtepi32_ps(isum), acc[r]);
-                }
-            }
-        }
-    }
-    for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]);
-}
-
-#define Q4_K_ROWS(wr, n, yr) k_q8a_rows(wr, row_bytes, n, 0, x, cols / CE_QK_K, yr)
-#define Q5_K_ROWS(wr, n, yr) k_q8a_rows(wr, row_bytes, n, 1, x, cols / CE_QK_K, yr)
-#define Q6_K_ROWS(wr, n, yr) q6_k_q8a_rows(wr, row_bytes, n, x, cols / CE_QK_K, yr)
-MATVEC_Q8A(q4_k, Q4_K_ROWS)
-MATVEC_Q8A(q5_k, Q5_K_ROWS)
-MATVEC_Q8A(q6_k, Q6_K_ROWS)
+MATVEC(q4_0, q8a, Q4_0_ROWS)
+MATVEC(q4_1, q8a, Q4_1_ROWS)
+MATVEC(q8_0, q8a, Q8_0_ROWS)
+MATVEC(q5_0, q8a, Q5_0_ROWS)
+MATVEC(q5_1, q8a, Q5_1_ROWS)
 
 /* ---- fp32 activations as 30-bit fixed point (ce_block_x16) ---- */
 
@@ -500,20 +417,20 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
     store_rows(acc, off, n_rows, OFFSET_COEF(kind), y);
 }
 
-#define MATVEC_X16(name, kind)                                                                                  \
-    TARGET static void matvec_##name##_x16_avx2(const void *w, size_t row_bytes, int64_t rows, const ce_block_x16 *x, \
-                                                int64_t cols, float *y) {                                       \
-        const uint8_t *wr = w;                                                                                  \
-        int64_t r = 0;                                                                                          \
-        for (; r + GROUP_ROWS <= rows; r += GROUP_ROWS)                                                         \
-            x16_rows(wr + r * row_bytes, row_bytes, GROUP_ROWS, kind, x, cols / CE_QK, y + r);                  \
-        for (; r < rows; r++) x16_rows(wr + r * row_bytes, row_bytes, 1, kind, x, cols / CE_QK, y + r);        \
-    }
-MATVEC_X16(q4_0, Q4_0)
-MATVEC_X16(q4_1, Q4_1)
-MATVEC_X16(q8_0, Q8_0)
-MATVEC_X16(q5_0, Q5_0)
-MATVEC_X16(q5_1, Q5_1)
+#define Q4_0_X16(wr, n, yr) x16_rows(wr, row_bytes, n, Q4_0, x, cols / CE_QK, yr)
+#define Q4_1_X16(wr, n, yr) x16_rows(wr, row_bytes, n, Q4_1, x, cols / CE_QK, yr)
+#define Q8_0_X16(wr, n, yr) x16_rows(wr, row_bytes, n, Q8_0, x, cols / CE_QK, yr)
+#define Q5_0_X16(wr, n, yr) x16_rows(wr, row_bytes, n, Q5_0, x, cols / CE_QK, yr)
+#define Q5_1_X16(wr, n, yr) x16_rows(wr, row_bytes, n, Q5_1, x, cols / CE_QK, yr)
+MATVEC(q4_0, x16, Q4_0_X16)
+MATVEC(q4_1, x16, Q4_1_X16)
+MATVEC(q8_0, x16, Q8_0_X16)
+MATVEC(q5_0, x16, Q5_0_X16)
+MATVEC(q5_1, x16, Q5_1_X16)
+
+/* ---- the K-quants, with either kind of activations ---- */
+
+enum { ACT_Q8A, ACT_X16 };
 
 /* Σ_j w_j (hi_j + lo_j / 65534) of one activation block, w the block's 32 weights as int16 (w0:
  * elements 0-15, w1: 16-31), in eight float lanes: exact int32 sums of w × hi and w × lo (|w| <= 4096,
@@ -525,69 +442,108 @@ TARGET static inline __m256 x16_block_dot(__m256i w0, __m256i w1, const ce_block
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), _mm256_set1_ps(1.0f / 65534.0f), _mm256_cvtepi32_ps(s_hi));
 }
 
-/* n_rows rows of Q4_K / Q5_K (q5) · fixed-point activations: Σ_sub-blocks s (d scale_s) d_x dot_s -
- * (dmin min_s) Σx_s, with dot_s = Σ_j q_j (hi_j + lo_j / 65534) over the activation block of s; the
- * quants as in k_q8a_rows. Each row is summed alone. */
-TARGET static inline __attribute__((always_inline)) void k_x16_rows(const uint8_t *w, size_t row_bytes, int n_rows,
-                                                                     int q5, const ce_block_x16 *x, int64_t superblocks,
-                                                                     float *y) {
+/* The 32 quants (0-31) of sub-block sub of a Q4_K / Q5_K super-block, as bytes: the low nibbles of
+ * qs[32 (sub / 2) ..] for even sub, the high ones for odd, and (q5) bit sub of qh's 32 bytes as 16. */
+TARGET static inline __m256i k_quants(const uint8_t *qs, __m256i qh, int q5, int sub) {
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (sub / 2)));
+    const __m256i q = _mm256_and_si256(sub % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0f));
+    if (!q5) return q;
+    return _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), _mm256_set1_epi8(1)), 4));
+}
+
+/* The 32 quants (0-63) of activation block g (0-3) of a Q6_K half, as bytes: ql0 / ql1 hold the half's
+ * 64 ql bytes (the low nibbles for g < 2, the high ones after; ql1 for odd g), qh its 32 qh bytes (bits
+ * 2g and 2g + 1 as 16 and 32). */
+TARGET static inline __m256i q6_k_quants(__m256i ql0, __m256i ql1, __m256i qh, int g) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ql = g % 2 ? ql1 : ql0;
+    const __m256i low = _mm256_and_si256(g < 2 ? ql : _mm256_srli_epi16(ql, 4), low4);
+    return _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), _mm256_set1_epi8(3)), 4));
+}
+
+/* n_rows rows of Q4_K / Q5_K (q5) · activations of kind act (x: ce_block_q8a or ce_block_x16 blocks),
+ * as vec_dot_k_q8a_generic: per sub-block s (one activation block) an exact int32 dot in eight lanes
+ * (8-bit: maddubs of the quants with the activations; fixed point: the quants as int16 against hi and
+ * lo), scaled by d scale_s d_x; the minimums' term dmin min_s (s_x or Σx) apart. Each row alone. */
+TARGET static inline __attribute__((always_inline)) void k_rows(const uint8_t *w, size_t row_bytes, int n_rows, int q5,
+                                                                 int act, const void *x, int64_t superblocks, float *y) {
     const size_t bb = q5 ? sizeof(ce_block_q5_k) : sizeof(ce_block_q4_k);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
     __m256 acc[GROUP_ROWS];
     float off[GROUP_ROWS];
     for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps(), off[r] = 0.0f;
-    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
+    for (int64_t i = 0; i < superblocks; i++) {
         prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
         for (int r = 0; r < n_rows; r++) {
             const ce_block_q5_k *k5 = (const ce_block_q5_k *)(w + r * row_bytes + i * bb);
             const ce_block_q4_k *k4 = (const ce_block_q4_k *)k5;
-            const uint8_t *qs = q5 ? k5->qs : k4->qs;
             const float d = half(k4->d), dmin = half(k4->dmin);
             const __m256i qh = q5 ? _mm256_loadu_si256((const __m256i *)k5->qh) : _mm256_setzero_si256();
             for (int sub = 0; sub < 8; sub++) {
-                const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * (sub / 2)));
-                __m256i q = _mm256_and_si256(sub % 2 ? _mm256_srli_epi16(raw, 4) : raw, low4);
-                if (q5) q = _mm256_or_si256(q, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, sub), one), 4));
+                const __m256i q = k_quants(q5 ? k5->qs : k4->qs, qh, q5, sub);
+                const int64_t b = i * (CE_QK_K / CE_QK) + sub; /* the activation block */
                 int scale, min;
                 ce_k_scale_min(k4->scales, sub, &scale, &min);
-                const __m256 dot = x16_block_dot(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
-                                                 _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), &x[sub]);
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)scale * x[sub].d), dot, acc[r]);
-                off[r] += dmin * (float)min * x[sub].sum;
+                __m256 dot;
+                float dx, sx;
+                if (act == ACT_Q8A) {
+                    const ce_block_q8a *xb = (const ce_block_q8a *)x + b;
+                    dot = _mm256_cvtepi32_ps(dot_u8_i8(q, _mm256_loadu_si256((const __m256i *)xb->qs)));
+                    dx = xb->d, sx = xb->s;
+                } else {
+                    const ce_block_x16 *xb = (const ce_block_x16 *)x + b;
+                    dot = x16_block_dot(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(q)),
+                                        _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1)), xb);
+                    dx = xb->d, sx = xb->sum;
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * (float)scale * dx), dot, acc[r]);
+                off[r] += dmin * (float)min * sx;
             }
         }
     }
     for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]) - off[r];
 }
 
-/* n_rows rows of Q6_K · fixed-point activations: Σ_blocks d d_x Σ_j (scale_j (q_j - 32)) (hi_j + lo_j /
- * 65534), the scaled quants (|.| <= 4096) as int16; the quants as in q6_k_q8a_rows. */
-TARGET static inline __attribute__((always_inline)) void q6_k_x16_rows(const uint8_t *w, size_t row_bytes, int n_rows,
-                                                                        const ce_block_x16 *x, int64_t superblocks,
-                                                                        float *y) {
+/* n_rows rows of Q6_K · activations of kind act, as vec_dot_q6_k_q8a_generic: per activation block the
+ * block's two 16-value sub-blocks, exact in int32 — 8-bit: maddubs(q, y) - maddubs(32, y) gives int16
+ * pair sums of (q - 32) y (|.| <= 8128), lanes 0-7 the first sub-block and 8-15 the second, and one
+ * madd by their scales the int32 sums; fixed point: scale (q - 32) as int16 (|.| <= 4096) against hi
+ * and lo — scaled by d d_x. Each row alone. */
+TARGET static inline __attribute__((always_inline)) void q6_k_rows(const uint8_t *w, size_t row_bytes, int n_rows,
+                                                                    int act, const void *x, int64_t superblocks, float *y) {
     const size_t bb = sizeof(ce_block_q6_k);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), three = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    const __m256i bias = _mm256_set1_epi8(32);
     __m256 acc[GROUP_ROWS];
     for (int r = 0; r < n_rows; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < superblocks; i++, x += CE_QK_K / CE_QK) {
+    for (int64_t i = 0; i < superblocks; i++) {
         prefetch_ahead(w, n_rows * row_bytes, i * n_rows * bb, n_rows * bb);
         for (int r = 0; r < n_rows; r++) {
-            const ce_block_q6_k *b = (const ce_block_q6_k *)(w + r * row_bytes + i * bb);
-            const float d = half(b->d);
+            const ce_block_q6_k *blk = (const ce_block_q6_k *)(w + r * row_bytes + i * bb);
+            const float d = half(blk->d);
             for (int h = 0; h < 2; h++) {
-                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h));
-                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(b->ql + 64 * h + 32));
-                const __m256i qh = _mm256_loadu_si256((const __m256i *)(b->qh + 32 * h));
+                const __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h));
+                const __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk->ql + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk->qh + 32 * h));
                 for (int g = 0; g < 4; g++) {
-                    const ce_block_x16 *xb = &x[4 * h + g];
-                    const __m256i low = g < 2 ? _mm256_and_si256(g ? ql1 : ql0, low4)
-                                              : _mm256_and_si256(_mm256_srli_epi16(g == 3 ? ql1 : ql0, 4), low4);
-                    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * g), three), 4);
-                    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(low, high), bias); /* q - 32 */
-                    const int8_t *sc = b->scales + 8 * h + 2 * g;
-                    const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(q)), _mm256_set1_epi16(sc[0]));
-                    const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(q, 1)), _mm256_set1_epi16(sc[1]));
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb->d), x16_block_dot(w0, w1, xb), acc[r]);
+                    const __m256i q = q6_k_quants(ql0, ql1, qh, g);
+                    const int8_t *sc = blk->scales + 8 * h + 2 * g;
+                    const int64_t b = i * (CE_QK_K / CE_QK) + 4 * h + g; /* the activation block */
+                    __m256 dot;
+                    float dx;
+                    if (act == ACT_Q8A) {
+                        const ce_block_q8a *xb = (const ce_block_q8a *)x + b;
+                        const __m256i y8 = _mm256_loadu_si256((const __m256i *)xb->qs);
+                        const __m256i pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y8), _mm256_maddubs_epi16(bias, y8));
+                        const __m256i scales = _mm256_set_m128i(_mm_set1_epi16(sc[1]), _mm_set1_epi16(sc[0]));
+                        dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, scales));
+                        dx = xb->d;
+                    } else {
+                        const ce_block_x16 *xb = (const ce_block_x16 *)x + b;
+                        const __m256i centered = _mm256_sub_epi8(q, bias); /* q - 32 */
+                        const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(centered)), _mm256_set1_epi16(sc[0]));
+                        const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(centered, 1)), _mm256_set1_epi16(sc[1]));
+                        dot = x16_block_dot(w0, w1, xb);
+                        dx = xb->d;
+                    }
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), dot, acc[r]);
                 }
             }
         }
@@ -595,20 +551,18 @@ TARGET static inline __attribute__((always_inline)) void q6_k_x16_rows(const uin
     for (int r = 0; r < n_rows; r++) y[r] = hsum(acc[r]);
 }
 
-#define MATVEC_K_X16(name, call)                                                                                \
-    TARGET static void matvec_##name##_x16_avx2(const void *w, size_t row_bytes, int64_t rows, const ce_block_x16 *x, \
-                                                int64_t cols, float *y) {                                       \
-        const uint8_t *wr = w;                                                                                  \
-        int64_t r = 0;                                                                                          \
-        for (; r + GROUP_ROWS <= rows; r += GROUP_ROWS) call(wr + r * row_bytes, GROUP_ROWS, y + r);           \
-        for (; r < rows; r++) call(wr + r * row_bytes, 1, y + r);                                               \
-    }
-#define Q4_K_X16(wr, n, yr) k_x16_rows(wr, row_bytes, n, 0, x, cols / CE_QK_K, yr)
-#define Q5_K_X16(wr, n, yr) k_x16_rows(wr, row_bytes, n, 1, x, cols / CE_QK_K, yr)
-#define Q6_K_X16(wr, n, yr) q6_k_x16_rows(wr, row_bytes, n, x, cols / CE_QK_K, yr)
-MATVEC_K_X16(q4_k, Q4_K_X16)
-MATVEC_K_X16(q5_k, Q5_K_X16)
-MATVEC_K_X16(q6_k, Q6_K_X16)
+#define Q4_K_Q8A(wr, n, yr) k_rows(wr, row_bytes, n, 0, ACT_Q8A, x, cols / CE_QK_K, yr)
+#define Q5_K_Q8A(wr, n, yr) k_rows(wr, row_bytes, n, 1, ACT_Q8A, x, cols / CE_QK_K, yr)
+#define Q6_K_Q8A(wr, n, yr) q6_k_rows(wr, row_bytes, n, ACT_Q8A, x, cols / CE_QK_K, yr)
+#define Q4_K_X16(wr, n, yr) k_rows(wr, row_bytes, n, 0, ACT_X16, x, cols / CE_QK_K, yr)
+#define Q5_K_X16(wr, n, yr) k_rows(wr, row_bytes, n, 1, ACT_X16, x, cols / CE_QK_K, yr)
+#define Q6_K_X16(wr, n, yr) q6_k_rows(wr, row_bytes, n, ACT_X16, x, cols / CE_QK_K, yr)
+MATVEC(q4_k, q8a, Q4_K_Q8A)
+MATVEC(q5_k, q8a, Q5_K_Q8A)
+MATVEC(q6_k, q8a, Q6_K_Q8A)
+MATVEC(q4_k, x16, Q4_K_X16)
+MATVEC(q5_k, x16, Q5_K_X16)
+MATVEC(q6_k, x16, Q6_K_X16)
 
 /* ---- fp32 activations on dequantized weights ---- */
 

@@ -1063,6 +1063,31 @@ static void test_edge_step(int activations) {
     tiny_free(&t);
 }
 
+/* An edge over the tiny model's three layers after a prompt, with the split's logits of its last position */
+typedef struct {
+    ce_workspace ws;
+    ce_kv_cache kv;
+    ce_edge e;
+} edge_fixture;
+
+static void edge_fixture_init(edge_fixture *f, const ce_model *m, const ce_exit_head *heads, int capacity,
+                              const int32_t *prompt, int n, float *logits) {
+    char err[CE_ERRLEN];
+    memset(&f->ws, 0, sizeof f->ws);
+    CHECK(ce_kv_cache_init(&f->kv, &m->cfg, 0, 3, capacity, test_kv_type, err, sizeof err) == CE_OK &&
+              ce_edge_init(&f->e, m, &f->kv, &f->ws, heads, 3, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err) == CE_OK &&
+              ce_edge_prefill(&f->e, n, prompt, err, sizeof err) == CE_OK &&
+              ce_head(m, &f->ws, NULL, 1, f->e.split_states + (size_t)(n - 1) * m->cfg.dim, m->cfg.vocab, logits, err,
+                      sizeof err) == CE_OK,
+          "edge fixture: %s", err);
+}
+
+static void edge_fixture_free(edge_fixture *f) {
+    ce_edge_free(&f->e);
+    ce_kv_cache_free(&f->kv);
+    ce_workspace_free(&f->ws);
+}
+
 /* Standalone generation's loop: with the exits disabled it is ce_generate, token for token; with exits,
  * it is ce_edge_step + ce_pick one token at a time; an adapter head is x + up (down x) before the head. */
 static void test_edge_generate(int activations) {
@@ -1095,34 +1120,22 @@ static void test_edge_generate(int activations) {
         /* the exit at 1 at the first step's confidence there: that step certainly exits at 1, later ones may */
         double first_conf;
         {
-            ce_workspace ws = {0};
-            ce_kv_cache kv;
-            ce_edge e;
-            ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
-            ce_edge_init(&e, m, &kv, &ws, heads, 3, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err);
-            ce_edge_prefill(&e, PROMPT, prompt, err, sizeof err);
-            ce_head(m, &ws, NULL, 1, e.split_states + (PROMPT - 1) * D, V, logits, err, sizeof err);
+            edge_fixture f;
+            edge_fixture_init(&f, m, heads, PROMPT + N, prompt, PROMPT, logits);
             ce_sampler s = base;
             const double at_one[3] = {0.0, 2.0, 2.0};
-            ce_edge_generate(&e, &s, at_one, logits, -1, 2, &no_end, 1, got, dec, &n_out, &ended, err, sizeof err);
+            ce_edge_generate(&f.e, &s, at_one, logits, -1, 2, &no_end, 1, got, dec, &n_out, &ended, err, sizeof err);
             first_conf = dec[1].confidence;
-            ce_kv_cache_free(&kv);
-            ce_workspace_free(&ws);
-            ce_edge_free(&e);
+            edge_fixture_free(&f);
         }
         for (int exits_on = 0; exits_on <= 1; exits_on++) {
             const double thresholds[3] = {exits_on ? first_conf : 2.0, exits_on ? first_conf : 2.0, 2.0};
             for (int per_step = 0; per_step <= 1; per_step++) {
-                ce_workspace ws = {0};
-                ce_kv_cache kv;
-                ce_edge e;
-                ce_kv_cache_init(&kv, &m->cfg, 0, 3, PROMPT + N, test_kv_type, err, sizeof err);
-                ce_edge_init(&e, m, &kv, &ws, heads, 3, CE_METRIC_MAX_PROB, 0, 0, err, sizeof err);
-                ce_edge_prefill(&e, PROMPT, prompt, err, sizeof err);
-                ce_head(m, &ws, NULL, 1, e.split_states + (PROMPT - 1) * D, V, logits, err, sizeof err);
+                edge_fixture f;
+                edge_fixture_init(&f, m, heads, PROMPT + N, prompt, PROMPT, logits);
                 ce_sampler s = base;
                 if (!per_step) {
-                    CHECK(ce_edge_generate(&e, &s, thresholds, logits, -1, N, &no_end, 1, got, dec, &n_out, &ended, err,
+                    CHECK(ce_edge_generate(&f.e, &s, thresholds, logits, -1, N, &no_end, 1, got, dec, &n_out, &ended, err,
                                            sizeof err) == CE_OK && n_out == N,
                           "edge generate: %s", err);
                     int early = 0;
@@ -1130,13 +1143,11 @@ static void test_edge_generate(int activations) {
                     CHECK(exits_on ? dec[1].exit_layer == 1 : early == 0, "early exits: %d of %d", early, N - 1);
                 } else { /* the reference: one step and one pick at a time */
                     for (int i = 0; i < N; i++) {
-                        if (i > 0) ce_edge_step(&e, step_tokens[i - 1], thresholds, 1, logits, &dec[i], err, sizeof err);
+                        if (i > 0) ce_edge_step(&f.e, step_tokens[i - 1], thresholds, 1, logits, &dec[i], err, sizeof err);
                         ce_pick(&s, logits, V, NULL, NULL, &step_tokens[i], err, sizeof err);
                     }
                 }
-                ce_kv_cache_free(&kv);
-                ce_workspace_free(&ws);
-                ce_edge_free(&e);
+                edge_fixture_free(&f);
             }
             CHECK(memcmp(got, step_tokens, sizeof got) == 0, "edge generate = step + pick (sampled %d, exits %d)", sampled,
                   exits_on);
