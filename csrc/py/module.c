@@ -689,6 +689,8 @@ static int Edge_init(EdgeObject *self, PyObject *args, PyObject *kwds) {
     if (seq == NULL) return -1;
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     const ce_model *m = &((CacheObject *)cache)->model->model;
+    Py_CLEAR(self->keep); /* from an earlier __init__ that failed */
+    PyMem_Free(self->heads);
     self->keep = PyList_New(0);
     self->heads = PyMem_Calloc(n > 0 ? (size_t)n : 1, sizeof(ce_exit_head));
     int ok = self->keep != NULL && self->heads != NULL && n <= INT_MAX;
