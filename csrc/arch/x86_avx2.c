@@ -748,23 +748,17 @@ TARGET static void sum_rows_f16_avx2(const void *X, const float *a, int64_t rows
     sum_rows_avx2(X, 1, a, rows, n, y);
 }
 
-/* exp(x) for x <= 0, eight lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts so r is exact
- * to float precision), exp(r) by Cephes' degree-6 polynomial (about 1 ulp), times 2^n built in the
- * exponent bits. Below -87.3 the result (< 2^-126) is flushed to 0. */
+/* exp(x) for x <= 0, eight lanes (the recipe of CE_EXP_POLY in quant.h) */
 TARGET static inline __m256 exp_nonpositive(__m256 x) {
-    const __m256 min_x = _mm256_set1_ps(-87.3f);
+    const __m256 min_x = _mm256_set1_ps(CE_EXP_MIN_X);
     const __m256 underflow = _mm256_cmp_ps(x, min_x, _CMP_LT_OQ);
     x = _mm256_max_ps(x, min_x);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(CE_EXP_LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(CE_EXP_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(CE_EXP_LN2_LO), r);
+    __m256 p = _mm256_set1_ps(CE_EXP_POLY[0]);
+    _Pragma("GCC unroll 8") for (int k = 1; k < CE_EXP_POLY_TERMS; k++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(CE_EXP_POLY[k]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));

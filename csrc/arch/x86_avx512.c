@@ -291,21 +291,17 @@ TARGET static void matmul_f32_avx512(int type, const void *w, size_t row_bytes, 
  * exact 0), so a query's result does not depend on the others in its block. */
 #define VALUE_PASS_QUERIES 12 /* × 32 value columns in 24 accumulators: two value loads per 24 multiply-adds */
 
-/* exp(x) for x <= 0, the AVX2 set's exp_nonpositive in sixteen lanes (the same operations) */
+/* exp(x) for x <= 0, sixteen lanes (the recipe of CE_EXP_POLY in quant.h, as the AVX2 set's) */
 TARGET static inline __m512 exp_nonpositive16(__m512 x) {
-    const __m512 min_x = _mm512_set1_ps(-87.3f);
+    const __m512 min_x = _mm512_set1_ps(CE_EXP_MIN_X);
     const __mmask16 underflow = _mm512_cmp_ps_mask(x, min_x, _CMP_LT_OQ);
     x = _mm512_max_ps(x, min_x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(CE_EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(CE_EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(CE_EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(CE_EXP_POLY[0]);
+    _Pragma("GCC unroll 8") for (int k = 1; k < CE_EXP_POLY_TERMS; k++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(CE_EXP_POLY[k]));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_maskz_mul_ps((__mmask16)~underflow, p, _mm512_castsi512_ps(scale));

@@ -99,6 +99,18 @@ static inline int ce_simd_decoded(int type) {
            type == CE_TYPE_Q8_0 || type == CE_TYPE_Q5_0 || type == CE_TYPE_Q5_1;
 }
 
+/* exp(x) for x <= 0 in the SIMD sets (one recipe for every vector width, so they agree lane for lane):
+ * x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts so r is exact to float precision), exp(r) =
+ * 1 + r + r² P(r) with Cephes' degree-5 P (about 1 ulp), times 2^n built in the exponent bits; below
+ * CE_EXP_MIN_X the result (< 2^-126) is flushed to 0. CE_EXP_POLY: P's coefficients, highest first. */
+#define CE_EXP_MIN_X (-87.3f)
+#define CE_EXP_LOG2E 1.44269504088896341f
+#define CE_EXP_LN2_HI 0.693359375f
+#define CE_EXP_LN2_LO (-2.12194440e-4f)
+#define CE_EXP_POLY_TERMS 6
+static const float CE_EXP_POLY[CE_EXP_POLY_TERMS] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                                     4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 /* SIMD kernel sets (csrc/arch); each falls back to generic where the build cannot have it. */
 const ce_kernels *ce_kernels_avx2(void);
 int ce_cpu_has_avx2(void);
