@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -149,6 +150,55 @@ class Sampler:
         return _core.pick(np.array(logits, np.float32), self.rng, seen=seen, **self.params)
 
 
+HUGE_PAGE = 2 << 20  # the x86-64 transparent huge page
+_COPY_CHUNK = 8 << 20  # bytes copied between releases of the source's pages
+
+
+def _read_only_map(a: np.ndarray) -> mmap.mmap | None:
+    """The read-only mapping (a file's: GGUF, safetensors) a view of a loaded tensor lies in, if any:
+    its pages can be dropped and fault back in unchanged, where a writable mapping's would be lost."""
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer's base
+        base = base.obj if base.readonly else None
+    if not isinstance(base, mmap.mmap) or base.closed:
+        return None
+    with memoryview(base) as view:
+        return base if view.readonly else None
+
+
+def resident_tensors(tensors: dict) -> dict:
+    """The weight tensors {name: (array, type, rows, cols)} copied, read-only, into one private
+    anonymous mapping advised for transparent huge pages (the arrays keep it alive). Decode streams every weight
+    once per token: from a file mapping's 4 KiB pages, TLB misses cost about a sixth of q8 decode's
+    time (docs/benchmarks.md, "Weights on huge pages"). Pages of a source file mapping are released
+    as they are copied (the file stays in the page cache), so resident memory stays about one copy."""
+    aligned = lambda n: -(-n // 64) * 64  # noqa: E731  (every tensor 64-byte aligned)
+    total = sum(aligned(t[0].nbytes) for t in tensors.values())
+    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = np.frombuffer(buf, np.uint8)
+    at = -memory.ctypes.data % HUGE_PAGE  # huge pages cover 2 MiB-aligned addresses
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE, at)
+    out = {}
+    for name, (array, *shape) in tensors.items():
+        source = array.reshape(-1).view(np.uint8)  # C-contiguous (the core's requirement): a view
+        source_map = _read_only_map(source) if hasattr(mmap, "MADV_DONTNEED") else None
+        offset = source.ctypes.data - np.frombuffer(source_map, np.uint8).ctypes.data if source_map else 0
+        for start in range(0, source.nbytes, _COPY_CHUNK):
+            stop = min(start + _COPY_CHUNK, source.nbytes)
+            memory[at + start : at + stop] = source[start:stop]
+            if source_map:  # read-only and file-backed: dropped pages fault back in from the page cache
+                first = offset + start - (offset + start) % mmap.PAGESIZE
+                source_map.madvise(mmap.MADV_DONTNEED, first, offset + stop - first)
+        view = memory[at : at + source.nbytes].view(array.dtype).reshape(array.shape)
+        view.flags.writeable = False
+        out[name] = (view, *shape)
+        at += aligned(source.nbytes)
+    return out
+
+
 class Model:
     """A LLaMA-family model on the C core.
 
@@ -168,7 +218,8 @@ class Model:
             raise ValueError(f"kv_dtype must be 'f32' or 'f16', not {kv_dtype!r}")
         self.path = weights.path
         self.config = dict(weights.config)
-        self.core = _core.Model(weights.config, weights.tensors, activations)
+        tensors = resident_tensors(weights.tensors)
+        self.core = _core.Model(weights.config, tensors, activations)
         self.activations = activations
         self.kv_dtype = kv_dtype
         spec = weights.tokenizer  # a GGUF's TokenizerSpec, or a ready tokenizer (Hugging Face directories)
@@ -176,7 +227,7 @@ class Model:
         # The tokenizer holds the vocabulary from here on: drop the spec's offset tables (1.6 MB for
         # SmolLM2) and give back the heap its construction left free (~4 MB of the tokenizers
         # library's temporaries; docs/benchmarks.md, peak memory).
-        self.weights = replace(weights, tokenizer=None)
+        self.weights = replace(weights, tokenizer=None, tensors=tensors)
         _core.trim_heap()
         self.n_layers = self.config["n_layers"]
         # exits the weights were tuned for (an exit-tuned model's delta or GGUF names them), else ()

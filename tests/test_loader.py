@@ -1,7 +1,9 @@
 """Loading GGUF files: the tiny random model, and corrupt or unsupported files raising clear errors."""
 
+import re
 import shutil
 import struct
+from dataclasses import replace
 
 import gguf
 import numpy as np
@@ -11,6 +13,15 @@ import cecollm
 from cecollm import ModelFormatError
 
 from .tiny_gguf import write_tiny_gguf
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent huge page setting, "[never]" where it has none."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return "[never]"
 
 
 @pytest.fixture
@@ -192,6 +203,40 @@ def test_tensor_data_is_mapped_not_copied(tiny_path):
     data = weights.tensors["blk.0.ffn_up.weight"][0]
     assert not data.flags.owndata and not data.flags.writeable
     assert weights.tensors["output_norm.weight"][0].dtype == np.float32
+
+
+def test_model_weights_are_one_read_only_copy(tiny_path):
+    """A model runs on its own copy of the weights: the file's bytes, read-only, 64-byte aligned; a
+    model built from another model's weights copies them again and leaves the first one's intact."""
+    weights = cecollm.load_gguf(tiny_path)
+    model = cecollm.Model(weights)
+    ids = model.tokenize("hello world")
+    logits = model.logits(ids)
+    for name, (data, *shape) in model.weights.tensors.items():
+        source = weights.tensors[name][0]
+        assert data.tobytes() == source.tobytes() and tuple(shape) == tuple(weights.tensors[name][1:])
+        assert not data.flags.writeable and data.ctypes.data % 64 == 0 and not np.shares_memory(data, source)
+    again = cecollm.Model(replace(model.weights, tokenizer=model.tokenizer))
+    assert np.array_equal(again.logits(ids), logits) and np.array_equal(model.logits(ids), logits)
+
+
+def _thp_eligible(address: int) -> bool:
+    """Whether the mapping holding address may use transparent huge pages (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                inside = low <= address < high
+            elif inside and line.startswith("THPeligible:"):
+                return line.split()[1] == "1"
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif("[never]" in _thp_mode(), reason="no transparent huge pages")
+def test_model_weights_sit_on_huge_pages(model):
+    data = model.weights.tensors["blk.0.ffn_up.weight"][0]
+    assert _thp_eligible(data.ctypes.data)
 
 
 def test_kv_dtype_choices(tiny_path):
