@@ -172,7 +172,7 @@ def memory_child(path: str, activations: str, kv_dtype: str) -> None:
 
     baseline = _status_bytes("VmRSS")
     model = cecollm.load_model(path, activations, kv_dtype)
-    loaded = _status_bytes("VmRSS")  # metadata, tokenizer; the weights are mapped, not yet read
+    loaded = _status_bytes("VmRSS")  # the weights (Model copies them onto huge pages), metadata, tokenizer
     cache = model.new_cache(PP + TG)
     ids = np.asarray(prompt_ids(model.config["vocab"]), np.int32)
     token = np.array([int(model.core.head(cache.forward(model.core.embed(ids), 0)[-1:])[0].argmax())], np.int32)
@@ -289,7 +289,7 @@ def report(data: dict) -> None:
     ratio = (memory["model_peak"] - memory["kv"]) / memory["file"]
     print(f"peak memory (pp512 + tg128, f32 KV): {memory['model_peak'] / 1e6:.1f} MB above the interpreter ="
           f" {ratio:.2f} x the {memory['file'] / 1e6:.1f} MB file + {memory['kv'] / 1e6:.1f} MB KV cache"
-          f" ({memory['after_load'] / 1e6:.1f} MB of it right after loading: metadata and tokenizer)")  # fmt: skip
+          f" ({memory['after_load'] / 1e6:.1f} MB of it right after loading: the weights' copy, metadata and tokenizer)")  # fmt: skip
 
 
 def plot(data: dict, path: str) -> None:

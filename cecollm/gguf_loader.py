@@ -1,8 +1,9 @@
 """Reading a llama- or qwen2-architecture GGUF into what the C core needs, with every field validated.
 
-Quantized tensors are handed to C as the memory-mapped bytes of the file (never re-quantized). The
-result is format-neutral (:class:`LoadedWeights`): another loader (a Hugging Face directory, say)
-produces the same structure with the rope style of its weights, and the core does not change.
+Quantized tensors are views of the memory-mapped file (never re-quantized; a Model copies the bytes
+onto huge pages, model.resident_tensors). The result is format-neutral (:class:`LoadedWeights`):
+another loader (a Hugging Face directory, say) produces the same structure with the rope style of its
+weights, and the core does not change.
 """
 
 from __future__ import annotations
