@@ -1,6 +1,11 @@
 /* AVX2 + FMA + F16C dot products. Same contract as the _generic kernels in core/quant.c (which are
  * the specification); only the summation order differs. Compiled for any x86-64 through target
- * attributes and installed only when the CPU reports the features. */
+ * attributes and installed only when the CPU reports the features.
+ *
+ * x86_avx2_vnni.c compiles this file a second time with CE_AVX2_VNNI set: its integer dot products
+ * (add_dot_i16, dot_u8_i8, dot_u8_i8_pair) become AVX-512 VNNI instructions on the same 256-bit
+ * registers, one instruction where AVX2 needs two or three. The sums are exact in both, so the two
+ * builds compute the same bits; the AVX-512 set takes its decode kernels from the VNNI build. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #include <math.h>
@@ -8,7 +13,14 @@
 
 #include "quant.h"
 
+#ifndef CE_AVX2_VNNI
+#define CE_AVX2_VNNI 0
+#endif
+#if CE_AVX2_VNNI
+#define TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
+#else
 #define TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
 /* Small fixed loops over rows and registers: unrolled so their accumulators stay in registers at -O2. */
 #define UNROLL _Pragma("GCC unroll 4")
 
@@ -157,10 +169,36 @@ TARGET static inline void store_rows(const __m256 *acc, const __m128 *off, int n
     }
 }
 
-/* Eight int32 sums of four u8 × i8 products each (|u| <= 255 pairs with |s| <= 127 never saturate
- * maddubs' int16 when u is a nibble or an absolute value <= 128). */
+/* The integer dot products, exact in int32 in both builds of this file. */
+
+/* acc + each lane's two int16 × int16 products */
+TARGET static inline __m256i add_dot_i16(__m256i acc, __m256i a, __m256i b) {
+#if CE_AVX2_VNNI
+    return _mm256_dpwssd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+/* Eight int32 sums of four u8 × i8 products each (maddubs' int16 pair sums never saturate when u is a
+ * nibble or an absolute value <= 128, with |s| <= 127). */
 TARGET static inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+#if CE_AVX2_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* dot_u8_i8(u0, s0) + dot_u8_i8(u1, s1), for nibbles u (AVX2 adds the two pair sums in int16 first:
+ * |·| <= 4 × 15 × 127) */
+TARGET static inline __m256i dot_u8_i8_pair(__m256i u0, __m256i s0, __m256i u1, __m256i s1) {
+#if CE_AVX2_VNNI
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u0, s0), u1, s1);
+#else
+    const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+    return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+#endif
 }
 
 /* (d_x, s_x) of an activation block in lanes 0 and 1 */
@@ -193,7 +231,7 @@ TARGET static inline __attribute__((always_inline)) void q4_q8a_rows(const uint8
                                                                       int kind, const ce_block_q8a *x, int64_t blocks,
                                                                       float *y) {
     const int bb = BLOCK_BYTES(kind), qs = QS_OFFSET(kind);
-    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
     const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2); /* lanes 0-3 <- A's scale, 4-7 <- B's */
     __m256 acc[GROUP_ROWS];
     __m128 off[GROUP_ROWS];
@@ -213,9 +251,8 @@ TARGET static inline __attribute__((always_inline)) void q4_q8a_rows(const uint8
                 lo = _mm256_or_si256(lo, fifth_bits(qh, 0, 0));
                 hi = _mm256_or_si256(hi, fifth_bits(qh, 2, 2));
             }
-            /* int16 pair sums of both halves, |·| <= 4 × 31 × 127: lanes 0-3 of dot are A's, 4-7 B's */
-            const __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x_lo), _mm256_maddubs_epi16(hi, x_hi));
-            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+            /* both halves (Q5's quants reach 31: |·| <= 4 × 31 × 127): lanes 0-3 of dot are A's, 4-7 B's */
+            const __m256 dot = _mm256_cvtepi32_ps(dot_u8_i8_pair(lo, x_lo, hi, x_hi));
             const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(block_dm_bits(a, kind), block_dm_bits(b, kind)));
             const __m128 scales = _mm_mul_ps(dm, ds); /* (d_wA d_xA, m_wA s_xA, d_wB d_xB, m_wB s_xB) */
             acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(scales), spread), dot, acc[r]);
@@ -376,8 +413,8 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
             pair_epi16(a, b, kind, q);
             __m256i s_hi = _mm256_madd_epi16(q[0], xh[0]), s_lo = _mm256_madd_epi16(q[0], xl[0]);
             for (int g = 1; g < 4; g++) {
-                s_hi = _mm256_add_epi32(s_hi, _mm256_madd_epi16(q[g], xh[g]));
-                s_lo = _mm256_add_epi32(s_lo, _mm256_madd_epi16(q[g], xl[g]));
+                s_hi = add_dot_i16(s_hi, q[g], xh[g]);
+                s_lo = add_dot_i16(s_lo, q[g], xl[g]);
             }
             const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), lo_weight, _mm256_cvtepi32_ps(s_hi));
             const __m128 dm = _mm_cvtph_ps(_mm_unpacklo_epi32(block_dm_bits(a, kind), block_dm_bits(b, kind)));
@@ -404,10 +441,8 @@ TARGET static inline __attribute__((always_inline)) void x16_rows(const uint8_t 
                 w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
                 w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
             }
-            const __m256i s_hi =
-                _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
-            const __m256i s_lo =
-                _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
+            const __m256i s_hi = add_dot_i16(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), w1, _mm256_loadu_si256(hi + 1));
+            const __m256i s_lo = add_dot_i16(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), w1, _mm256_loadu_si256(lo + 1));
             const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), lo_weight, _mm256_cvtepi32_ps(s_hi));
             const __m128 scales = _mm_mul_ps(_mm_cvtph_ps(block_dm_bits(a, kind)), ds); /* (d_w d_x, m_w Σx, 0, 0) */
             acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), dot, acc[r]);
@@ -437,8 +472,8 @@ enum { ACT_Q8A, ACT_X16 };
  * two products per madd lane and two madds per sum: below 2^31), then one float combination. */
 TARGET static inline __m256 x16_block_dot(__m256i w0, __m256i w1, const ce_block_x16 *x) {
     const __m256i *hi = (const __m256i *)x->hi, *lo = (const __m256i *)x->lo;
-    const __m256i s_hi = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), _mm256_madd_epi16(w1, _mm256_loadu_si256(hi + 1)));
-    const __m256i s_lo = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), _mm256_madd_epi16(w1, _mm256_loadu_si256(lo + 1)));
+    const __m256i s_hi = add_dot_i16(_mm256_madd_epi16(w0, _mm256_loadu_si256(hi)), w1, _mm256_loadu_si256(hi + 1));
+    const __m256i s_lo = add_dot_i16(_mm256_madd_epi16(w0, _mm256_loadu_si256(lo)), w1, _mm256_loadu_si256(lo + 1));
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), _mm256_set1_ps(1.0f / 65534.0f), _mm256_cvtepi32_ps(s_hi));
 }
 
@@ -801,7 +836,7 @@ TARGET static void silu_mul_avx2(float *gate, const float *up, int64_t n) {
 }
 
 static const ce_kernels kernels_avx2 = {
-    .name = "avx2",
+    .name = CE_AVX2_VNNI ? "avx2-vnni" : "avx2",
     .matmul_f32 = matmul_f32_avx2,
     .quantize_x16 = quantize_x16_avx2,
     .matvec_x16 =
@@ -833,15 +868,29 @@ static const ce_kernels kernels_avx2 = {
     .silu_mul = silu_mul_avx2,
 };
 
+#if CE_AVX2_VNNI
+const ce_kernels *ce_kernels_avx2_vnni(void) { return &kernels_avx2; }
+
+int ce_cpu_has_avx2_vnni(void) {
+    return ce_cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+#else
 const ce_kernels *ce_kernels_avx2(void) { return &kernels_avx2; }
 
 int ce_cpu_has_avx2(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+#endif
 
 #else
 #include "quant.h"
+#if CE_AVX2_VNNI
+const ce_kernels *ce_kernels_avx2_vnni(void) { return ce_kernels_generic(); }
+int ce_cpu_has_avx2_vnni(void) { return 0; }
+#else
 const ce_kernels *ce_kernels_avx2(void) { return ce_kernels_generic(); }
 int ce_cpu_has_avx2(void) { return 0; }
+#endif
 #endif

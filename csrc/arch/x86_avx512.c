@@ -516,7 +516,7 @@ static ce_kernels kernels_avx512;
 static pthread_once_t kernels_avx512_once = PTHREAD_ONCE_INIT;
 
 static void kernels_avx512_init(void) {
-    kernels_avx512 = *ce_kernels_avx2();
+    kernels_avx512 = *(ce_cpu_has_avx2_vnni() ? ce_kernels_avx2_vnni() : ce_kernels_avx2());
     kernels_avx512.name = "avx512";
     kernels_avx512.matmul_f32 = matmul_f32_avx512;
     kernels_avx512.attend_block = attend_block_avx512;

@@ -114,6 +114,8 @@ static const float CE_EXP_POLY[CE_EXP_POLY_TERMS] = {1.9875691500e-4f, 1.3981999
 /* SIMD kernel sets (csrc/arch); each falls back to generic where the build cannot have it. */
 const ce_kernels *ce_kernels_avx2(void);
 int ce_cpu_has_avx2(void);
+const ce_kernels *ce_kernels_avx2_vnni(void); /* the AVX2 set's kernels built with VNNI dot products */
+int ce_cpu_has_avx2_vnni(void);
 const ce_kernels *ce_kernels_avx512(void);
 int ce_cpu_has_avx512(void);
 

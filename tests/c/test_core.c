@@ -249,6 +249,43 @@ static void test_q8a(const ce_kernels *k) {
     free(row);
 }
 
+/* The VNNI build of the AVX2 kernels computes the AVX2 build's bits: both sum exactly in int32. The
+ * activations are all ±1 (every 8-bit quant at ±127, the largest products) and then random. */
+static void test_vnni_same_bits(void) {
+    if (!ce_cpu_has_avx2_vnni()) return;
+    const ce_kernels *plain = ce_kernels_avx2(), *vnni = ce_kernels_avx2_vnni();
+    enum { COLS = 1536, BLOCKS = COLS / CE_QK, ROWS = 7 };
+    static float x[COLS];
+    static ce_block_q8a q8[BLOCKS];
+    static ce_block_x16 x16[BLOCKS];
+    static const int types[] = {CE_TYPE_Q4_0, CE_TYPE_Q4_1, CE_TYPE_Q8_0, CE_TYPE_Q5_0,
+                                CE_TYPE_Q5_1, CE_TYPE_Q4_K, CE_TYPE_Q5_K, CE_TYPE_Q6_K};
+    static const int64_t sizes[] = {96, 256, 576, COLS};
+    for (int extreme = 1; extreme >= 0; extreme--) {
+        for (int j = 0; j < COLS; j++) x[j] = extreme ? (rng_u32() & 1 ? 1.0f : -1.0f) : rng_uniform();
+        for (size_t c = 0; c < sizeof sizes / sizeof sizes[0]; c++) {
+            const int64_t cols = sizes[c];
+            plain->quantize_q8a(x, q8, cols);
+            plain->quantize_x16(x, x16, cols);
+            for (size_t t = 0; t < sizeof types / sizeof types[0]; t++) {
+                if (ce_row_bytes(types[t], cols) == 0) continue;
+                void *w = random_tensor(types[t], ROWS, cols);
+                const size_t row_bytes = ce_row_bytes(types[t], cols);
+                float a[ROWS], b[ROWS];
+                plain->matvec_q8a[types[t]](w, row_bytes, ROWS, q8, cols, a);
+                vnni->matvec_q8a[types[t]](w, row_bytes, ROWS, q8, cols, b);
+                CHECK(memcmp(a, b, sizeof a) == 0, "vnni matvec_q8a %s cols %lld (extreme %d) = avx2 bit for bit",
+                      ce_type_name(types[t]), (long long)cols, extreme);
+                plain->matvec_x16[types[t]](w, row_bytes, ROWS, x16, cols, a);
+                vnni->matvec_x16[types[t]](w, row_bytes, ROWS, x16, cols, b);
+                CHECK(memcmp(a, b, sizeof a) == 0, "vnni matvec_x16 %s cols %lld (extreme %d) = avx2 bit for bit",
+                      ce_type_name(types[t]), (long long)cols, extreme);
+                free(w);
+            }
+        }
+    }
+}
+
 /* exp_shifted of every kernel set against double-precision exp: each value within TOL_EXP_REL
  * (or below 1e-37 where exp underflows), and the returned sum within TOL_EXP_REL of the true sum. */
 #define TOL_EXP_REL 1e-6
@@ -1388,12 +1425,15 @@ int main(void) {
     if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_attend_block(ce_kernels_active());
     if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_matmul_q8a(ce_kernels_active());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());
+    if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_x16(ce_kernels_active());
     test_silu_mul(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_silu_mul(ce_kernels_active());
     test_exp_shifted(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_exp_shifted(ce_kernels_active());
     test_q8a(ce_kernels_generic());
     if (ce_kernels_select("avx2", err, sizeof err) == CE_OK) test_q8a(ce_kernels_active());
+    if (ce_kernels_select("avx512", err, sizeof err) == CE_OK) test_q8a(ce_kernels_active());
+    test_vnni_same_bits();
     for (int threads = 1; threads <= 3; threads += 2) { /* the invariants hold with and without the pool */
         CHECK(ce_threads_set(threads, err, sizeof err) == CE_OK, "threads %d", threads);
         test_model_validation();
