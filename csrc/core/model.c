@@ -1,7 +1,9 @@
 /* The decoder: validation, KV cache, matrix products and the layer-range forward pass. */
+#define _DEFAULT_SOURCE /* madvise */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "cecollm/cecollm.h"
 #include "pool.h"
@@ -96,6 +98,22 @@ void ce_model_free(ce_model *m) {
 
 /* ---- KV cache ---- */
 
+/* bytes for keys or values: from 2 MiB up, 2 MiB-aligned and advised for transparent huge pages.
+ * Decode at long context reads every cached key and value once per token, and on 4 KiB pages that
+ * stream costs a TLB miss per page, as the weights' did (docs/benchmarks.md, "Weights on huge
+ * pages"). A huge page is resident once any of it is written: a cache costs its capacity, not its
+ * length. Freed with free(). */
+static void *alloc_kv(size_t bytes) {
+    const size_t huge = (size_t)2 << 20;
+    if (bytes < huge) return malloc(bytes);
+    const size_t rounded = (bytes + huge - 1) / huge * huge;
+    void *p = aligned_alloc(huge, rounded);
+#ifdef MADV_HUGEPAGE
+    if (p != NULL) madvise(p, rounded, MADV_HUGEPAGE); /* advice: without it, 4 KiB pages */
+#endif
+    return p;
+}
+
 ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begin, int layer_end,
                            int capacity, int type, char *err, size_t errlen) {
     memset(kv, 0, sizeof *kv);
@@ -115,8 +133,8 @@ ce_status ce_kv_cache_init(ce_kv_cache *kv, const ce_config *cfg, int layer_begi
     kv->type = type;
     const size_t elem = ce_row_bytes(type, 1);
     kv->len = calloc((size_t)(layer_end - layer_begin), sizeof(int));
-    kv->k = malloc(n * elem);
-    kv->v = malloc(n * elem);
+    kv->k = alloc_kv(n * elem);
+    kv->v = alloc_kv(n * elem);
     if (kv->len == NULL || kv->k == NULL || kv->v == NULL) {
         ce_kv_cache_free(kv);
         return ce_fail(err, errlen, CE_ENOMEM, "out of memory for a KV cache of %zu MiB", 2 * n * elem >> 20);

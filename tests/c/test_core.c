@@ -716,6 +716,15 @@ static void test_forward_invariants(int activations) {
     CHECK(ce_forward(m, &upper, &ws, 0, 3, 1, 0, h, err, sizeof err) == CE_EINVAL, "layer 0 not in upper cache");
     ce_kv_cache_free(&upper);
     CHECK(ce_kv_cache_init(&upper, &m->cfg, 2, 4, 8, test_kv_type, err, sizeof err) == CE_EINVAL, "range past n_layers");
+    /* a cache of 2 MiB or more of keys sits on 2 MiB boundaries (where huge pages can back it) and works */
+    ce_kv_cache large;
+    CHECK(ce_kv_cache_init(&large, &m->cfg, 0, 3, 1 << 15, test_kv_type, err, sizeof err) == CE_OK, "large cache");
+    CHECK((size_t)3 * m->cfg.n_kv_heads * m->cfg.head_dim * ce_row_bytes(test_kv_type, 1 << 15) >= (2u << 20) &&
+              (uintptr_t)large.k % (2u << 20) == 0 && (uintptr_t)large.v % (2u << 20) == 0,
+          "large cache's keys and values 2 MiB-aligned");
+    memcpy(h, batch, sizeof h);
+    CHECK(ce_forward(m, &large, &ws, 0, 3, 1, 0, h, err, sizeof err) == CE_OK, "large cache runs: %s", err);
+    ce_kv_cache_free(&large);
     int32_t bad = 50;
     CHECK(ce_embed(m, 1, &bad, h, err, sizeof err) == CE_EINVAL, "token outside vocab");
 
