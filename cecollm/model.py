@@ -179,8 +179,10 @@ def resident_tensors(tensors: dict) -> dict:
     buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory = np.frombuffer(buf, np.uint8)
     at = -memory.ctypes.data % HUGE_PAGE  # huge pages cover 2 MiB-aligned addresses
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    try:
         buf.madvise(mmap.MADV_HUGEPAGE, at)
+    except (AttributeError, OSError):  # advice only: a kernel without transparent huge pages refuses it
+        pass
     out = {}
     for name, (array, *shape) in tensors.items():
         source = array.reshape(-1).view(np.uint8)  # C-contiguous (the core's requirement): a view

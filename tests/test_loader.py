@@ -1,5 +1,6 @@
 """Loading GGUF files: the tiny random model, and corrupt or unsupported files raising clear errors."""
 
+import mmap
 import re
 import shutil
 import struct
@@ -218,6 +219,15 @@ def test_model_weights_are_one_read_only_copy(tiny_path):
         assert not data.flags.writeable and data.ctypes.data % 64 == 0 and not np.shares_memory(data, source)
     again = cecollm.Model(replace(model.weights, tokenizer=model.tokenizer))
     assert np.array_equal(again.logits(ids), logits) and np.array_equal(model.logits(ids), logits)
+
+
+def test_a_kernel_refusing_huge_pages_still_loads(tiny_path, monkeypatch):
+    """The huge-page advice is advice: where madvise refuses it (here an advice value no kernel knows,
+    as a kernel without transparent huge pages refuses MADV_HUGEPAGE), the model loads the same."""
+    ids = cecollm.load_model(tiny_path).tokenize("hello world")
+    want = cecollm.load_model(tiny_path).logits(ids)
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF)
+    assert np.array_equal(cecollm.load_model(tiny_path).logits(ids), want)
 
 
 def _thp_eligible(address: int) -> bool:
