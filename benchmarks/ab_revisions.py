@@ -49,8 +49,11 @@ def checkout(rev: str, into: str) -> str:
     """The directory whose cecollm/ package is `rev`, built in place: the working tree for "."."""
     if rev == ".":
         return ROOT
-    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", into, rev], check=True, capture_output=True)
-    subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=into, check=True, capture_output=True)
+    for cmd, cwd in ((["git", "-C", ROOT, "worktree", "add", "--detach", into, rev], ROOT),
+                     ([sys.executable, "setup.py", "build_ext", "--inplace"], into)):  # fmt: skip
+        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(cmd[:4])} failed for {rev}:\n{done.stderr[-2000:]}")
     return into
 
 
