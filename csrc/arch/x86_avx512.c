@@ -1,6 +1,8 @@
-/* AVX-512 kernels for fp32 activations (matmul_f32) and prompt attention (attend_block); every other
- * entry is the AVX2 set's. Same contract as the _generic kernels in core/quant.c. Compiled for any x86-64 through target attributes
- * and installed only when the CPU and the OS support 512-bit registers. */
+/* AVX-512 kernels for fp32 activations (matmul_f32), prompt attention (attend_block) and, with VNNI,
+ * prompts on 8-bit activations (matmul_q8a); every other entry is the AVX2 set's, from its VNNI build
+ * (x86_avx2_vnni.c) where the CPU has VNNI. Same contract as the _generic kernels in core/quant.c.
+ * Compiled for any x86-64 through target attributes and installed only when the CPU and the OS
+ * support 512-bit registers. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #include <math.h>
