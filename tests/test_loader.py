@@ -1,9 +1,12 @@
 """Loading GGUF files: the tiny random model, and corrupt or unsupported files raising clear errors."""
 
 import mmap
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 
 import gguf
@@ -228,6 +231,22 @@ def test_a_kernel_refusing_huge_pages_still_loads(tiny_path, monkeypatch):
     want = cecollm.load_model(tiny_path).logits(ids)
     monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF)
     assert np.array_equal(cecollm.load_model(tiny_path).logits(ids), want)
+
+
+def test_loading_holds_one_copy_of_the_weights(model):
+    """Peak resident memory over loading the default model, in a fresh process: one copy of the
+    weights plus the tokenizer's construction (1.44x the file measured; 2.37x when the file's pages
+    were not released as they were copied)."""
+    code = (
+        "import cecollm\n"
+        "def status(key):\n"
+        "    return next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith(key))\n"
+        "before = status('VmRSS:')\n"
+        "cecollm.load_model()\n"
+        "print(status('VmHWM:') - before)\n"
+    )
+    peak = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak < 1.7 * os.path.getsize(model.path), f"{peak / 1e6:.1f} MB at the peak"
 
 
 def _thp_eligible(address: int) -> bool:
