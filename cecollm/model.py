@@ -183,22 +183,26 @@ def resident_tensors(tensors: dict) -> dict:
         buf.madvise(mmap.MADV_HUGEPAGE, at)
     except (AttributeError, OSError):  # advice only: a kernel without transparent huge pages refuses it
         pass
+    # In address order, each release reaching back to the first byte copied from that mapping: the
+    # kernel maps more than a fault asks for (fault-around, large page-cache folios), on both sides
+    released_from = {}  # id(mapping) -> offset of the first page copied from it
     out = {}
-    for name, (array, *shape) in tensors.items():
+    for name in sorted(tensors, key=lambda name: tensors[name][0].ctypes.data):
+        array, *shape = tensors[name]
         source = array.reshape(-1).view(np.uint8)  # C-contiguous (the core's requirement): a view
         source_map = _read_only_map(source) if hasattr(mmap, "MADV_DONTNEED") else None
         offset = source.ctypes.data - np.frombuffer(source_map, np.uint8).ctypes.data if source_map else 0
+        first = released_from.setdefault(id(source_map), offset - offset % mmap.PAGESIZE)
         for start in range(0, source.nbytes, _COPY_CHUNK):
             stop = min(start + _COPY_CHUNK, source.nbytes)
             memory[at + start : at + stop] = source[start:stop]
             if source_map:  # read-only and file-backed: dropped pages fault back in from the page cache
-                first = offset + start - (offset + start) % mmap.PAGESIZE
                 source_map.madvise(mmap.MADV_DONTNEED, first, offset + stop - first)
         view = memory[at : at + source.nbytes].view(array.dtype).reshape(array.shape)
         view.flags.writeable = False
         out[name] = (view, *shape)
         at += aligned(source.nbytes)
-    return out
+    return {name: out[name] for name in tensors}
 
 
 class Model:

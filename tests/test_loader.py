@@ -235,7 +235,7 @@ def test_a_kernel_refusing_huge_pages_still_loads(tiny_path, monkeypatch):
 
 def test_loading_holds_one_copy_of_the_weights(model):
     """Peak resident memory over loading the default model, in a fresh process: one copy of the
-    weights plus the tokenizer's construction (1.44x the file measured; 2.37x when the file's pages
+    weights plus the tokenizer's construction (1.39x the file measured; 2.37x when the file's pages
     were not released as they were copied)."""
     code = (
         "import cecollm\n"
