@@ -27,22 +27,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def child(args) -> None:
     """Runs in a fresh process with PYTHONPATH at one revision: prints {"tokens_per_s": median}."""
-    import time
-
     import cecollm
     from cecollm import _core
-    from cecollm.bench import model_runs
+    from cecollm.bench import median_time, model_runs
 
     _core.set_threads(args.threads)
     model = cecollm.load_model(activations=args.activations, kv_dtype=args.kv_dtype)
     tokens, run = model_runs(model, deep=args.run == "tg_deep")[args.run]
-    run()  # warm-up
-    rates = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run()
-        rates.append(tokens / (time.perf_counter() - t0))
-    print(json.dumps({"tokens_per_s": statistics.median(rates), "kernels": _core.active_kernels()}))
+    print(json.dumps({"tokens_per_s": tokens / median_time(run, args.repeats), "kernels": _core.active_kernels()}))
 
 
 def checkout(rev: str, into: str) -> str:
@@ -71,6 +63,8 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args)
+    from cecollm.bench import ratio_summary  # this checkout's; a child imports only its revision's cecollm
+
     options = ["--run", args.run, "--repeats", str(args.repeats), "--activations", args.activations,
                "--kv-dtype", args.kv_dtype, "--threads", str(args.threads)]  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
@@ -91,11 +85,9 @@ def main():
             for path in revs.values():
                 if path and path != ROOT:
                     subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", path], capture_output=True)
-    ratios = [n / b for b, n in zip(*rates.values())]
     print(f"{args.run} ({args.activations} activations, {args.kv_dtype} KV), tokens/s, median of rounds: "
           + ", ".join(f"{rev} {statistics.median(r):.1f}" for rev, r in rates.items())
-          + f"; {args.new} / {args.base} per round: median {statistics.median(ratios):.2f}x"
-          f" ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+          + f"; {args.new} / {args.base} per round: {ratio_summary(rates[args.new], rates[args.base])}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
 import cecollm
 from cecollm import _core
 from cecollm import model as model_module
-from cecollm.bench import TG, greedy_decode
+from cecollm.bench import TG, greedy_decode, rates_in_turns, ratio_summary
 
 
 def file_mapped_model(activations: str) -> cecollm.Model:
@@ -41,17 +40,11 @@ def main():
         models = {"huge pages": cecollm.load_model(activations=activations), "file mapping": file_mapped_model(activations)}
         ids = models["huge pages"].tokenize("The weights stream once per token.")
         assert np.array_equal(*(m.logits(ids) for m in models.values())), "the two copies disagree"
-        rates = {name: [] for name in models}
-        for round_ in range(args.rounds + 1):  # round 0 warms up
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                greedy_decode(model, model.new_cache(TG), range(TG))
-                if round_:
-                    rates[name].append(TG / (time.perf_counter() - t0))
-        ratio = statistics.median(h / f for h, f in zip(rates["huge pages"], rates["file mapping"]))
+        runs = {name: lambda m=model: greedy_decode(m, m.new_cache(TG), range(TG)) for name, model in models.items()}
+        rates = rates_in_turns(runs, TG, args.rounds)
         cells = ", ".join(f"{name} {statistics.median(r):.1f}" for name, r in rates.items())
-        print(f"activations {activations}: tg128 tokens/s {cells}; per-round ratio median {ratio:.2f}x"
-              f" ({min(h / f for h, f in zip(*rates.values())):.2f}-{max(h / f for h, f in zip(*rates.values())):.2f})")  # fmt: skip
+        summary = ratio_summary(rates["huge pages"], rates["file mapping"])
+        print(f"activations {activations}: tg128 tokens/s {cells}; per-round ratio {summary}")
         del models
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 
 import cecollm
 from cecollm import _core
-from cecollm.bench import TG, greedy_decode
+from cecollm.bench import TG, greedy_decode, rates_in_turns, ratio_summary
 
 SETS = ("avx2", "avx512")
 
@@ -37,19 +36,18 @@ def main():
             _core.select_kernels(name)
             logits[name] = model.core.head(model.new_cache(1).forward(model.core.embed(token), 0))
         assert np.array_equal(*logits.values()), "the two sets' decode logits differ"
-        rates = {name: [] for name in SETS}
-        for round_ in range(args.rounds + 1):  # round 0 warms up
-            for name in SETS:
-                _core.select_kernels(name)
-                t0 = time.perf_counter()
-                greedy_decode(model, model.new_cache(TG), range(TG))
-                if round_:
-                    rates[name].append(TG / (time.perf_counter() - t0))
+
+        def decode_with(kernels):
+            _core.select_kernels(kernels)
+            greedy_decode(model, model.new_cache(TG), range(TG))
+
+        rates = rates_in_turns({name: lambda k=name: decode_with(k) for name in SETS}, TG, args.rounds)
         _core.select_kernels("auto")
-        ratios = [b / a for a, b in zip(*rates.values())]
         cells = ", ".join(f"{name} {statistics.median(r):.1f}" for name, r in rates.items())
-        print(f"activations {activations}: tg128 tokens/s {cells}; avx512 / avx2 per round: median"
-              f" {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+        print(
+            f"activations {activations}: tg128 tokens/s {cells}; avx512 / avx2 per round:"
+            f" {ratio_summary(rates['avx512'], rates['avx2'])}"
+        )
 
 
 if __name__ == "__main__":

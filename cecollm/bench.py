@@ -32,6 +32,25 @@ def median_time(fn, repeats: int, tick=lambda: None) -> float:
     return statistics.median(times)
 
 
+def rates_in_turns(runs: dict, tokens: int, rounds: int) -> dict:
+    """{name: [tokens/s per round]}: every run of `runs` ({name: fn}) once per round, in turns, after
+    a warm-up round, so that the machine's drift between rounds falls on all alike."""
+    rates = {name: [] for name in runs}
+    for round_ in range(rounds + 1):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            if round_:
+                rates[name].append(tokens / (time.perf_counter() - t0))
+    return rates
+
+
+def ratio_summary(new: list, base: list) -> str:
+    """The median of per-round ratios new / base, and their range."""
+    ratios = [n / b for n, b in zip(new, base)]
+    return f"median {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def prompt_ids(vocab: int) -> list[int]:
     """A fixed pseudo-random prompt of PP token ids, the same for every engine."""
     return np.random.default_rng(0).integers(100, vocab - 100, PP).tolist()
